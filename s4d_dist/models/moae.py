@@ -1,0 +1,285 @@
+"""Mixture of Adapter Experts (reference §2.2-2.5): the official SparseMoEWithCapacity,
+NoisyTopkRouter and BlockMoEAdapters, with interchangeable dispatch backends.
+
+Routing is the same everywhere: noisy logits → top-k → softmax over the k selected logits
+(the gates). What differs between backends is only how each (token, expert) pair reaches its
+expert and comes back, under a per-expert capacity that drops pairs in flat token order
+(index b·L + l, so later samples of a batch lose tokens first, reference §3.7):
+
+- `loop`:   the official formulation, one Python iteration per expert; the reference.
+- `torch`:  vectorised, static shapes, no host synchronisation — cumsum gives each pair its
+            queue position, kept pairs go into a padded (E, capacity, D) buffer, the experts run
+            as two batched GEMMs, gate-weighted rows are scatter-added back.
+- `triton`: custom kernels from `s4d_dist.kernels.moae`, loaded lazily; falls back to `torch`.
+
+Given the same noise all backends must return the same RoutingResult and gradients; the tests
+hold them to it. `official_quirks=True` reproduces the official router noise at eval, raw-logit
+aux loss and stale aux value (reference §3.2-3.4); the default does the right thing.
+"""
+from __future__ import annotations
+
+import functools
+import importlib
+import logging
+from typing import Callable, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from s4d_dist.models.vit import Attention, Mlp, init_linear_trunc_normal
+
+logger = logging.getLogger(__name__)
+
+
+class RoutingResult(NamedTuple):
+    """What a backend returns; everything after the expert sum (aux loss, stats) reads it."""
+
+    out: torch.Tensor           # (T, D) gate-weighted sum of the kept experts' outputs
+    noisy_logits: torch.Tensor  # (T, E) logits + noise · noise_std
+    topk_idx: torch.Tensor      # (T, k) long, experts in descending noisy-logit order
+    gates: torch.Tensor         # (T, k) softmax over the k selected logits, not renormalised
+    kept: torch.Tensor          # (T, k) bool, False where capacity dropped the pair
+
+
+Backend = Callable[..., RoutingResult]
+
+
+def route(logits: torch.Tensor, noise_std: torch.Tensor, noise: torch.Tensor | None,
+          top_k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Noisy top-k gating (reference §2.3), shared by every backend so they route identically.
+
+    The official softmax over the full logit row with −inf outside the top-k equals a softmax
+    over the k selected values, in value and in gradient.
+    """
+    noisy = logits if noise is None else logits + noise * noise_std
+    top_logits, topk_idx = noisy.topk(top_k, dim=-1)
+    return noisy, topk_idx, top_logits.softmax(dim=-1)
+
+
+def expert_mlp(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor,
+               b2: torch.Tensor) -> torch.Tensor:
+    """One bottleneck expert, vit.Mlp written over explicit weights (exact-erf GELU)."""
+    return F.linear(F.gelu(F.linear(x, w1, b1)), w2, b2)
+
+
+def loop_backend(x: torch.Tensor, logits: torch.Tensor, noise_std: torch.Tensor,
+                 noise: torch.Tensor | None, w1: torch.Tensor, b1: torch.Tensor,
+                 w2: torch.Tensor, b2: torch.Tensor, top_k: int,
+                 capacity: int) -> RoutingResult:
+    """The official per-expert loop (videomae.py:254-287): the reference the others must match."""
+    noisy, topk_idx, gates = route(logits, noise_std, noise, top_k)
+    out = torch.zeros_like(x)
+    kept = torch.zeros_like(topk_idx, dtype=torch.bool)
+    for e in range(w1.shape[0]):
+        chose_e = topk_idx == e                                   # (T, k)
+        tokens = chose_e.any(dim=-1).nonzero().squeeze(-1)[:capacity]
+        if tokens.numel() == 0:
+            continue
+        gate = (gates * chose_e).sum(dim=-1)[tokens, None]        # this expert's gate per token
+        y = expert_mlp(x[tokens], w1[e], b1[e], w2[e], b2[e]) * gate
+        out.index_add_(0, tokens, y.to(out.dtype))
+        kept[tokens] |= chose_e[tokens]
+    return RoutingResult(out, noisy, topk_idx, gates, kept)
+
+
+def torch_backend(x: torch.Tensor, logits: torch.Tensor, noise_std: torch.Tensor,
+                  noise: torch.Tensor | None, w1: torch.Tensor, b1: torch.Tensor,
+                  w2: torch.Tensor, b2: torch.Tensor, top_k: int,
+                  capacity: int) -> RoutingResult:
+    """Vectorised dispatch with static shapes: no loop over experts, no host synchronisation.
+
+    Every buffer has a size known from shapes alone, so the dispatch can be captured by CUDA
+    graphs / torch.compile (no graph breaks) and never stalls the GPU stream. Empty buffer slots
+    and dropped pairs go through one extra "trash" row (a zero input row / a discarded output
+    row) instead of being filtered out, which would need data-dependent shapes.
+    """
+    noisy, topk_idx, gates = route(logits, noise_std, noise, top_k)
+    num_tokens, dim = x.shape
+    num_experts = w1.shape[0]
+    num_pairs = num_tokens * top_k
+    # An expert sees a token at most once, so slots beyond num_tokens would always stay empty.
+    slots = min(capacity, num_tokens)
+
+    # Queue position of each pair = how many lower-index tokens chose the same expert.
+    chosen = torch.zeros_like(noisy, dtype=torch.long).scatter_(1, topk_idx, 1)
+    position = (chosen.cumsum(dim=0) - 1).gather(1, topk_idx)              # (T, k)
+    kept = position < slots
+    trash = num_experts * slots
+    slot = torch.where(kept, topk_idx * slots + position, trash)           # (T, k)
+
+    # Inverse map: which pair fills each slot of the (E, slots) buffer; num_pairs = empty.
+    pair_ids = torch.arange(num_pairs, device=x.device)
+    slot_pair = torch.full((trash + 1,), num_pairs, dtype=torch.long, device=x.device)
+    slot_pair = slot_pair.scatter_(0, slot.flatten(), pair_ids)[:trash]
+    slot_token = slot_pair // top_k                                        # empty → num_tokens
+
+    x_in = torch.cat([x, x.new_zeros(1, dim)]).index_select(0, slot_token)
+    x_in = x_in.view(num_experts, slots, dim)
+    hidden = F.gelu(torch.baddbmm(b1.unsqueeze(1), x_in, w1.transpose(1, 2)))
+    y = torch.baddbmm(b2.unsqueeze(1), hidden, w2.transpose(1, 2)).view(trash, dim)
+    slot_gate = torch.cat([gates.flatten(), gates.new_zeros(1)]).index_select(0, slot_pair)
+    y = (y * slot_gate.unsqueeze(1)).to(x.dtype)
+    out = x.new_zeros(num_tokens + 1, dim).index_add_(0, slot_token, y)[:num_tokens]
+    return RoutingResult(out, noisy, topk_idx, gates, kept)
+
+
+BACKENDS: dict[str, Backend] = {"loop": loop_backend, "torch": torch_backend}
+BACKEND_NAMES = (*BACKENDS, "triton")
+
+
+@functools.cache
+def load_triton_backend() -> tuple[Backend | None, str]:
+    """Import the Triton kernels on first use, so CPU-only installs never import triton.
+
+    Returns (backend or None, reason). Cached, so the fallback warning is logged once per
+    process however many layers ask.
+    """
+    try:
+        kernels = importlib.import_module("s4d_dist.kernels.moae")
+    except ImportError as err:
+        available, reason = False, f"cannot import s4d_dist.kernels.moae: {err}"
+    else:
+        available, reason = kernels.triton_available()
+    if available:
+        return kernels.triton_backend, reason
+    logger.warning("MoAE backend 'triton' unavailable (%s); using 'torch'", reason)
+    return None, reason
+
+
+def get_backend(name: str) -> Backend:
+    """The dispatch function for a backend name; 'triton' degrades to 'torch' with a warning."""
+    if name == "triton":
+        return load_triton_backend()[0] or torch_backend
+    if name not in BACKENDS:
+        raise ValueError(f"unknown MoAE backend {name!r}; valid: {', '.join(BACKEND_NAMES)}")
+    return BACKENDS[name]
+
+
+def load_balancing_loss(noisy_logits: torch.Tensor, topk_idx: torch.Tensor,
+                        use_softmax: bool) -> torch.Tensor:
+    """E² · mean_{b,e}(f·P) over (B, L, E) noisy logits (reference §2.5).
+
+    f[b,e] (fraction of sample b's tokens whose top-k holds e) is a count, so it carries no
+    gradient; P[b,e] is the mean router probability (Switch/GShard). The official code averages
+    the raw logits instead (use_softmax=False, reference §3.2), which is unbounded below.
+    """
+    num_experts = noisy_logits.shape[-1]
+    with torch.no_grad():
+        chosen = torch.zeros_like(noisy_logits).scatter_(-1, topk_idx, 1.0)
+        fraction = chosen.mean(dim=1)
+    scores = noisy_logits.softmax(dim=-1) if use_softmax else noisy_logits
+    return num_experts ** 2 * (fraction * scores.mean(dim=1)).mean()
+
+
+@torch.no_grad()
+def routing_stats(result: RoutingResult, num_experts: int) -> dict[str, torch.Tensor]:
+    """Load, drop rate and router entropy for logging; tensors, so no host sync in the step."""
+    tokens_per_expert = torch.zeros(num_experts, device=result.topk_idx.device)
+    tokens_per_expert.scatter_add_(0, result.topk_idx.flatten(),
+                                   torch.ones_like(result.topk_idx.flatten(), dtype=torch.float))
+    log_probs = result.noisy_logits.float().log_softmax(dim=-1)
+    entropy = -(log_probs.exp() * log_probs).sum(dim=-1).mean()
+    return {"tokens_per_expert": tokens_per_expert,
+            "drop_fraction": 1.0 - result.kept.float().mean(),
+            "router_entropy": entropy}
+
+
+class NoisyTopkRouter(nn.Module):
+    """Router logits and noise scale (reference §2.3); top-k happens in the backend."""
+
+    def __init__(self, dim: int, num_experts: int) -> None:
+        super().__init__()
+        self.topkroute_linear = nn.Linear(dim, num_experts)
+        self.noise_linear = nn.Linear(dim, num_experts)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.topkroute_linear(x), F.softplus(self.noise_linear(x))
+
+
+class MoAE(nn.Module):
+    """Sparse mixture of bottleneck adapter experts with capacity (SparseMoEWithCapacity).
+
+    After each forward: `aux_loss` holds this layer's load-balancing loss (the caller sums the
+    layers and scales by the coefficient, 1e-3) and `stats` the routing statistics.
+    Initialised like the official model ends up (trunc-normal .02, zero bias, reference §3.5):
+    its Kaiming init is overwritten by the model-level init, so noise std starts at softplus(0).
+    """
+
+    def __init__(self, dim: int, num_experts: int, top_k: int, hidden: int,
+                 capacity_factor: float = 1.0, backend: str = "torch",
+                 official_quirks: bool = False) -> None:
+        super().__init__()
+        if not 1 <= top_k <= num_experts:
+            raise ValueError(f"top_k {top_k} must be in [1, num_experts={num_experts}]")
+        get_backend(backend)  # fail (or warn about the fallback) at construction, not mid-run
+        self.num_experts = num_experts
+        self.top_k = top_k
+        self.capacity_factor = capacity_factor
+        self.backend = backend
+        self.official_quirks = official_quirks
+        self.router = NoisyTopkRouter(dim, num_experts)
+        self.experts = nn.ModuleList(Mlp(dim, hidden) for _ in range(num_experts))
+        self.apply(init_linear_trunc_normal)
+        self.aux_loss: torch.Tensor | None = None
+        self.stats: dict[str, torch.Tensor] = {}
+
+    def expert_weights(self) -> tuple[torch.Tensor, ...]:
+        """(w1, b1, w2, b2) stacked over experts; stacking keeps each expert's own Parameters
+        (and the official state-dict names) while backends see contiguous batched weights."""
+        experts = self.experts
+        return (torch.stack([e.fc1.weight for e in experts]),
+                torch.stack([e.fc1.bias for e in experts]),
+                torch.stack([e.fc2.weight for e in experts]),
+                torch.stack([e.fc2.bias for e in experts]))
+
+    def forward(self, h: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, L, D) → (B, L, D). `noise` (B, L, E) replaces the standard-normal draw (tests,
+        backend comparisons); it is ignored when no noise applies (eval, correct mode)."""
+        B, L, D = h.shape
+        x = h.reshape(B * L, D)
+        logits, noise_std = self.router(x)
+        if self.training or self.official_quirks:  # the official adds noise at eval too (§3.3)
+            noise = torch.randn_like(logits) if noise is None else noise.reshape(B * L, -1)
+        else:
+            noise = None
+        # Per forward, so it follows the batch size (official, reference §2.4, §3.7).
+        capacity = int(B * L * self.top_k / self.num_experts * self.capacity_factor)
+        result = get_backend(self.backend)(x, logits, noise_std, noise, *self.expert_weights(),
+                                           self.top_k, capacity)
+
+        # The official refreshes the loss only when grad flows and keeps a stale one otherwise
+        # (§3.4); the correct mode measures every training batch and clears it at eval.
+        refresh = h.requires_grad if self.official_quirks else self.training
+        if refresh:
+            self.aux_loss = load_balancing_loss(result.noisy_logits.view(B, L, -1),
+                                                result.topk_idx.view(B, L, -1),
+                                                use_softmax=not self.official_quirks)
+        elif not self.official_quirks:
+            self.aux_loss = None
+        self.stats = routing_stats(result, self.num_experts)
+        return result.out.view(B, L, D)
+
+
+class MoAEBlock(nn.Module):
+    """BlockMoEAdapters (reference §2.2): the MoAE runs in parallel to the pretrained FFN.
+
+    Children are registered in the official order (moe_layer before mlp) so state-dict keys
+    come out in checkpoint order.
+    """
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, num_experts: int,
+                 top_k: int, hidden: int, capacity_factor: float = 1.0, backend: str = "torch",
+                 official_quirks: bool = False) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = Attention(dim, num_heads)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.moe_layer = MoAE(dim, num_experts, top_k, hidden, capacity_factor, backend,
+                              official_quirks)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x))
+        h = self.norm2(x)
+        return x + self.mlp(h) + self.moe_layer(h)

@@ -1,0 +1,166 @@
+"""The ViT shared by S4D pre-training and fine-tuning (reference §1.1-1.2, §2.1).
+
+One encoder reads both modalities. A video (B, 3, T, H, W) is cut into tubelets of
+(tubelet, patch, patch) by a Conv3d. An image (B, 3, H, W) is first repeated to `tubelet`
+frames, so it becomes a single temporal slot of (H/patch)·(W/patch) tokens and uses the t=0
+rows of the same position table. Parameter names follow the official checkpoints so that
+`models/official.py` can load and write them without renaming.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+
+def sinusoid_table(num_positions: int, dim: int) -> torch.Tensor:
+    """The fixed 1-D sinusoid position table of the official code, shape (1, num_positions, dim).
+
+    Computed in float64 like the official NumPy code, then cast, so values match bit for bit.
+    """
+    position = np.arange(num_positions, dtype=np.float64)[:, None]
+    exponent = 2 * (np.arange(dim) // 2) / dim
+    angles = position / np.power(10000, exponent)[None, :]
+    angles[:, 0::2] = np.sin(angles[:, 0::2])
+    angles[:, 1::2] = np.cos(angles[:, 1::2])
+    return torch.from_numpy(angles).float().unsqueeze(0)
+
+
+class PatchEmbed(nn.Module):
+    """Tubelet tokenizer: Conv3d with kernel = stride = (tubelet, patch, patch)."""
+
+    def __init__(self, img_size: int, patch: int, tubelet: int, num_frames: int,
+                 in_chans: int, dim: int) -> None:
+        super().__init__()
+        if img_size % patch or num_frames % tubelet:
+            raise ValueError(f"img_size {img_size} must divide by patch {patch} and "
+                             f"num_frames {num_frames} by tubelet {tubelet}")
+        self.tubelet = tubelet
+        self.tokens_per_frame = (img_size // patch) ** 2
+        self.num_tokens = (num_frames // tubelet) * self.tokens_per_frame
+        self.proj = nn.Conv3d(in_chans, dim, kernel_size=(tubelet, patch, patch),
+                              stride=(tubelet, patch, patch))
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(B,3,H,W) image or (B,3,T,H,W) clip → (B, N, dim) tokens in (t, h, w) raster order."""
+        if pixels.ndim == 4:  # image: repeat to one tubelet ("PadIm2Video repeat")
+            pixels = pixels.unsqueeze(2).expand(-1, -1, self.tubelet, -1, -1)
+        return self.proj(pixels).flatten(2).transpose(1, 2)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with learnable q and v biases and a fixed zero k bias."""
+
+    def __init__(self, dim: int, num_heads: int) -> None:
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"dim {dim} must divide by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, dim * 3, bias=False)
+        self.q_bias = nn.Parameter(torch.zeros(dim))
+        self.v_bias = nn.Parameter(torch.zeros(dim))
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, N, C = x.shape
+        bias = torch.cat([self.q_bias, torch.zeros_like(self.v_bias), self.v_bias])
+        qkv = F.linear(x, self.qkv.weight, bias).reshape(B, N, 3, self.num_heads, -1)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(out.transpose(1, 2).reshape(B, N, C))
+
+
+class Mlp(nn.Module):
+    """Two-layer GELU MLP; also the shape of one MoAE bottleneck expert."""
+
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x += attn(norm1 x); x += mlp(norm2 x)."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = Attention(dim, num_heads)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class ViTEncoder(nn.Module):
+    """Patch embedding + fixed sinusoid positions + transformer blocks (+ optional final norm).
+
+    The position table is a non-persistent buffer: it follows `.to(device)` (the official plain
+    attribute did not, reference §3.1) yet stays out of the state dict, as in the official files.
+    Subclasses may replace entries of `self.blocks` (the fine-tuning model swaps in MoAE blocks).
+    """
+
+    def __init__(self, img_size: int, patch: int, tubelet: int, num_frames: int, in_chans: int,
+                 dim: int, depth: int, num_heads: int, mlp_ratio: float,
+                 final_norm: bool) -> None:
+        super().__init__()
+        self.dim = dim
+        self.patch_embed = PatchEmbed(img_size, patch, tubelet, num_frames, in_chans, dim)
+        self.register_buffer("pos_embed", sinusoid_table(self.patch_embed.num_tokens, dim),
+                             persistent=False)
+        self.blocks = nn.ModuleList(Block(dim, num_heads, mlp_ratio) for _ in range(depth))
+        self.norm = nn.LayerNorm(dim, eps=1e-6) if final_norm else None
+        self.grad_checkpointing = False  # recompute block activations in backward (saves memory)
+
+    def num_tokens(self, modality: str) -> int:
+        """Tokens per sample: one temporal slot for an image, all of them for a video."""
+        pe = self.patch_embed
+        return pe.tokens_per_frame if modality == "image" else pe.num_tokens
+
+    def embed(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Tokens plus positions; images take the t=0 slice of the table (reference §1.2)."""
+        x = self.patch_embed(pixels)
+        return x + self.pos_embed[:, : x.shape[1]].to(x.dtype)
+
+    def run_blocks(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x)
+        return self.norm(x) if self.norm is not None else x
+
+
+def init_linear_xavier(module: nn.Module) -> None:
+    """Pre-training init (reference §1.1): Linear xavier-uniform / zero bias, LayerNorm (1, 0)."""
+    if isinstance(module, nn.Linear):
+        nn.init.xavier_uniform_(module.weight)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+
+
+def init_linear_trunc_normal(module: nn.Module) -> None:
+    """Fine-tuning init (reference §2.1, §3.5): Linear trunc-normal std .02 / zero bias, LN (1, 0)."""
+    if isinstance(module, nn.Linear):
+        nn.init.trunc_normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+
+
+def count_params(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+

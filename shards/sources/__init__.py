@@ -1,0 +1,1 @@
+"""Readers of the real datasets' on-disk layouts and label files (reference §4)."""

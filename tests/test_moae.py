@@ -1,0 +1,366 @@
+"""MoAE: official parameter names, backend agreement, token dropping, gates, aux loss, quirks."""
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import sys
+import types
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from s4d_dist.models import moae
+from s4d_dist.models.moae import (BACKEND_NAMES, MoAE, MoAEBlock, get_backend, loop_backend,
+                                  torch_backend)
+
+B, L, D, E, H, K = 3, 20, 32, 4, 8, 2
+BACKENDS_UNDER_TEST = ("loop", "torch")
+
+
+def make_moae(num_experts: int = E, top_k: int = K, capacity_factor: float = 1.0,
+              **kwargs) -> MoAE:
+    torch.manual_seed(0)
+    return MoAE(D, num_experts, top_k, H, capacity_factor, **kwargs)
+
+
+def backend_inputs(m: MoAE, h: torch.Tensor, noise: torch.Tensor) -> tuple:
+    """The arguments MoAE.forward hands its backend, detached, for direct backend calls."""
+    with torch.no_grad():
+        x = h.reshape(-1, D)
+        logits, noise_std = m.router(x)
+        capacity = int(h.shape[0] * h.shape[1] * m.top_k / m.num_experts * m.capacity_factor)
+        return (x, logits, noise_std, noise.reshape(x.shape[0], -1), *m.expert_weights(),
+                m.top_k, capacity)
+
+
+def test_moae_state_dict_keys_in_official_order():
+    keys = list(make_moae().state_dict())
+    expected = ["router.topkroute_linear.weight", "router.topkroute_linear.bias",
+                "router.noise_linear.weight", "router.noise_linear.bias"]
+    for e in range(E):
+        expected += [f"experts.{e}.fc1.weight", f"experts.{e}.fc1.bias",
+                     f"experts.{e}.fc2.weight", f"experts.{e}.fc2.bias"]
+    assert keys == expected
+    shapes = make_moae().state_dict()
+    assert shapes["router.topkroute_linear.weight"].shape == (E, D)
+    assert shapes["experts.0.fc1.weight"].shape == (H, D)
+    assert shapes["experts.0.fc2.weight"].shape == (D, H)
+
+
+def test_block_state_dict_keys_in_official_order():
+    block = MoAEBlock(D, 4, 4.0, E, K, H, 1.0, "torch", False)
+    moe_keys = ["moe_layer." + k for k in make_moae().state_dict()]
+    expected = ["norm1.weight", "norm1.bias", "attn.q_bias", "attn.v_bias", "attn.qkv.weight",
+                "attn.proj.weight", "attn.proj.bias", "norm2.weight", "norm2.bias", *moe_keys,
+                "mlp.fc1.weight", "mlp.fc1.bias", "mlp.fc2.weight", "mlp.fc2.bias"]
+    assert list(block.state_dict()) == expected
+    assert block.mlp.fc1.weight.shape == (4 * D, D)
+
+
+CASES = {  # name: (num_experts, top_k, capacity_factor, starve_last_expert)
+    "default": (E, K, 1.0, False),
+    "heavy_drops": (E, K, 0.25, False),
+    "top1": (E, 1, 1.0, False),
+    "single_expert": (1, 1, 1.0, False),
+    "expert_without_tokens": (E, K, 1.0, True),
+    "no_drops": (E, K, 100.0, False),
+    "zero_capacity": (E, K, 0.01, False),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_loop_and_torch_agree(case):
+    num_experts, top_k, capacity_factor, starve = CASES[case]
+    reference = make_moae(num_experts, top_k, capacity_factor, backend="loop")
+    if starve:  # a bias no noise can overcome: the last expert never enters a top-k
+        with torch.no_grad():
+            reference.router.topkroute_linear.bias[-1] = -100.0
+    vectorised = copy.deepcopy(reference)
+    vectorised.backend = "torch"
+    torch.manual_seed(1)
+    h = torch.randn(B, L, D)
+    noise = torch.randn(B, L, num_experts)
+    grad_out = torch.randn(B, L, D)
+
+    results, grads = {}, {}
+    for m in (reference, vectorised):
+        hh = h.clone().requires_grad_()
+        out = m(hh, noise)
+        (out * grad_out).sum().add(m.aux_loss).backward()
+        results[m.backend] = get_backend(m.backend)(*backend_inputs(m, h, noise))
+        grads[m.backend] = [hh.grad] + [p.grad for p in m.parameters()]
+        torch.testing.assert_close(out.detach().view(-1, D), results[m.backend].out,
+                                   rtol=0, atol=0)
+
+    loop, vec = results["loop"], results["torch"]
+    torch.testing.assert_close(vec.out, loop.out, rtol=1e-5, atol=1e-5)
+    assert torch.equal(vec.topk_idx, loop.topk_idx)
+    assert torch.equal(vec.kept, loop.kept)
+    torch.testing.assert_close(vec.gates, loop.gates, rtol=0, atol=0)
+    names = ["h"] + [n for n, _ in reference.named_parameters()]
+    for name, g_loop, g_vec in zip(names, grads["loop"], grads["torch"]):
+        if g_loop is None and case == "zero_capacity":  # the loop never touched the experts
+            g_loop = torch.zeros_like(g_vec)
+        assert g_loop is not None and g_vec is not None, name
+        torch.testing.assert_close(g_vec, g_loop, rtol=1e-5, atol=1e-5, msg=name)
+
+    # The case really exercises what its name says.
+    if case in ("heavy_drops", "zero_capacity"):
+        assert not loop.kept.all()
+    if case == "no_drops":
+        assert loop.kept.all()
+    if case == "zero_capacity":
+        assert not loop.kept.any() and not loop.out.any()
+    if starve:
+        assert vectorised.stats["tokens_per_expert"][-1] == 0
+        assert not grads["loop"][-1].any()  # last expert's fc2.bias got a zero gradient
+
+
+def test_drops_follow_flat_token_order_against_python_loops():
+    m = make_moae(capacity_factor=0.5)
+    torch.manual_seed(2)
+    h, noise = torch.randn(B, L, D), torch.randn(B, L, E)
+    args = backend_inputs(m, h, noise)
+    x, logits, noise_std, flat_noise = args[:4]
+    capacity = args[-1]
+    noisy = (logits + flat_noise * noise_std).tolist()
+
+    # Independent computation: per token in flat order, its experts by descending noisy logit;
+    # each expert accepts pairs until its capacity is used up.
+    used = [0] * E
+    expected_kept, expected_out = [], torch.zeros(B * L, D)
+    with torch.no_grad():
+        for t, row in enumerate(noisy):
+            experts = sorted(range(E), key=lambda e: -row[e])[:K]
+            weights = [math.exp(row[e]) for e in experts]
+            kept_row = []
+            for e, w in zip(experts, weights):
+                used[e] += 1
+                kept_row.append(used[e] <= capacity)
+                if kept_row[-1]:
+                    expected_out[t] += w / sum(weights) * m.experts[e](x[t])
+            expected_kept.append(kept_row)
+    expected_kept = torch.tensor(expected_kept)
+    assert 0 < expected_kept.sum() < B * L * K  # some dropped, some kept
+
+    for backend in (loop_backend, torch_backend):
+        result = backend(*args)
+        assert torch.equal(result.kept, expected_kept), backend.__name__
+        torch.testing.assert_close(result.out, expected_out, rtol=1e-5, atol=1e-6)
+
+
+def test_later_samples_lose_tokens_first():
+    """All 2·3 tokens pick expert 0 (capacity int(6·1/2) = 3): sample 0 kept, sample 1 dropped."""
+    m = make_moae(num_experts=2, top_k=1)
+    with torch.no_grad():
+        m.router.topkroute_linear.bias.copy_(torch.tensor([100.0, -100.0]))
+    h = torch.randn(2, 3, D)
+    for backend in BACKENDS_UNDER_TEST:
+        m.backend = backend
+        out = m.train()(h, torch.randn(2, 3, 2))
+        assert out[0].abs().sum(dim=-1).gt(0).all()
+        assert not out[1].any()
+        assert m.stats["drop_fraction"] == 0.5
+
+
+
+@pytest.mark.parametrize("backend", BACKENDS_UNDER_TEST)
+def test_gates_sum_to_one_and_are_not_renormalised_after_drops(backend):
+    m = make_moae(capacity_factor=0.5)
+    torch.manual_seed(3)
+    args = backend_inputs(m, torch.randn(B, L, D), torch.randn(B, L, E))
+    result = get_backend(backend)(*args)
+    torch.testing.assert_close(result.gates.sum(dim=-1), torch.ones(B * L))
+
+    x = args[0]
+    one_dropped = (result.kept.sum(dim=-1) == 1).nonzero().squeeze(-1)
+    both_dropped = (~result.kept).all(dim=-1).nonzero().squeeze(-1)
+    assert one_dropped.numel() and both_dropped.numel()
+    assert not result.out[both_dropped].any()  # dropped pairs contribute nothing
+    with torch.no_grad():
+        for t in one_dropped.tolist():
+            j = int(result.kept[t].nonzero())
+            gate = result.gates[t, j]
+            assert gate < 1  # the surviving gate keeps its pre-drop value
+            expert = m.experts[int(result.topk_idx[t, j])]
+            torch.testing.assert_close(result.out[t], gate * expert(x[t]), rtol=1e-5, atol=1e-6)
+
+
+def test_eval_is_deterministic_and_noise_free_in_correct_mode():
+    m = make_moae()
+    h = torch.randn(B, L, D)
+    with torch.no_grad():
+        first = m.eval()(h, torch.randn(B, L, E))  # given noise is ignored at eval
+        second = m(h)
+        noise_free = m.train()(h, torch.zeros(B, L, E))
+    assert torch.equal(first, second)
+    assert torch.equal(first, noise_free)
+
+
+def test_quirk_mode_keeps_router_noise_at_eval():
+    m = make_moae(official_quirks=True).eval()
+    h = torch.randn(B, L, D)
+    with torch.no_grad():
+        assert not torch.equal(m(h), m(h))
+
+
+def numpy_aux_loss(m: MoAE, h: torch.Tensor, noise: torch.Tensor, use_softmax: bool) -> float:
+    """Reference §2.5 in NumPy, from the raw weights."""
+    def np64(t: torch.Tensor) -> np.ndarray:
+        return t.detach().double().numpy()
+
+    route, scale = m.router.topkroute_linear, m.router.noise_linear
+    hn = np64(h)
+    z = (hn @ np64(route.weight).T + np64(route.bias)
+         + np64(noise) * np.log1p(np.exp(hn @ np64(scale.weight).T + np64(scale.bias))))
+    topk = np.argsort(-z, axis=-1)[..., :K]
+    f = np.zeros_like(z)
+    np.put_along_axis(f, topk, 1.0, axis=-1)
+    f = f.mean(axis=1)
+    if use_softmax:
+        p = np.exp(z - z.max(axis=-1, keepdims=True))
+        z = p / p.sum(axis=-1, keepdims=True)
+    return E ** 2 * float((f * z.mean(axis=1)).mean())
+
+
+@pytest.mark.parametrize("official_quirks", [False, True])
+def test_aux_loss_matches_numpy(official_quirks):
+    m = make_moae(official_quirks=official_quirks).train()
+    h = torch.randn(B, L, D, requires_grad=True)
+    noise = torch.randn(B, L, E)
+    m(h, noise)
+    expected = numpy_aux_loss(m, h.detach(), noise, use_softmax=not official_quirks)
+    assert m.aux_loss.requires_grad
+    assert m.aux_loss.item() == pytest.approx(expected, rel=1e-5, abs=1e-6)
+
+
+def test_aux_loss_correct_mode_is_never_stale():
+    m = make_moae()
+    h = torch.randn(B, L, D)
+    assert m.aux_loss is None
+    m.train()(h.requires_grad_())
+    assert m.aux_loss is not None
+    with torch.no_grad():  # training mode without grad still measures this batch
+        m(h * 2)
+    assert m.aux_loss is not None and not m.aux_loss.requires_grad
+    m.eval()(h)
+    assert m.aux_loss is None
+
+
+def test_aux_loss_quirk_mode_is_stale_without_grad():
+    m = make_moae(official_quirks=True).train()
+    h = torch.randn(B, L, D)
+    m(h)
+    assert m.aux_loss is None  # input does not require grad: never computed
+    m(h.clone().requires_grad_())
+    first = m.aux_loss
+    with torch.no_grad():
+        m(h * 3)
+    assert m.aux_loss is first  # the official keeps the previous batch's value
+    m.eval()(h.clone().requires_grad_())
+    assert m.aux_loss is not first  # refreshed whenever grad flows, eval or not
+
+
+def test_routing_stats():
+    m = make_moae(capacity_factor=0.5).train()
+    m(torch.randn(B, L, D), torch.randn(B, L, E))
+    stats = m.stats
+    assert stats["tokens_per_expert"].shape == (E,)
+    assert stats["tokens_per_expert"].sum() == B * L * K
+    capacity = int(B * L * K / E * 0.5)
+    kept = stats["tokens_per_expert"].clamp(max=capacity).sum()
+    torch.testing.assert_close(stats["drop_fraction"], 1 - kept / (B * L * K))
+    assert 0 < stats["router_entropy"] <= math.log(E)
+    assert not any(v.requires_grad for v in stats.values())
+
+
+def test_torch_backend_has_static_shapes_and_no_host_sync():
+    """On the meta device any .item(), nonzero or data-dependent shape raises, so running
+    forward and backward there proves the torch backend never syncs with the host."""
+    T = B * L
+    meta = dict(device="meta", requires_grad=True)
+    x, logits, std = torch.randn(T, D, **meta), torch.randn(T, E, **meta), torch.randn(T, E, **meta)
+    weights = (torch.randn(E, H, D, **meta), torch.randn(E, H, **meta),
+               torch.randn(E, D, H, **meta), torch.randn(E, D, **meta))
+    args = (x, logits, std, torch.randn(T, E, device="meta"), *weights, K, 30)
+    result = torch_backend(*args)
+    result.out.sum().backward()
+    assert result.out.shape == (T, D) and x.grad.shape == (T, D)
+    with pytest.raises(NotImplementedError):  # sanity: the check does catch the loop's nonzero
+        loop_backend(*args)
+
+
+def test_autocast_bf16_backends_agree_and_keep_input_dtype():
+    m = make_moae().train()
+    h, noise = torch.randn(B, L, D), torch.randn(B, L, E)
+    outs = []
+    for backend in BACKENDS_UNDER_TEST:
+        m.backend = backend
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            outs.append(m(h, noise))
+        assert outs[-1].dtype == torch.float32
+    torch.testing.assert_close(outs[0], outs[1], rtol=2e-2, atol=2e-2)
+
+
+@pytest.fixture
+def fresh_triton_loader():
+    """The loader is cached per process (one warning); each test needs a clean slate."""
+    moae.load_triton_backend.cache_clear()
+    yield
+    moae.load_triton_backend.cache_clear()
+
+
+def test_triton_falls_back_to_torch_when_kernels_missing(fresh_triton_loader, monkeypatch,
+                                                         caplog):
+    # s4d_dist.kernels.moae may exist by now (written concurrently); a None entry in
+    # sys.modules makes its import fail either way, simulating an install without it.
+    monkeypatch.setitem(sys.modules, "s4d_dist.kernels.moae", None)
+    with caplog.at_level(logging.WARNING, logger=moae.__name__):
+        assert get_backend("triton") is torch_backend
+        assert get_backend("triton") is torch_backend
+        MoAE(D, E, K, H, backend="triton")
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1  # once per process, not once per call or layer
+    message = warnings[0].getMessage()
+    assert "triton" in message and "s4d_dist.kernels.moae" in message
+
+
+def test_triton_falls_back_to_torch_when_unavailable(fresh_triton_loader, monkeypatch, caplog):
+    # A stand-in module, so the test does not depend on the real kernels or on a GPU.
+    fake = types.ModuleType("s4d_dist.kernels.moae")
+    fake.triton_available = lambda: (False, "no CUDA device")
+    fake.triton_backend = lambda *args: pytest.fail("unavailable backend was called")
+    monkeypatch.setitem(sys.modules, "s4d_dist.kernels.moae", fake)
+    with caplog.at_level(logging.WARNING, logger=moae.__name__):
+        assert get_backend("triton") is torch_backend
+    assert "no CUDA device" in caplog.text
+
+
+def test_triton_used_when_available(fresh_triton_loader, monkeypatch):
+    fake = types.ModuleType("s4d_dist.kernels.moae")
+    fake.triton_available = lambda: (True, "ok")
+    fake.triton_backend = lambda *args: torch_backend(*args)
+    monkeypatch.setitem(sys.modules, "s4d_dist.kernels.moae", fake)
+    assert get_backend("triton") is fake.triton_backend
+
+
+def test_unknown_backend_lists_valid_names():
+    with pytest.raises(ValueError, match="loop, torch, triton"):
+        get_backend("cuda")
+    with pytest.raises(ValueError):
+        MoAE(D, E, K, H, backend="nope")
+    assert BACKEND_NAMES == ("loop", "torch", "triton")
+
+
+def test_block_forward_is_attention_then_parallel_ffn_and_moae():
+    torch.manual_seed(4)
+    block = MoAEBlock(D, 4, 4.0, E, K, H, 1.0, "torch", False).eval()
+    x = torch.randn(B, L, D)
+    with torch.no_grad():
+        y = x + block.attn(block.norm1(x))
+        h = F.layer_norm(y, (D,), block.norm2.weight, block.norm2.bias, eps=1e-6)
+        expected = y + block.mlp(h) + block.moe_layer(h)
+        torch.testing.assert_close(block(x), expected, rtol=0, atol=0)
