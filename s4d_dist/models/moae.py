@@ -63,6 +63,13 @@ def expert_mlp(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Te
     return F.linear(F.gelu(F.linear(x, w1, b1)), w2, b2)
 
 
+def batched_experts(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor,
+                    b2: torch.Tensor) -> torch.Tensor:
+    """Every expert on its rows of an expert-contiguous (E, C, D) layout, as two batched GEMMs."""
+    hidden = F.gelu(torch.baddbmm(b1.unsqueeze(1), x, w1.transpose(1, 2)))
+    return torch.baddbmm(b2.unsqueeze(1), hidden, w2.transpose(1, 2))
+
+
 def loop_backend(x: torch.Tensor, logits: torch.Tensor, noise_std: torch.Tensor,
                  noise: torch.Tensor | None, w1: torch.Tensor, b1: torch.Tensor,
                  w2: torch.Tensor, b2: torch.Tensor, top_k: int,
@@ -115,9 +122,7 @@ def torch_backend(x: torch.Tensor, logits: torch.Tensor, noise_std: torch.Tensor
     slot_token = slot_pair // top_k                                        # empty → num_tokens
 
     x_in = torch.cat([x, x.new_zeros(1, dim)]).index_select(0, slot_token)
-    x_in = x_in.view(num_experts, slots, dim)
-    hidden = F.gelu(torch.baddbmm(b1.unsqueeze(1), x_in, w1.transpose(1, 2)))
-    y = torch.baddbmm(b2.unsqueeze(1), hidden, w2.transpose(1, 2)).view(trash, dim)
+    y = batched_experts(x_in.view(num_experts, slots, dim), w1, b1, w2, b2).view(trash, dim)
     slot_gate = torch.cat([gates.flatten(), gates.new_zeros(1)]).index_select(0, slot_pair)
     y = (y * slot_gate.unsqueeze(1)).to(x.dtype)
     out = x.new_zeros(num_tokens + 1, dim).index_add_(0, slot_token, y)[:num_tokens]

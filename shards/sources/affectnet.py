@@ -12,8 +12,8 @@ import os
 from collections.abc import Sequence
 
 from .base import DatasetSource
-from .collect import SourceCollector, where
-from .files import Unusable, check_file, relative, resolve, safe_key, strip_extension
+from .collect import SourceCollector
+from .files import relative, resolve, safe_key, strip_extension
 from .labelfiles import parse_label_id, read_list_rows
 from .options import as_int, as_list
 
@@ -61,14 +61,6 @@ def read_affectnet(root: str, *, train: str | Sequence[str] | None = None,
             for line, relpath, label_text in read_list_rows(list_path):
                 label = parse_label_id(label_text, list_path, line)
                 image = os.path.join(images, relpath)
-                origin = where(list_path, line)
-                if not out.label_in_range(label, image, origin):
-                    continue
-                try:
-                    check_file(image)
-                except Unusable as reason:
-                    out.skip(image, f"{reason} (listed at {origin})")
-                    continue
-                out.record(split, safe_key(strip_extension(relpath)), label, "image", (image,),
-                           {"source": relative(root, image)}, list_path, line)
+                out.listed_image(split, safe_key(strip_extension(relpath)), label, image,
+                                 relative(root, image), list_path, line)
     return out.finish(root)

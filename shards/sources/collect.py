@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from typing import Any, Literal
 
 from .base import DatasetSource, Media, SourceFormatError, SourceRecord
+from .files import Unusable, check_file
 
 
 def where(path: str, line: int | None = None) -> str:
@@ -62,6 +63,20 @@ class SourceCollector:
         """Shorthand for add(SourceRecord(...))."""
         self.add(split, SourceRecord(key, label, media, tuple(paths), meta),
                  origin_path, origin_line)
+
+    def listed_image(self, split: str, key: str, label: int, image: str, source: str,
+                     list_path: str, line: int, as_written: str | None = None) -> None:
+        """A labelled image named by a list file: label range checked, the file checked, then
+        recorded — or skipped with a reason that points back at the list line."""
+        origin = where(list_path, line)
+        if not self.label_in_range(label, image, origin, as_written):
+            return
+        try:
+            check_file(image)
+        except Unusable as reason:
+            self.skip(image, f"{reason} (listed at {origin})")
+            return
+        self.record(split, key, label, "image", (image,), {"source": source}, list_path, line)
 
     def finish(self, root: str, folds: dict[int, dict[str, list[str]]] | None = None
                ) -> DatasetSource:

@@ -12,8 +12,8 @@ from __future__ import annotations
 import os
 
 from .base import DatasetSource, SourceFormatError
-from .collect import SourceCollector, where
-from .files import Unusable, check_file, relative, resolve, safe_key, strip_extension
+from .collect import SourceCollector
+from .files import relative, resolve, safe_key, strip_extension
 from .labelfiles import parse_label_id, read_list_rows
 from .options import as_choice
 
@@ -51,14 +51,7 @@ def read_rafdb(root: str, *, label_file: str = "EmoLabel/list_patition_label.txt
                 list_path, f"image name {name!r} starts with neither train_ nor test_", line)
         label = parse_label_id(label_text, list_path, line) - 1
         image = image_path(folder, name, images)
-        origin = where(list_path, line)
-        if not out.label_in_range(label, image, origin, as_written=f"{label_text} (1-based)"):
-            continue
-        try:
-            check_file(image)
-        except Unusable as reason:
-            out.skip(image, f"{reason} (listed at {origin})")
-            continue
-        out.record(split, safe_key(strip_extension(name)), label, "image", (image,),
-                   {"source": relative(root, image)}, list_path, line)
+        out.listed_image(split, safe_key(strip_extension(name)), label, image,
+                         relative(root, image), list_path, line,
+                         as_written=f"{label_text} (1-based)")
     return out.finish(root)
