@@ -24,17 +24,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
+from .layout import SHARD_PATTERN, index_path
 from .samples import Sample
 
-SHARD_PATTERN = "shard-{:06d}.tar"
 INDEX_VERSION = "v1.2"  # the format of DALI's wds2idx
 _BLOCK = tarfile.BLOCKSIZE
 _KEY = re.compile(r"[^\s./\\]+")
-
-
-def index_name(tar_name: str) -> str:
-    """``shard-000003.tar`` → ``shard-000003.idx``."""
-    return tar_name[: -len(".tar")] + ".idx"
 
 
 @dataclass
@@ -52,8 +47,8 @@ def check_key(key: str, longest_ext: str) -> None:
     """Reject keys that would break sample grouping (dots, slashes), the index file format
     (whitespace) or a plain USTAR header (member names up to 100 bytes)."""
     if not _KEY.fullmatch(key) or key.startswith("-"):
-        raise ValueError(f"sample key {key!r} must be non-empty, without whitespace, '.', '/', '\\', "
-                         "and not start with '-'")
+        raise ValueError(f"sample key {key!r} must be non-empty, without whitespace, '.', '/', "
+                         "'\\', and not start with '-'")
     if len(f"{key}.{longest_ext}".encode()) > 100:
         raise ValueError(f"sample key {key!r} is too long for a tar member name (100 bytes)")
 
@@ -107,7 +102,8 @@ class ShardWriter:
             raise ValueError(f"sample {sample.key}: label {sample.label!r} in a "
                              f"{'labelled' if self.labelled else 'unlabelled'} folder")
         check_key(sample.key, max(self.exts, key=len))
-        data = {self.exts[0]: sample.media, "json": json.dumps(sample.meta, sort_keys=True).encode()}
+        data = {self.exts[0]: sample.media,
+                "json": json.dumps(sample.meta, sort_keys=True).encode()}
         if self.labelled:
             data["label"] = struct.pack("<i", sample.label)
         return [(f"{sample.key}.{ext}", data[ext]) for ext in self.exts]
@@ -115,7 +111,7 @@ class ShardWriter:
     def write(self, group: Sequence[Sample]) -> None:
         """Append the samples of one source record (kept together in one shard)."""
         members = [self._members(sample) for sample in group]
-        size = sum(_tar_bytes(len(data)) for sample_members in members for _, data in sample_members)
+        size = sum(_tar_bytes(len(data)) for one in members for _, data in one)
         if self._tar is not None and self._tar.offset + size > self.max_bytes:
             self._finish()
         if self._tar is None:
@@ -138,7 +134,8 @@ class ShardWriter:
     def _open(self) -> None:
         self._name = SHARD_PATTERN.format(self.next_shard)
         self.next_shard += 1
-        self._tar = tarfile.open(self.folder / f"{self._name}.tmp", "w", format=tarfile.USTAR_FORMAT)
+        self._tar = tarfile.open(self.folder / f"{self._name}.tmp", "w",
+                                 format=tarfile.USTAR_FORMAT)
         self._index_lines, self._labels = [], Counter()
 
     def _finish(self) -> None:
@@ -146,13 +143,14 @@ class ShardWriter:
         self._tar.close()
         self._tar = None
         tar_path = self.folder / self._name
-        idx_path = self.folder / index_name(self._name)
+        idx_path = Path(index_path(str(tar_path)))
         idx_tmp = idx_path.with_name(idx_path.name + ".tmp")
-        idx_tmp.write_text(f"{INDEX_VERSION} {len(self._index_lines)}\n" + "\n".join(self._index_lines) + "\n")
+        lines = [f"{INDEX_VERSION} {len(self._index_lines)}", *self._index_lines]
+        idx_tmp.write_text("\n".join(lines) + "\n")
         os.replace(idx_tmp, idx_path)
         tar_tmp = tar_path.with_name(tar_path.name + ".tmp")
-        info = ShardInfo(self._name, len(self._index_lines), tar_tmp.stat().st_size, file_sha256(tar_tmp),
-                         dict(sorted(self._labels.items())))
+        info = ShardInfo(self._name, len(self._index_lines), tar_tmp.stat().st_size,
+                         file_sha256(tar_tmp), dict(sorted(self._labels.items())))
         os.replace(tar_tmp, tar_path)
         if self.on_close is not None:
             self.on_close(info)

@@ -1,0 +1,136 @@
+"""``python -m s4d_dist.shards <dataset> --root R --out O [options] [dataset options]``
+
+Builds one dataset's shards. Dataset options are the keyword arguments of that dataset's
+reader, as ``--some-option value`` or ``some_option=value`` (see the reader's docstring).
+Re-running the same command after an interruption resumes; re-running it after success
+only checks and prints the summary.
+
+Exit status: 0 built; 1 the dataset or a previous build is not as expected (the message
+names the file and, where there is one, the line); 2 bad command line or dataset option;
+130 interrupted.
+"""
+from __future__ import annotations
+
+import argparse
+import inspect
+import sys
+from typing import Any, Callable
+
+
+def make_parser() -> argparse.ArgumentParser:
+    # Imported here, not at the top: `--help` and argument errors stay fast and need neither
+    # the encoders nor the dataset readers.
+    from .build import DEFAULT_SHARD_MB
+    from .media import (DEFAULT_CHUNK_FRAMES, DEFAULT_JPEG_QUALITY, DEFAULT_KEYFRAME_INTERVAL,
+                        DEFAULT_VIDEO_CODEC, DEFAULT_VP9_CRF, VIDEO_CODECS)
+
+    parser = argparse.ArgumentParser(
+        prog="python -m s4d_dist.shards", description=__doc__.split("\n\n")[1],
+        allow_abbrev=False,  # a dataset option must never be taken for an abbreviation of ours
+        epilog="Example: python -m s4d_dist.shards dfew --root /data/DFEW --out /shards/dfew")
+    parser.add_argument("dataset", help="a key of s4d_dist.shards.sources.registry.READERS")
+    parser.add_argument("--root", required=True, help="the dataset's root folder")
+    parser.add_argument("--out", required=True,
+                        help="output folder (dataset.json and one folder per split)")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="encoding processes (default: all cores)")
+    parser.add_argument("--shard-size", type=float, default=DEFAULT_SHARD_MB, metavar="MiB",
+                        help="target shard size (default %(default)s)")
+    parser.add_argument("--video-codec", choices=sorted(VIDEO_CODECS), default=DEFAULT_VIDEO_CODEC,
+                        help="video encoding (default %(default)s; shards/media.py says why)")
+    parser.add_argument("--chunk-frames", type=int, default=DEFAULT_CHUNK_FRAMES,
+                        help="split longer videos into chunks of at most this many frames; "
+                             "0: never (default %(default)s)")
+    parser.add_argument("--jpeg-quality", type=int, default=DEFAULT_JPEG_QUALITY,
+                        help="JPEG quality of images and MJPEG frames (default %(default)s)")
+    parser.add_argument("--vp9-crf", type=int, default=DEFAULT_VP9_CRF,
+                        help="VP9 constant quality, 0 best .. 63 (default %(default)s)")
+    parser.add_argument("--keyframe-interval", type=int, default=DEFAULT_KEYFRAME_INTERVAL,
+                        help="VP9 frames per keyframe (default %(default)s)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return parser
+
+
+def reader_options(reader: Callable[..., Any], dataset: str, args: list[str]) -> dict[str, str]:
+    """``--name value``, ``--name=value`` or ``name=value`` → ``{"name": "value"}`` (dashes in
+    names become underscores), checked against the reader's keywords so that a typo is named
+    before anything is read. Values stay strings: the readers coerce them."""
+    parameters = inspect.signature(reader).parameters
+    keywords = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    known = [n for n, p in parameters.items() if n != "root" and p.kind in keywords]
+    accepts_any = any(p.kind == p.VAR_KEYWORD for p in parameters.values())
+    options: dict[str, str] = {}
+    tokens = iter(args)
+    for token in tokens:
+        name, has_value, value = token.removeprefix("--").partition("=")
+        if token.startswith("--") and not has_value:
+            value = next(tokens, None)
+            if value is None or value.startswith("--"):
+                raise ValueError(f"dataset option {token} needs a value")
+        elif not has_value:
+            raise ValueError(f"unexpected argument {token!r} "
+                             "(dataset options are --name value or name=value)")
+        key = name.replace("-", "_")
+        if key not in known and not accepts_any:
+            names = ", ".join(f"--{n.replace('_', '-')}" for n in known) or "none"
+            raise ValueError(f"dataset {dataset} has no option --{name}; its options: {names}")
+        options[key] = value
+    return options
+
+
+def _error(message: str, status: int = 1) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return status
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = make_parser()
+    args, extra = parser.parse_known_args(argv)
+    if args.workers is not None and args.workers < 1:
+        parser.error("--workers must be at least 1")
+    try:
+        from .sources.registry import READERS
+    except ImportError as err:
+        return _error(f"the dataset readers are not available ({err})")
+    if args.dataset not in READERS:
+        parser.error(f"unknown dataset {args.dataset!r}; known: {', '.join(sorted(READERS))}")
+    reader = READERS[args.dataset]
+    try:
+        options = reader_options(reader, args.dataset, extra)
+    except ValueError as err:
+        parser.error(str(err))
+
+    from .build import BuildOptions, build_dataset, format_summary
+    from .layout import BuildError
+    from .media import EncodeOptions
+    from .sources.base import SourceFormatError
+
+    try:
+        encode = EncodeOptions(args.jpeg_quality, args.video_codec, args.vp9_crf,
+                               args.keyframe_interval, args.chunk_frames)
+    except ValueError as err:
+        parser.error(str(err))
+    build = BuildOptions(encode, int(args.shard_size * 2**20),
+                         **({"workers": args.workers} if args.workers else {}))
+    try:
+        try:
+            source = reader(args.root, **options)
+        except SourceFormatError as err:
+            return _error(str(err))
+        except ValueError as err:  # the readers' signal for a bad option value (sources/options.py)
+            parser.error(f"dataset option: {err}")
+        summaries = build_dataset(source, args.out, build, progress=not args.no_progress)
+    except (BuildError, FileNotFoundError) as err:
+        return _error(str(err))
+    except KeyboardInterrupt:
+        return _error(f"interrupted; run the same command again to resume into {args.out}", 130)
+    print(format_summary(source, summaries))
+    empty = [s.split for s in summaries if s.samples == 0]
+    if empty:
+        return _error(f"no sample could be stored for split(s) {empty} of {args.out}; "
+                      "the skip reasons are above and in their manifest.json")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

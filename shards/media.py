@@ -1,0 +1,300 @@
+"""Reading source media and encoding them the way the shards store them.
+
+Images are stored as JPEG (``jpg``). A source that already is an RGB JPEG is stored as is: it
+decodes fully (checked), and re-encoding it would only lose quality and time.
+
+Videos (a clip: ``(T, H, W, 3)`` uint8, every frame at face-crop resolution) are stored in
+one of two encodings, both decoded by DALI on the GPU and on the CPU (reference/stack_notes.md):
+
+``vp9`` (default, ``.webm``)
+    libvpx VP9, constant quality (``crf``, default 30), a keyframe every ``keyframe_interval``
+    frames (default 16), no alt-ref / look-ahead, so packets and frames correspond one to one
+    and a window needs only the frames back to the keyframe before it.
+``mjpeg`` (option, ``.mkv``)
+    Every frame a JPEG (the same encoder and quality as the images) muxed as an MJPEG stream in
+    Matroska; every frame is a keyframe, so a window decodes exactly its frames.
+
+Why VP9 is the default — benchmarks/codec.py, one run on this shared 2-core CPU machine
+(benchmarks/results/codec_cpu.json; 4 synthetic face clips of 96 frames; a 16-frame window at
+stride 4; CPU ms per clip, median of 9 interleaved rounds; GPU decoders not measured, there
+is no GPU here):
+
+    224×224         KB/clip  encode ms  PSNR dB*  DALI-CPU window ms  PyAV window ms
+    vp9 crf30 g16       40       111      41.4          17.3                19.7
+    mjpeg q95         1079        34      43.0          23.3                10.5
+    160×160: 26 vs 631 KB; encode 85 vs 35 ms; DALI window 15.6 vs 15.5; PyAV 15.2 vs 8.6
+    (* against the noise-free source)
+
+- size: MJPEG takes 24-27× the bytes (synthetic clips have a static background, which
+  flatters VP9; real faces will narrow the gap, not close it). A million VoxCeleb2 clips in
+  MJPEG are a storage and network problem that every epoch pays again;
+- decoding a window on DALI's CPU backend is no slower with VP9 (equal at 160², 1.3× faster
+  at 224²), and on the GPU NVDEC decodes VP9 in hardware (not measured here); only PyAV, the
+  no-DALI fallback, decodes MJPEG windows faster (1.8×);
+- the price is encode time (2.4-3.2× MJPEG's, paid once per build) and 1.6-1.9 dB PSNR at
+  crf 30; ``--vp9-crf 20`` buys 0.7-0.9 dB for 2× the bytes.
+Build with ``--video-codec mjpeg`` where decode CPU matters more than bytes (a small dataset on
+local disk read by the PyAV fallback). Keyframe interval: in these clips 32 or 64 frames
+decoded no slower (within noise) and were 22-34% smaller than 16; 16 is kept because it
+bounds the frames decoded before a window's first frame (≤ 15), which matters for short
+windows (FERV39K reads 16 consecutive frames).
+
+A long video is split into chunks (``chunk_bounds``): the webdataset readers load a sample
+whole, so a long video as one sample would cost memory and I/O for one window's frames.
+"""
+from __future__ import annotations
+
+import bisect
+import io
+from dataclasses import dataclass
+from fractions import Fraction
+from typing import Sequence
+
+import av
+import numpy as np
+from PIL import Image
+
+IMAGE_EXT = "jpg"
+DEFAULT_JPEG_QUALITY = 95
+DEFAULT_VIDEO_CODEC = "vp9"
+DEFAULT_VP9_CRF = 30
+DEFAULT_KEYFRAME_INTERVAL = 16
+DEFAULT_CHUNK_FRAMES = 128
+NOMINAL_FPS = 30.0  # container frame rate when the source (a frame folder) has none
+
+
+class MediaError(Exception):
+    """An input that cannot be decoded (unreadable, truncated, empty).
+
+    The builder skips the sample and records this message as the reason; every other exception
+    is a bug or a missing file and stops the build.
+    """
+
+
+@dataclass(frozen=True)
+class VideoCodec:
+    """A stored video encoding: its name on the command line and its tar member extension."""
+
+    name: str
+    ext: str
+
+
+VIDEO_CODECS: dict[str, VideoCodec] = {
+    "mjpeg": VideoCodec("mjpeg", "mkv"),
+    "vp9": VideoCodec("vp9", "webm"),
+}
+
+
+@dataclass(frozen=True)
+class EncodeOptions:
+    """Everything that decides the stored bytes (part of a build's fingerprint)."""
+
+    jpeg_quality: int = DEFAULT_JPEG_QUALITY
+    video_codec: str = DEFAULT_VIDEO_CODEC
+    vp9_crf: int = DEFAULT_VP9_CRF
+    keyframe_interval: int = DEFAULT_KEYFRAME_INTERVAL
+    chunk_frames: int = DEFAULT_CHUNK_FRAMES
+
+    def __post_init__(self) -> None:
+        if self.video_codec not in VIDEO_CODECS:
+            raise ValueError(f"unknown video codec {self.video_codec!r}; "
+                             f"one of {sorted(VIDEO_CODECS)}")
+        if not 1 <= self.jpeg_quality <= 100:
+            raise ValueError(f"jpeg_quality must be in 1..100, got {self.jpeg_quality}")
+        if not 0 <= self.vp9_crf <= 63:
+            raise ValueError(f"vp9_crf must be in 0..63, got {self.vp9_crf}")
+        if self.keyframe_interval < 1 or self.chunk_frames < 0:
+            raise ValueError("keyframe_interval must be ≥ 1, chunk_frames ≥ 0 (0: no chunks)")
+
+
+# --------------------------------------------------------------------------------------- images
+def _open_rgb(source: str | bytes) -> Image.Image:
+    """Fully decode an image (a lazy open would accept a truncated file)."""
+    try:
+        image = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
+        image.load()
+    except FileNotFoundError:
+        raise
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+        name = "image bytes" if isinstance(source, bytes) else source
+        raise MediaError(f"unreadable image {name}: {err}") from err
+    return image
+
+
+def load_image(path: str) -> np.ndarray:
+    """Decode an image file (jpg/png/bmp ...) to RGB ``(H, W, 3)`` uint8; MediaError if broken."""
+    return np.asarray(_open_rgb(path).convert("RGB"))
+
+
+def encode_jpeg(rgb: np.ndarray, quality: int = DEFAULT_JPEG_QUALITY) -> bytes:
+    """RGB ``(H, W, 3)`` uint8 → baseline 4:2:0 JPEG, the layout nvJPEG decodes fastest."""
+    out = io.BytesIO()
+    Image.fromarray(rgb, "RGB").save(out, "JPEG", quality=quality, subsampling="4:2:0")
+    return out.getvalue()
+
+
+def image_file_to_jpeg(path: str, quality: int = DEFAULT_JPEG_QUALITY
+                       ) -> tuple[bytes, tuple[int, int]]:
+    """The JPEG bytes to store for an image file, and its ``(height, width)``.
+
+    An RGB JPEG source is stored unchanged (after checking it decodes); anything else is
+    decoded and encoded at ``quality``.
+    """
+    image = _open_rgb(path)
+    size = (image.height, image.width)
+    if image.format == "JPEG" and image.mode == "RGB":
+        with open(path, "rb") as f:
+            return f.read(), size
+    return encode_jpeg(np.asarray(image.convert("RGB")), quality), size
+
+
+def decode_jpeg(data: bytes) -> np.ndarray:
+    """JPEG bytes → RGB ``(H, W, 3)`` uint8 (the Python-side decoder; DALI is the fast one)."""
+    return np.asarray(_open_rgb(data).convert("RGB"))
+
+
+# --------------------------------------------------------------------------------------- videos
+def _stack_frames(frames: list[np.ndarray], source: str) -> tuple[np.ndarray, int]:
+    """One array from frames; frames of another size are resized to the first one's.
+
+    Video encoders need a constant frame size, and a face-crop tool may emit a stray frame of
+    another size; resizing it keeps the clip (the count is kept in the sample's metadata).
+    """
+    if not frames:
+        raise MediaError(f"no frames in {source}")
+    height, width = frames[0].shape[:2]
+    resized = 0
+    for i, frame in enumerate(frames):
+        if frame.shape[:2] != (height, width):
+            frames[i] = np.asarray(Image.fromarray(frame).resize((width, height), Image.BILINEAR))
+            resized += 1
+    return np.stack(frames), resized
+
+
+def load_frames(paths: Sequence[str]) -> tuple[np.ndarray, int]:
+    """Decode an ordered frame folder → ``(T, H, W, 3)`` uint8, the number of resized frames."""
+    source = f"the frame folder of {paths[0]}" if paths else "an empty frame folder"
+    return _stack_frames([load_image(p) for p in paths], source)
+
+
+def load_video(path: str) -> tuple[np.ndarray, float | None, int]:
+    """Decode a video file → ``(T, H, W, 3)`` uint8, its frame rate, the number of resized frames.
+
+    FFmpeg decodes what it can of a cut file without an error, so the frame count is checked
+    against the one the container declares (MP4), or its duration × frame rate (Matroska);
+    one frame short is tolerated (rounding).
+    """
+    try:
+        with av.open(path) as container:
+            stream = container.streams.video[0]
+            fps = float(stream.average_rate) if stream.average_rate else None
+            frames = [frame.to_ndarray(format="rgb24") for frame in container.decode(stream)]
+            expected = stream.frames or round((container.duration or 0) / av.time_base * (fps or 0))
+    except FileNotFoundError:
+        raise
+    except (av.FFmpegError, IndexError, ValueError) as err:
+        raise MediaError(f"unreadable video {path}: {err}") from err
+    if len(frames) < expected - 1:
+        raise MediaError(f"truncated video {path}: {len(frames)} of {expected} frames decode")
+    clip, resized = _stack_frames(frames, path)
+    return clip, fps, resized
+
+
+def chunk_bounds(n_frames: int, chunk_frames: int) -> list[tuple[int, int]]:
+    """Split ``n_frames`` into the fewest chunks of at most ``chunk_frames`` (0: one chunk).
+
+    Chunks are of (nearly) equal length rather than full chunks plus a short tail, so that no
+    chunk is too short to hold a training window.
+    """
+    count = 1 if chunk_frames == 0 else -(-n_frames // chunk_frames)
+    edges = [round(i * n_frames / count) for i in range(count + 1)]
+    return list(zip(edges[:-1], edges[1:]))
+
+
+def _frame_rate(fps: float) -> Fraction:
+    return Fraction(fps).limit_denominator(1001)
+
+
+def _mux_mjpeg(container: av.container.OutputContainer, clip: np.ndarray, rate: Fraction,
+               quality: int) -> None:
+    # JPEG frames come from Pillow (the image path) and are muxed as packets: no re-encode.
+    stream = container.add_stream("mjpeg", rate=rate)
+    stream.height, stream.width = clip.shape[1:3]
+    stream.pix_fmt = "yuvj420p"
+    for i, frame in enumerate(clip):
+        packet = av.Packet(encode_jpeg(frame, quality))
+        packet.stream, packet.pts, packet.dts = stream, i, i
+        packet.time_base = 1 / rate
+        packet.is_keyframe = True
+        container.mux(packet)
+
+
+def _encode_vp9(container: av.container.OutputContainer, clip: np.ndarray, rate: Fraction,
+                options: EncodeOptions) -> None:
+    # threads=1: libvpx output is then byte-identical run to run (parallelism is across samples).
+    # No alt-ref / lag: each packet is exactly one shown frame, so frame i is packet i.
+    stream = container.add_stream("libvpx-vp9", rate=rate, options={
+        "crf": str(options.vp9_crf), "b": "0", "g": str(options.keyframe_interval),
+        "keyint_min": str(options.keyframe_interval), "deadline": "realtime", "cpu-used": "8",
+        "threads": "1", "row-mt": "0", "lag-in-frames": "0", "auto-alt-ref": "0",
+    })
+    stream.height, stream.width = clip.shape[1:3]
+    stream.pix_fmt = "yuv420p"
+    for frame in clip:
+        for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+            container.mux(packet)
+    for packet in stream.encode():
+        container.mux(packet)
+
+
+def encode_clip(clip: np.ndarray, fps: float, options: EncodeOptions = EncodeOptions()) -> bytes:
+    """``(T, H, W, 3)`` uint8 → bytes of the container of ``options.video_codec``.
+
+    ``+bitexact`` keeps the muxer from writing random UIDs and version strings, so the same
+    clip always gives the same bytes.
+    """
+    if clip.ndim != 4 or clip.shape[-1] != 3 or clip.dtype != np.uint8 or len(clip) == 0:
+        raise ValueError(f"expected a non-empty (T, H, W, 3) uint8 clip, got {clip.dtype} "
+                         f"{clip.shape}")
+    codec = VIDEO_CODECS[options.video_codec]
+    out = io.BytesIO()
+    with av.open(out, "w", format="matroska" if codec.ext == "mkv" else "webm",
+                 container_options={"fflags": "+bitexact"}) as container:
+        if codec.name == "mjpeg":
+            _mux_mjpeg(container, clip, _frame_rate(fps), options.jpeg_quality)
+        else:
+            _encode_vp9(container, clip, _frame_rate(fps), options)
+    return out.getvalue()
+
+
+def decode_clip(data: bytes, start: int = 0, count: int | None = None, stride: int = 1
+                ) -> np.ndarray:
+    """Decode frames ``start, start+stride, ...`` (at most ``count``) of a stored clip.
+
+    A wanted frame is reached from the last keyframe at or before it, or from the frame just
+    decoded if that is closer, so MJPEG decodes exactly the wanted frames and VP9 at most a
+    keyframe interval more per frame. Relies on the shard encodings having one packet per
+    shown frame in presentation order (no B-frames, no hidden frames); a single-threaded
+    decoder then returns frame i for packet i.
+    """
+    try:
+        with av.open(io.BytesIO(data)) as container:
+            stream = container.streams.video[0]
+            stream.codec_context.thread_count = 1
+            packets = [p for p in container.demux(stream) if p.size]
+            wanted = range(start, len(packets), stride)[:count]
+            if not wanted:
+                raise MediaError(f"no frame {start} in a clip of {len(packets)} frames")
+            keyframes = [i for i, p in enumerate(packets) if p.is_keyframe or i == 0]
+            frames, fed = [], -1
+            for index in wanted:
+                keyframe = keyframes[bisect.bisect_right(keyframes, index) - 1]
+                for i in range(max(keyframe, fed + 1), index + 1):
+                    decoded = stream.codec_context.decode(packets[i])
+                    if len(decoded) != 1:
+                        raise MediaError(f"packet {i} gave {len(decoded)} frames, expected 1")
+                    fed = i
+                frames.append(decoded[0].to_ndarray(format="rgb24"))
+    except (av.FFmpegError, IndexError) as err:  # IndexError: no video stream
+        raise MediaError(f"undecodable clip: {err}") from err
+    return np.stack(frames)
