@@ -41,7 +41,7 @@ def frame_numbers(paths: tuple[str, ...]) -> list[int]:
 
 def test_registry_names_every_reader() -> None:
     assert set(READERS) == {"affectnet", "rafdb", "voxceleb2", "dfew", "ferv39k", "mafw",
-                            "folder", "csv"}
+                            "folder", "csv", "synthetic"}
     for reader in READERS.values():
         assert "Options:" in (reader.__doc__ or ""), reader
 

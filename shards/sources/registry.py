@@ -14,6 +14,7 @@ from .folder import read_folder
 from .mafw import read_mafw
 from .rafdb import read_rafdb
 from .voxceleb2 import read_voxceleb2
+from ..synthetic import read_synthetic
 
 READERS: dict[str, Callable[..., DatasetSource]] = {
     "affectnet": read_affectnet,
@@ -24,4 +25,5 @@ READERS: dict[str, Callable[..., DatasetSource]] = {
     "mafw": read_mafw,
     "folder": read_folder,
     "csv": read_csv,
+    "synthetic": read_synthetic,
 }

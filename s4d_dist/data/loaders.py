@@ -1,0 +1,285 @@
+"""What the trainer calls: epochs of batches for pre-training, fine-tuning and evaluation.
+
+    loader = train_loader(cfg, rank, world_size)        # cfg.task: pretrain | finetune
+    for epoch in range(first_epoch, cfg.optim.epochs):
+        batches = loader.epoch(epoch)                    # len(batches) == loader.steps_per_epoch
+        if resume_state: batches.load_state_dict(resume_state)
+        for batch in batches: ...                        # batches.state_dict() at any point
+    loader.corrupt.summary()                             # corrupt samples skipped so far
+
+    test = eval_loader(cfg, "test", "video", rank, world_size)
+    for batch in test.batches(): ...                     # rows: (index, view), valid
+
+Batches (DESIGN.md contract), tensors on the CPU for the torch backend, on the GPU for DALI
+"mixed":
+  pre-training  {"modality", "pixels" (B, 3, [T,] S, S) float, "mask" (B, N) bool, "index" (B,)}
+                (videos: B = video_batch_size clips = video_batch_size / video_repeats videos,
+                each video repeated with independent crops and masks, §1.6)
+  fine-tuning   {"modality", "pixels", "label" (B,) int64, "index"}
+  evaluation    {"modality", "pixels", "label", "index", "view", "valid" (B,) bool, "key" list}
+"index" is the sample's position in its loader's catalog; in evaluation (index, view) names a
+row, and rows with valid False (padding, corrupt samples) carry index −1 and must be dropped.
+"""
+from __future__ import annotations
+
+import importlib.util
+import re
+import zlib
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Iterator, Optional, Union
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+
+from s4d_dist.shards import layout
+
+from . import mixing
+from .catalog import Catalog, open_catalog, shard_paths
+from .corrupt import CorruptionLog
+from .masking import random_masks
+from .recipes import Recipe, recipe_from_config
+from .sources import EvalSource, TrainSource, batch_generator
+
+Source = Union[TrainSource, EvalSource]
+MODALITIES = {"pretrain": ("image", "video"), "finetune": ("video", "image")}  # official source ids (§1.6, §2.7)
+
+
+def choose_backend(cfg: DictConfig) -> str:
+    """`data.backend`, with auto = DALI when it imports, else the torch fallback."""
+    if cfg.data.backend != "auto":
+        return cfg.data.backend
+    return "dali" if importlib.util.find_spec("nvidia.dali") is not None else "torch"
+
+
+def dali_decode_device(cfg: DictConfig) -> str:
+    """"mixed" (nvJPEG / NVDEC) on a GPU machine, "cpu" otherwise, unless data.dali_device says."""
+    if cfg.data.dali_device != "auto":
+        return cfg.data.dali_device
+    return "mixed" if torch.cuda.is_available() else "cpu"
+
+
+def make_runner(cfg: DictConfig, source: Source, backend: str, seed: int):
+    """The object that turns the source's requests into pixel batches."""
+    if backend == "dali":
+        from .dali_backend import DaliRunner  # DALI is optional
+        return DaliRunner(source, dali_decode_device(cfg), cfg.data.workers, cfg.data.prefetch, seed)
+    if backend == "torch":
+        from .torch_backend import TorchRunner
+        return TorchRunner(source, cfg.data.workers, cfg.data.prefetch)
+    raise ValueError(f"data.backend must be auto, dali or torch, got {backend!r}")
+
+
+def clip_of(key: str) -> str:
+    """The clip a sample key belongs to (chunks of one video share it: shards/samples.py)."""
+    return re.sub(r"__c\d{3}$", "", key)
+
+
+def held_out(catalog: Catalog, fraction: float, seed: int) -> np.ndarray:
+    """(N,) bool: the samples of a deterministic `fraction` of clips, kept out of training to
+    choose the best epoch (the official code chose it on the test set, §3.8)."""
+    cut = int(round(fraction * 10_000))
+    return np.array([zlib.crc32(f"{seed}:{clip_of(k)}".encode()) % 10_000 < cut for k in catalog.keys], bool)
+
+
+def _location(cfg: DictConfig, modality: str) -> str:
+    location = cfg.data.image_shards if modality == "image" else cfg.data.video_shards
+    if not location:
+        raise ValueError(f"data.{modality}_shards is not set")
+    return location
+
+
+def _carves_validation(cfg: DictConfig, modality: str) -> bool:
+    return cfg.task == "finetune" and modality == "video" and not cfg.data.val_shards and cfg.data.val_fraction > 0
+
+
+def train_catalog(cfg: DictConfig, modality: str) -> Catalog:
+    """The training samples of a modality (a fold's train parts with data.fold; without the
+    held-out validation clips when fine-tuning carves them)."""
+    fold = cfg.data.fold if modality == "video" else None
+    catalog = open_catalog(shard_paths(_location(cfg, modality), "train", fold))
+    if _carves_validation(cfg, modality):
+        catalog = catalog.subset(np.flatnonzero(~held_out(catalog, cfg.data.val_fraction, cfg.seed)))
+    return catalog
+
+
+def eval_catalog(cfg: DictConfig, split: str, modality: str) -> Catalog:
+    """The samples of `split` of a modality: data.val_shards / test_shards when set (videos),
+    else the fold's `split` parts / the dataset's split, or for "val" the clips carved out of
+    the fine-tuning train set."""
+    explicit = {"val": cfg.data.val_shards, "test": cfg.data.test_shards}.get(split, "")
+    if explicit and modality == "video":
+        return open_catalog(shard_paths(explicit, split))
+    if split == "val" and _carves_validation(cfg, modality):
+        full = open_catalog(shard_paths(_location(cfg, modality), "train", cfg.data.fold))
+        return full.subset(np.flatnonzero(held_out(full, cfg.data.val_fraction, cfg.seed)))
+    location = _location(cfg, modality)
+    fold = cfg.data.fold if modality == "video" else None
+    if fold is None and (Path(location) / layout.MANIFEST_JSON).is_file():
+        location = str(Path(location).parent)  # a split folder: its sibling split
+    return open_catalog(shard_paths(location, split, fold))
+
+
+class _Stream:
+    """One modality's training batches: its source, recipe and runner."""
+
+    def __init__(self, cfg: DictConfig, modality: str, rank: int, world: int, backend: str) -> None:
+        self.modality = modality
+        self.recipe: Recipe = recipe_from_config(cfg, cfg.task, modality)
+        batch = cfg.data.image_batch_size if modality == "image" else cfg.data.video_batch_size
+        if cfg.task == "pretrain" and modality == "video":
+            if batch % cfg.data.video_repeats:
+                raise ValueError(f"data.video_batch_size {batch} must divide by data.video_repeats "
+                                 f"{cfg.data.video_repeats} (clips per batch = videos × repeats)")
+            batch //= cfg.data.video_repeats
+        balanced = cfg.task == "finetune" and modality == "image" and cfg.data.balance_images
+        catalog = train_catalog(cfg, modality)
+        classes = cfg.model.num_image_classes if modality == "image" else cfg.model.num_video_classes
+        if cfg.task == "finetune" and len(catalog.class_names) != classes:
+            raise ValueError(f"{catalog.tars[0]} ...: {catalog.dataset} has {len(catalog.class_names)} classes "
+                             f"{catalog.class_names}, model.num_{modality}_classes is {classes}")
+        self.source = TrainSource(catalog, self.recipe, batch, cfg.seed, rank, world, balanced)
+        self.runner = make_runner(cfg, self.source, backend, cfg.seed * 1000 + rank)
+
+
+class TrainLoader:
+    """Modality-mixed training epochs for cfg.task (§1.6 pre-training, §2.7 fine-tuning).
+
+    A modality whose shards are not configured is left out (single-modality runs)."""
+
+    def __init__(self, cfg: DictConfig, rank: int = 0, world_size: int = 1, backend: Optional[str] = None) -> None:
+        if cfg.task not in MODALITIES:
+            raise ValueError(f"no training loader for task {cfg.task!r}")
+        self.cfg, self.rank, self.world = cfg, rank, world_size
+        self.backend = backend or choose_backend(cfg)
+        self.corrupt = CorruptionLog()
+        wanted = [m for m in MODALITIES[cfg.task] if (cfg.data.image_shards if m == "image" else cfg.data.video_shards)]
+        if not wanted:
+            raise ValueError("set data.image_shards and/or data.video_shards")
+        self.streams = [_Stream(cfg, m, rank, world_size, self.backend) for m in wanted]
+        rates = {"image": cfg.data.image_rate, "video": cfg.data.video_rate}
+        self.counts = mixing.step_counts([s.source.batches_per_pass for s in self.streams],
+                                         [rates[s.modality] for s in self.streams])
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return sum(self.counts)
+
+    def epoch(self, epoch: int) -> EpochIterator:
+        return EpochIterator(self, epoch)
+
+    def close(self) -> None:
+        for stream in self.streams:
+            stream.runner.close()
+
+
+class EpochIterator:
+    """One epoch of a TrainLoader; `state_dict()` says how far it got, `load_state_dict()`
+    (before iterating) makes it start at the next unseen batch of that state."""
+
+    def __init__(self, loader: TrainLoader, epoch: int) -> None:
+        self.loader, self.epoch, self.step = loader, epoch, 0
+        self.order = mixing.source_order(loader.counts, epoch)
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "step": self.step}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        if state["epoch"] != self.epoch:
+            raise ValueError(f"state of epoch {state['epoch']} loaded into epoch {self.epoch}")
+        if not 0 <= state["step"] <= len(self):
+            raise ValueError(f"step {state['step']} outside this epoch's {len(self)} steps")
+        self.step = state["step"]
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        loader = self.loader
+        done = self.order[: self.step]
+        iterators = []
+        for i, stream in enumerate(loader.streams):
+            start = int((done == i).sum())
+            requests = stream.source.requests(self.epoch, start, loader.counts[i] - start)
+            iterators.append(stream.runner.run(requests))
+        try:
+            for source_id in self.order[self.step:].tolist():
+                stream = loader.streams[source_id]
+                batch = next(iterators[source_id])
+                for event in batch.pop("corrupt"):
+                    loader.corrupt.record(event)
+                out = self._finish(stream, batch)
+                self.step += 1
+                yield out
+        finally:
+            for iterator in iterators:
+                iterator.close()
+
+    def _finish(self, stream: _Stream, batch: dict[str, Any]) -> dict[str, Any]:
+        cfg = self.loader.cfg
+        pixels = batch["pixels"]
+        copies = pixels.shape[1]
+        out = {"modality": stream.modality, "pixels": pixels.flatten(0, 1),
+               "index": batch["index"].repeat_interleave(copies)}
+        if cfg.task == "finetune":
+            out["label"] = batch["label"]
+            return out
+        m = cfg.model
+        tokens = (m.img_size // m.patch) ** 2 * (m.num_frames // m.tubelet if stream.modality == "video" else 1)
+        ratio = cfg.mask.video_ratio if stream.modality == "video" else cfg.mask.image_ratio
+        generator = batch_generator((11, cfg.seed, self.epoch, self.step, self.loader.rank))
+        out["mask"] = random_masks(len(out["pixels"]), tokens, ratio, generator).to(pixels.device)
+        return out
+
+
+class EvalLoader:
+    """Deterministic multi-view evaluation over one split (§2.11 done right): every (sample,
+    view) row once across ranks, padding marked invalid, the same batch count on every rank."""
+
+    def __init__(self, cfg: DictConfig, catalog: Catalog, modality: str, rank: int = 0, world_size: int = 1,
+                 backend: Optional[str] = None, temporal_views: Optional[int] = None,
+                 spatial_crops: Optional[int] = None) -> None:
+        recipe = recipe_from_config(cfg, "eval", modality)
+        if temporal_views is not None or spatial_crops is not None:
+            recipe = replace(recipe, temporal_views=temporal_views or recipe.temporal_views,
+                             spatial_crops=spatial_crops or recipe.spatial_crops)
+        self.modality, self.recipe = modality, recipe
+        self.corrupt = CorruptionLog()
+        self.source = EvalSource(catalog, recipe, cfg.data.eval_batch_size, rank, world_size)
+        self.runner = make_runner(cfg, self.source, backend or choose_backend(cfg), cfg.seed * 1000 + rank)
+
+    @property
+    def class_names(self) -> list[str]:
+        return self.source.catalog.class_names
+
+    @property
+    def num_samples(self) -> int:
+        return len(self.source.catalog)
+
+    def __len__(self) -> int:
+        return self.source.num_batches
+
+    def batches(self, start: int = 0) -> Iterator[dict[str, Any]]:
+        for batch in self.runner.run(self.source.requests(start)):
+            for event in batch.pop("corrupt"):
+                self.corrupt.record(event)
+            batch["pixels"] = batch["pixels"][:, 0]
+            yield {"modality": self.modality, **batch}
+
+    def close(self) -> None:
+        self.runner.close()
+
+
+def train_loader(cfg: DictConfig, rank: int = 0, world_size: int = 1, backend: Optional[str] = None) -> TrainLoader:
+    """Training epochs for cfg.task."""
+    return TrainLoader(cfg, rank, world_size, backend)
+
+
+def eval_loader(cfg: DictConfig, split: str, modality: str, rank: int = 0, world_size: int = 1,
+                backend: Optional[str] = None, temporal_views: Optional[int] = None,
+                spatial_crops: Optional[int] = None) -> EvalLoader:
+    """Evaluation of `split` ("val" | "test") of a modality; views default to
+    data.test_temporal_views × data.test_spatial_crops (videos; images have one view)."""
+    return EvalLoader(cfg, eval_catalog(cfg, split, modality), modality, rank, world_size, backend,
+                      temporal_views, spatial_crops)

@@ -1,0 +1,132 @@
+"""The DALI backend on the CPU (device_id=None) against the torch fallback: same samples, same
+random draws, the same batch contract, pixels within resampling tolerance; corrupt samples,
+resumption. The GPU path (device "mixed": nvJPEG / NVDEC) needs a GPU and is skipped here."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import data_shards as ds
+from s4d_dist.data.loaders import eval_loader, train_loader
+
+pytest.importorskip("nvidia.dali")
+
+# Resampling arithmetic differs (DALI's ROI resize vs torch_ops.resample): a few uint8 levels at
+# most, i.e. ~0.02 per level after ImageNet normalisation.
+MEAN_TOL, MAX_TOL = 0.02, 0.1
+
+
+@pytest.fixture(scope="module")
+def paths(tmp_path_factory):
+    return ds.build_all(tmp_path_factory.mktemp("shards"))
+
+
+def run_epoch(cfg, backend, epoch=0, rank=0, world=1):
+    loader = train_loader(cfg, rank, world, backend=backend)
+    batches = list(loader.epoch(epoch))
+    loader.close()
+    return batches, loader
+
+
+def test_pretrain_dali_matches_torch(paths):
+    cfg = ds.make_cfg(paths, "pretrain")
+    dali, _ = run_epoch(cfg, "dali", epoch=1)
+    ref, _ = run_epoch(cfg, "torch", epoch=1)
+    assert len(dali) == len(ref)
+    for a, b in zip(dali, ref):
+        assert a["modality"] == b["modality"] and a["pixels"].shape == b["pixels"].shape
+        assert a["pixels"].dtype == torch.float32 and a["mask"].dtype == torch.bool
+        assert torch.equal(a["index"], b["index"]) and torch.equal(a["mask"], b["mask"])
+        diff = (a["pixels"] - b["pixels"]).abs()
+        assert diff.mean() < MEAN_TOL and diff.max() < MAX_TOL, (a["modality"], diff.mean(), diff.max())
+
+
+def test_finetune_dali_contract(paths):
+    cfg = ds.make_cfg(paths, "finetune", "data.image_rate=0.5", "data.video_rate=0.5")
+    dali, _ = run_epoch(cfg, "dali")
+    ref, _ = run_epoch(cfg, "torch")
+    assert [b["modality"] for b in dali] == [b["modality"] for b in ref]
+    for a, b in zip(dali, ref):
+        assert a["pixels"].shape == b["pixels"].shape and a["pixels"].dtype == torch.float32
+        assert torch.equal(a["label"], b["label"]) and a["label"].dtype == torch.int64
+        # Same crops, flips, RandAugment ops and erasing boxes; only the erasing noise and
+        # kernel rounding differ, so most pixels agree closely.
+        close = ((a["pixels"] - b["pixels"]).abs() < MAX_TOL).float().mean()
+        assert close > 0.8, (a["modality"], close)
+        assert -2.2 < a["pixels"].min() and a["pixels"].max() < 2.7 or a["modality"] == "video"
+
+
+@pytest.mark.parametrize("short_side", [0, 48])
+def test_eval_dali_equals_torch(paths, short_side):
+    cfg = ds.make_cfg(paths, "finetune", f"data.eval_short_side={short_side}", "data.sampling_rate=1")
+    for modality in ("video", "image"):
+        if modality == "image":
+            cfg = ds.make_cfg(paths, "finetune", f"data.eval_short_side={short_side}",
+                              f"data.image_shards={paths['image']}")
+        results = [list(eval_loader(cfg, "test", modality, backend=b).batches()) for b in ("dali", "torch")]
+        assert len(results[0]) == len(results[1])
+        for a, b in zip(*results):
+            for key in ("index", "view", "valid", "label"):
+                assert torch.equal(a[key], b[key])
+            diff = (a["pixels"] - b["pixels"]).abs()
+            assert diff.mean() < MEAN_TOL and diff.max() < MAX_TOL, (modality, diff.mean(), diff.max())
+
+
+def test_vp9_clips_decode_alike(paths):
+    # The default codec; DALI's and FFmpeg's YUV→RGB conversions differ by a few levels.
+    cfg = ds.make_cfg(paths, "pretrain", f"data.video_shards={paths['chunked']}", "data.fold=null")
+    results = [list(eval_loader(cfg, "train", "video", backend=b).batches()) for b in ("dali", "torch")]
+    for a, b in zip(*results):
+        assert torch.equal(a["index"], b["index"]) and a["pixels"].shape == b["pixels"].shape
+        assert (a["pixels"] - b["pixels"]).abs().mean() < 0.1
+
+
+def test_dali_resume_mid_epoch(paths):
+    cfg = ds.make_cfg(paths, "pretrain")
+    full, _ = run_epoch(cfg, "dali", epoch=2)
+    loader = train_loader(cfg, backend="dali")
+    epoch = loader.epoch(2)
+    iterator = iter(epoch)
+    next(iterator), next(iterator)
+    state = epoch.state_dict()
+    iterator.close()  # abandons prefetched batches
+    resumed = loader.epoch(2)
+    resumed.load_state_dict(state)
+    rest = list(resumed)
+    loader.close()
+    assert len(rest) == len(full) - 2
+    for a, b in zip(full[2:], rest):
+        assert torch.equal(a["index"], b["index"]) and torch.equal(a["pixels"], b["pixels"])
+
+
+def test_dali_skips_and_counts_corrupt_samples(paths, tmp_path):
+    # "truncate" is caught by the structural check; "header" passes it, fails inside DALI, and
+    # is found by decoding the batches in flight, after which the pipeline is rebuilt.
+    bad = ds.corrupt_copy(paths["image"], tmp_path / "image", "train", {2: "truncate", 9: "header"})
+    bad_clip = ds.corrupt_copy(paths["video"], tmp_path / "video", "part2", {1: "truncate"})
+    damaged = {"image": tmp_path / "image", "video": tmp_path / "video"}
+    cfg = ds.make_cfg(damaged, "pretrain", f"data.image_shards={damaged['image']}")
+    loader = train_loader(cfg, backend="dali")
+    keys = set(bad.values()) | set(bad_clip.values())
+    steps = 0
+    for epoch in range(3):
+        for batch in loader.epoch(epoch):
+            steps += 1
+            catalog = loader.streams[0 if batch["modality"] == "image" else 1].source.catalog
+            assert not {catalog.keys[i] for i in batch["index"].tolist()} & keys
+    assert steps == 3 * loader.steps_per_epoch
+    assert loader.corrupt.count == 3, loader.corrupt.summary()
+    loader.close()
+    test = eval_loader(cfg, "train", "image", backend="dali")
+    valid = sum(int(b["valid"].sum()) for b in test.batches())
+    assert valid == test.num_samples - 2 and test.corrupt.count == 2
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="DALI mixed (nvJPEG / NVDEC) needs a GPU")
+def test_dali_mixed_on_gpu(paths):
+    cfg = ds.make_cfg(paths, "pretrain", "data.dali_device=mixed")
+    gpu, _ = run_epoch(cfg, "dali")
+    cpu, _ = run_epoch(ds.make_cfg(paths, "pretrain", "data.dali_device=cpu"), "dali")
+    for a, b in zip(gpu, cpu):
+        assert a["pixels"].is_cuda and a["mask"].is_cuda
+        assert (a["pixels"].cpu() - b["pixels"]).abs().mean() < MEAN_TOL
