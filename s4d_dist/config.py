@@ -84,6 +84,14 @@ class DataConfig:
     eval_batch_size: int = 24
     test_temporal_views: int = 2
     test_spatial_crops: int = 2
+    # Added with the loaders (s4d_dist/data):
+    resize_ratio: float = 1.2  # side before random crops / crop side: 192 for 160 (§1.8 ShortSideScale, §2.10 Resize)
+    eval_short_side: int = 0  # test frames' short side before the spatial crops; 0 = model.img_size (official scale)
+    dali_device: str = "auto"  # auto | cpu | mixed: DALI decodes on the GPU (nvJPEG / NVDEC) with mixed
+    prefetch: int = 2  # batches decoded ahead (DALI queue depth; DataLoader prefetch_factor)
+    # Pre-training clips: fixed [y0, x0, y1, x1] cut from every frame before augmentation; the
+    # official loader uses [0, 32, 160, 192] on VoxCeleb2's 224×224 frames (§1.8). Empty: none.
+    video_source_crop: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -95,6 +103,13 @@ class AugmentConfig:
     mix_prob: float = 1.0
     switch_prob: float = 0.5
     label_smoothing: float = 0.1
+    # Added with the loaders (s4d_dist/data/recipes.py), the official timm strings (§2.10):
+    video_rand_augment: str = "rand-m7-n4-mstd0.5-inc1"
+    image_rand_augment: str = "rand-m9-n2-mstd0.5-inc1"
+    erase_prob: float = 0.25  # RandomErasing probability, images and videos
+    # RandomResizedCrop area ranges: pre-training images (§1.8), clips in both stages (§1.8, §2.10)
+    image_crop_scale: list[float] = field(default_factory=lambda: [0.2, 1.0])
+    video_crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])
 
 
 @dataclass
@@ -116,6 +131,13 @@ class OptimConfig:
     weight_decay: float = 0.05
     layer_decay: float = 1.0  # 1.0 = off; 0.75 for fine-tuning (§2.9)
     clip_grad: Optional[float] = None
+    max_nonfinite_steps: int = 20  # abort after this many NaN/inf losses in a row
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = 0  # 0: only at the end of each epoch
+    keep: int = 2  # newest step checkpoints kept (the best one is kept apart)
 
 
 @dataclass
@@ -138,10 +160,42 @@ class LoggingConfig:
 
 @dataclass
 class RayConfig:
-    address: str = ""  # empty: start or join a local cluster
-    num_workers: int = 1
+    """How s4d_dist.orchestrate runs the loops on a Ray cluster (launch/sweep.py).
+
+    Every run is a Ray Train TorchTrainer of `num_workers` ranks; its run folder under
+    `output_dir` is also Ray's storage, so on several nodes `output_dir` must be shared storage.
+    """
+
+    address: str = ""  # empty: RAY_ADDRESS, else start a local cluster
+    num_workers: int = 1  # ranks per run (per trial in a sweep)
     cpus_per_worker: int = 1
     gpus_per_worker: float = 0.0
+    max_failures: int = 3  # restarts after a worker or node dies; each resumes from the last checkpoint
+    check_resources: bool = True  # refuse up front what the cluster cannot hold; false on autoscaling clusters
+    local_cpus: int = 0  # CPUs of a cluster started here; 0 = all of this machine's
+    dashboard: bool = True  # dashboard of a cluster started here
+    dashboard_host: str = "127.0.0.1"  # 0.0.0.0 exposes it (and job submission) to the network
+    dashboard_port: int = 8265
+
+
+@dataclass
+class SweepConfig:
+    """Ray Tune sweeps (launch/sweep.py --mode sweep) and k-fold fan-out (--mode kfold).
+
+    `space` maps config keys, dotted or nested, to one distribution each: {loguniform: [lo, hi]},
+    {uniform: [lo, hi]}, {quniform: [lo, hi, q]}, {randint: [lo, hi]} (hi excluded),
+    {choice: [...]} or {grid: [...]} (every value, times num_samples).
+    """
+
+    space: dict[str, Any] = field(default_factory=dict)
+    num_samples: int = 1  # trials drawn from the space (grid: repeats of the grid)
+    metric: str = "val_war"  # reported per epoch by the fine-tuning loop
+    mode: str = "max"  # max | min
+    scheduler: str = "asha"  # asha (early stopping) | fifo (every trial to the end)
+    grace_period: int = 1  # epochs before ASHA may stop a trial
+    reduction_factor: float = 2.0  # ASHA keeps the best 1/reduction_factor at each rung
+    max_concurrent_trials: int = 0  # 0: as many as the cluster holds at once
+    folds: list[int] = field(default_factory=lambda: [1, 2, 3, 4, 5])  # --mode kfold
 
 
 @dataclass
@@ -154,15 +208,17 @@ class S4DConfig:
     seed: int = 0
     official_quirks: bool = False
     init_checkpoint: str = ""  # fine-tuning: MAE checkpoint (ours or official)
-    resume: str = "auto"  # auto | never | <checkpoint dir>
+    resume: str = "auto"  # auto: continue this run folder after a crash | never
     model: ModelConfig = field(default_factory=ModelConfig)
     mask: MaskConfig = field(default_factory=MaskConfig)
     data: DataConfig = field(default_factory=DataConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     ray: RayConfig = field(default_factory=RayConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
 
 
 class ConfigError(ValueError):
@@ -219,10 +275,21 @@ def _read_preset(name: str, seen: tuple[str, ...] = ()) -> list[tuple[str, dict]
 
 def load(preset: str, overrides: list[str] | None = None) -> DictConfig:
     """The resolved, validated config for a preset name or YAML path plus `key=value` overrides."""
+    return from_values(*_read_preset(preset), *[(f"override '{o}'", o) for o in overrides or []])
+
+
+def from_values(*layers: tuple[str, dict | str]) -> DictConfig:
+    """The validated, read-only config made of (source, mapping or `key=value`) layers in order.
+
+    Besides presets and overrides (`load`), the layers are what crosses a process boundary: the
+    resolved config a Ray worker receives, then a sweep trial's sampled values; each error
+    names the layer it came from.
+    """
     schema = OmegaConf.structured(S4DConfig)
     cfg = schema.copy()
-    layers = _read_preset(preset) + [(f"override '{o}'", o) for o in overrides or []]
     for source, values in layers:
+        if isinstance(values, str) and values.endswith("="):  # `data.image_shards=` clears a path
+            values += "''"
         try:
             update = OmegaConf.from_dotlist([values]) if isinstance(values, str) else \
                 OmegaConf.create(values)
@@ -267,8 +334,22 @@ def validate(cfg: DictConfig) -> None:
     _require(cfg.deepspeed.precision in ("bf16", "fp16", "fp32"),
              f"deepspeed.precision must be bf16, fp16 or fp32, got '{cfg.deepspeed.precision}'")
     _require(len(cfg.optim.betas) == 2, "optim.betas must hold two numbers")
+    _require(cfg.resume in ("auto", "never"), f"resume must be auto or never, got '{cfg.resume}'")
     _require(cfg.data.backend in ("auto", "dali", "torch"),
              f"data.backend must be auto, dali or torch, got '{cfg.data.backend}'")
+    _require(cfg.data.dali_device in ("auto", "cpu", "mixed"),
+             f"data.dali_device must be auto, cpu or mixed, got '{cfg.data.dali_device}'")
+    ray = cfg.ray
+    _require(ray.num_workers >= 1, f"ray.num_workers must be >= 1, got {ray.num_workers}")
+    _require(ray.cpus_per_worker >= 1 and ray.gpus_per_worker >= 0,
+             "ray.cpus_per_worker must be >= 1 and ray.gpus_per_worker >= 0")
+    _require(ray.max_failures >= -1, "ray.max_failures must be >= 0 (or -1: restart forever)")
+    sweep = cfg.sweep
+    _require(sweep.mode in ("max", "min"), f"sweep.mode must be max or min, got '{sweep.mode}'")
+    _require(sweep.scheduler in ("asha", "fifo"),
+             f"sweep.scheduler must be asha or fifo, got '{sweep.scheduler}'")
+    _require(sweep.num_samples >= 1 and sweep.grace_period >= 1 and sweep.reduction_factor > 1,
+             "sweep.num_samples and sweep.grace_period must be >= 1, sweep.reduction_factor > 1")
 
 
 def save(cfg: DictConfig, path: str | Path) -> None:

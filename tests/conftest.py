@@ -11,3 +11,33 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def synthetic_shards(tmp_path_factory):
+    """Tiny synthetic image and video shard datasets (32 px, 8-frame clips), built once."""
+    from s4d_dist.shards.synthetic import build_synthetic
+
+    root = tmp_path_factory.mktemp("synthetic")
+    build_synthetic(root / "image", "image", {"train": 3, "test": 1}, size=32, seed=0, workers=1)
+    build_synthetic(root / "video", "video", {"train": 3, "test": 1}, size=32, frames=8, seed=1,
+                    workers=1)
+    return root
+
+
+def tiny_overrides(shards, output_dir, task: str = "pretrain") -> list[str]:
+    """A ViT small enough to take a DeepSpeed step in well under a second on one core."""
+    return [f"task={task}", f"output_dir={output_dir}", "run_name=tiny",
+            f"data.image_shards={shards / 'image' / 'train'}",
+            f"data.video_shards={shards / 'video' / 'train'}",
+            "data.backend=torch", "data.workers=0", "data.image_batch_size=6",
+            "data.video_batch_size=4", "data.video_repeats=2", "data.eval_batch_size=8",
+            "data.val_fraction=0.3",
+            "model.img_size=32", "model.num_frames=4", "model.embed_dim=32", "model.depth=2",
+            "model.num_heads=2", "model.decoder_dim=16", "model.decoder_depth=1",
+            "model.decoder_heads=2", "model.moae.layers=[1]", "model.moae.num_experts=2",
+            "model.moae.top_k=1", "optim.epochs=2", "optim.warmup_epochs=1",
+            "logging.log_every=1", "logging.image_every=4"]

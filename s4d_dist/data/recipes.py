@@ -44,8 +44,6 @@ from . import boxes, frames, randaug
 Kind = Literal["pretrain", "finetune", "eval"]
 Modality = Literal["image", "video"]
 
-PRETRAIN_IMAGE_SCALE = (0.2, 1.0)  # CFG: RandomResizedCrop(scale=[0.2, 1.0], interpolation=3)
-VIDEO_CROP_SCALE = (0.08, 1.0)     # torchvision defaults, used by both video recipes
 IMAGE_ERASE_SCALE = (0.02, 0.33)   # S/sfer: RandomErasing(scale=(0.02, 0.33))
 VIDEO_ERASE_SCALE = (0.02, 1 / 3)  # timm RandomErasing defaults (kinetics.py)
 
@@ -81,6 +79,11 @@ class Recipe:
     spatial_crops: int = 1
     squash: bool = False
     source_crop: Optional[tuple[int, int, int, int]] = None  # pre-training clips: fixed (y0, x0, y1, x1) first
+    # RandomResizedCrop area ranges. Official: (0.2, 1) for pre-training images (CFG
+    # RandomResizedCrop(scale=[0.2, 1.0], interpolation=3)); torchvision's default (0.08, 1) for
+    # both video recipes.
+    image_crop_scale: tuple[float, float] = (0.2, 1.0)
+    video_crop_scale: tuple[float, float] = (0.08, 1.0)
 
     @property
     def interp(self) -> str:
@@ -110,7 +113,7 @@ class Recipe:
 
     def _pretrain(self, height: int, width: int, meta: dict, rng: np.random.Generator) -> SampleParams:
         if self.modality == "image":
-            roi = boxes.random_resized_crop(height, width, PRETRAIN_IMAGE_SCALE, rng)
+            roi = boxes.random_resized_crop(height, width, self.image_crop_scale, rng)
             return SampleParams(np.array([boxes.mirrored(roi, rng.random() < 0.5)], np.float32))
         index = frames.pretrain_indices(int(meta["frames"]), self.num_frames, self.stride, rng)
         top, left, bottom, right = self.source_crop or (0, 0, height, width)
@@ -119,7 +122,7 @@ class Recipe:
                              f"({meta.get('clip', '?')})")
         region = (bottom - top, right - left)
         scaled = boxes.short_side_size(*region, round(self.resize_ratio * self.size))
-        rois = [boxes.shifted(boxes.scaled(boxes.random_resized_crop(*scaled, VIDEO_CROP_SCALE, rng), scaled, region),
+        rois = [boxes.shifted(boxes.scaled(boxes.random_resized_crop(*scaled, self.video_crop_scale, rng), scaled, region),
                               top, left) for _ in range(self.repeats)]
         return SampleParams(np.array(rois, np.float32), frames=index)
 
@@ -137,7 +140,7 @@ class Recipe:
         index = frames.finetune_indices(int(meta["frames"]), self.num_frames, self.stride, rng)
         pre = self._resized(height, width, self.size)
         ops = randaug.draw(self.rand_augment, rng)
-        roi = boxes.mirrored(boxes.random_resized_crop(*pre, VIDEO_CROP_SCALE, rng), rng.random() < 0.5)
+        roi = boxes.mirrored(boxes.random_resized_crop(*pre, self.video_crop_scale, rng), rng.random() < 0.5)
         return SampleParams(np.array([roi], np.float32), frames=index, pre_size=np.array(pre, np.int64),
                             ops=ops, erase=self._erase(rng, VIDEO_ERASE_SCALE))
 
@@ -176,4 +179,5 @@ def recipe_from_config(cfg, kind: Kind, modality: Modality) -> Recipe:
         eval_short_side=d.eval_short_side, temporal_views=d.test_temporal_views,
         spatial_crops=d.test_spatial_crops, squash=bool(cfg.official_quirks),
         source_crop=tuple(d.video_source_crop) if d.video_source_crop and kind == "pretrain" else None,
+        image_crop_scale=tuple(a.image_crop_scale), video_crop_scale=tuple(a.video_crop_scale),
     )

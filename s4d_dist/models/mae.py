@@ -103,3 +103,32 @@ def mae_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> to
     per_token = (pred.float() - target).pow(2).mean(dim=-1)
     weights = mask.float()
     return (per_token * weights).sum() / weights.sum()
+
+
+def reconstruct_pixels(pred: torch.Tensor, pixels: torch.Tensor, mask: torch.Tensor,
+                       tubelet: int, patch: int) -> torch.Tensor:
+    """[0, 1] clips (B, 3, T, H, W) showing the input's visible tokens and the model's masked ones.
+
+    Predictions live in per-token normalised space; each is mapped back with the mean and
+    standard deviation of the true token (what the loss normalised away), which is the usual way
+    MAE reconstructions are displayed. Images come back as 2-frame clips.
+    """
+    x = unnormalize(pixels.float())
+    if x.ndim == 4:
+        x = x.unsqueeze(2).expand(-1, -1, tubelet, -1, -1)
+    B, C, T, H, W = x.shape
+    grid = (T // tubelet, H // patch, W // patch)
+    blocks = x.reshape(B, C, grid[0], tubelet, grid[1], patch, grid[2], patch)
+    blocks = blocks.permute(0, 2, 4, 6, 3, 5, 7, 1).reshape(B, -1, tubelet * patch * patch, C)
+    mean, std = blocks.mean(2, keepdim=True), (blocks.var(2, keepdim=True) + 1e-6).sqrt()
+    guess = pred.float().reshape(blocks.shape) * std + mean
+    blocks = torch.where(mask[:, :, None, None], guess, blocks).clamp(0, 1)
+    blocks = blocks.reshape(B, *grid, tubelet, patch, patch, C)
+    return blocks.permute(0, 7, 1, 4, 2, 5, 3, 6).reshape(B, C, T, H, W)
+
+
+def pixel_mask(mask: torch.Tensor, shape: torch.Size, tubelet: int, patch: int) -> torch.Tensor:
+    """The (B, N) token mask as a (B, 1, T, H, W) pixel mask for clips of `shape`."""
+    B, _, T, H, W = shape
+    grid = mask.view(B, 1, T // tubelet, H // patch, W // patch)
+    return grid.repeat_interleave(tubelet, 2).repeat_interleave(patch, 3).repeat_interleave(patch, 4)

@@ -67,30 +67,33 @@ def _count_indexed(keys: list[str], pattern: str) -> int:
     return max(found) + 1 if found else 0
 
 
-def _encoder_shape(sd: dict[str, torch.Tensor], prefix: str) -> dict[str, Any]:
-    """Encoder hyper-parameters read off tensor shapes (heads from HEAD_DIM)."""
+def _encoder_shape(sd: dict[str, torch.Tensor], prefix: str,
+                   num_heads: int | None) -> dict[str, Any]:
+    """Encoder hyper-parameters read off tensor shapes (heads, unless given, from HEAD_DIM)."""
     dim, in_chans, tubelet, patch, _ = sd[f"{prefix}patch_embed.proj.weight"].shape
     keys = list(sd)
     return dict(embed_dim=dim, in_chans=in_chans, tubelet=tubelet, patch=patch,
                 depth=_count_indexed(keys, rf"{re.escape(prefix)}blocks\.(\d+)\."),
-                num_heads=dim // HEAD_DIM,
+                num_heads=num_heads or dim // HEAD_DIM,
                 mlp_ratio=sd[f"{prefix}blocks.0.mlp.fc1.weight"].shape[0] / dim)
 
 
 def mae_from_state_dict(sd: dict[str, torch.Tensor], img_size: int = 160,
-                        num_frames: int = 16) -> PretrainMAE:
+                        num_frames: int = 16, num_heads: int | None = None,
+                        decoder_heads: int | None = None) -> PretrainMAE:
     decoder_dim = sd["mask_token"].shape[-1]
-    return PretrainMAE(img_size=img_size, num_frames=num_frames, **_encoder_shape(sd, "encoder."),
-                       decoder_dim=decoder_dim,
+    return PretrainMAE(img_size=img_size, num_frames=num_frames,
+                       **_encoder_shape(sd, "encoder.", num_heads), decoder_dim=decoder_dim,
                        decoder_depth=_count_indexed(list(sd), r"decoder\.blocks\.(\d+)\."),
-                       decoder_heads=decoder_dim // HEAD_DIM)
+                       decoder_heads=decoder_heads or decoder_dim // HEAD_DIM)
 
 
 def classifier_from_state_dict(sd: dict[str, torch.Tensor], img_size: int = 160,
                                num_frames: int = 16, top_k: int = 2,
+                               num_heads: int | None = None,
                                **moae_options: Any) -> S4DClassifier:
     """A classifier shaped like `sd`; `top_k` is not stored in checkpoints (official: 2)."""
-    shape = _encoder_shape(sd, "")
+    shape = _encoder_shape(sd, "", num_heads)
     moae_layers = sorted({int(k.split(".")[1]) for k in sd if ".moe_layer." in k})
     first = f"blocks.{moae_layers[0]}.moe_layer." if moae_layers else None
     num_experts = _count_indexed(list(sd), rf"{re.escape(first)}experts\.(\d+)\.") if first else 8
@@ -120,7 +123,8 @@ def load(path: Union[str, Path], **options: Any) -> Union[PretrainMAE, S4DClassi
     """Our model with the weights of an official file; the kind is read from the keys.
 
     `options` go to the model for what a checkpoint does not store (img_size, num_frames,
-    top_k, capacity_factor, moae_backend, official_quirks).
+    num_heads / decoder_heads when heads are not 64 wide, top_k, capacity_factor, moae_backend,
+    official_quirks).
     """
     sd = read_state_dict(path)
     if "mask_token" in sd and "encoder.patch_embed.proj.weight" in sd:
@@ -136,10 +140,14 @@ def load(path: Union[str, Path], **options: Any) -> Union[PretrainMAE, S4DClassi
     return model
 
 
-def save(model: Union[PretrainMAE, S4DClassifier], path: Union[str, Path],
-         epoch: int | None = None) -> None:
-    """Write `{"model": state_dict, "epoch": epoch}` in the official key layout, fp32."""
-    sd = {k: v.detach().float().cpu().clone() for k, v in model.state_dict().items()}
+def save(model: Union[PretrainMAE, S4DClassifier, dict[str, torch.Tensor]],
+         path: Union[str, Path], epoch: int | None = None) -> None:
+    """Write `{"model": state_dict, "epoch": epoch}` in the official key layout, fp32.
+
+    Takes a model or its state dict (e.g. the fp32 weights exported from a DeepSpeed run).
+    """
+    state = model if isinstance(model, dict) else model.state_dict()
+    sd = {k: v.detach().float().cpu().clone() for k, v in state.items()}
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     torch.save({"model": sd, "epoch": epoch}, path)
 

@@ -139,26 +139,24 @@ class ViTEncoder(nn.Module):
         return self.norm(x) if self.norm is not None else x
 
 
-def init_linear_xavier(module: nn.Module) -> None:
-    """Pre-training init (reference §1.1): Linear xavier-uniform / zero bias, LayerNorm (1, 0)."""
+def _init_linear_and_norm(module: nn.Module, init_weight) -> None:
     if isinstance(module, nn.Linear):
-        nn.init.xavier_uniform_(module.weight)
+        init_weight(module.weight)
         if module.bias is not None:
             nn.init.zeros_(module.bias)
     elif isinstance(module, nn.LayerNorm):
         nn.init.ones_(module.weight)
         nn.init.zeros_(module.bias)
+
+
+def init_linear_xavier(module: nn.Module) -> None:
+    """Pre-training init (reference §1.1): Linear xavier-uniform / zero bias, LayerNorm (1, 0)."""
+    _init_linear_and_norm(module, nn.init.xavier_uniform_)
 
 
 def init_linear_trunc_normal(module: nn.Module) -> None:
     """Fine-tuning init (reference §2.1, §3.5): Linear trunc-normal std .02 / zero bias, LN (1, 0)."""
-    if isinstance(module, nn.Linear):
-        nn.init.trunc_normal_(module.weight, std=0.02)
-        if module.bias is not None:
-            nn.init.zeros_(module.bias)
-    elif isinstance(module, nn.LayerNorm):
-        nn.init.ones_(module.weight)
-        nn.init.zeros_(module.bias)
+    _init_linear_and_norm(module, lambda weight: nn.init.trunc_normal_(weight, std=0.02))
 
 
 def count_params(module: nn.Module) -> int:

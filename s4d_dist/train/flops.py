@@ -1,0 +1,51 @@
+"""Model FLOPs per training step, for the MFU estimate logged to TensorBoard.
+
+Counts matrix multiplies only (2 FLOPs per multiply-add), forward ×3 for forward + backward, as
+is usual for MFU (PaLM appendix B). Attention counts QKᵀ and AV over the tokens a block sees.
+"""
+from __future__ import annotations
+
+import torch
+from omegaconf import DictConfig
+
+# Dense bf16 peak per GPU (no sparsity), by device-name substring.
+PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}
+
+
+def transformer_flops(tokens: int, dim: int, depth: int, mlp_ratio: float) -> float:
+    """Forward FLOPs of `depth` pre-norm blocks over one sequence of `tokens`."""
+    dense = 2 * tokens * (4 * dim * dim + 2 * mlp_ratio * dim * dim)
+    attention = 2 * 2 * tokens * tokens * dim
+    return depth * (dense + attention)
+
+
+def mae_step_flops(cfg: DictConfig, tokens: int, mask_ratio: float, batch: int) -> float:
+    """Encoder on the visible tokens, decoder on all of them, for fwd + bwd."""
+    m = cfg.model
+    visible = tokens - int(mask_ratio * tokens)
+    encoder = 2 * visible * m.in_chans * m.tubelet * m.patch ** 2 * m.embed_dim + \
+        transformer_flops(visible, m.embed_dim, m.depth, m.mlp_ratio)
+    decoder = 2 * visible * m.embed_dim * m.decoder_dim + \
+        transformer_flops(tokens, m.decoder_dim, m.decoder_depth, m.mlp_ratio) + \
+        2 * tokens * m.decoder_dim * m.in_chans * m.tubelet * m.patch ** 2
+    return 3 * batch * (encoder + decoder)
+
+
+def classifier_step_flops(cfg: DictConfig, tokens: int, batch: int) -> float:
+    """Encoder on all tokens plus the k active adapter experts in each MoAE layer, fwd + bwd."""
+    m, moae = cfg.model, cfg.model.moae
+    flops = 2 * tokens * m.in_chans * m.tubelet * m.patch ** 2 * m.embed_dim + \
+        transformer_flops(tokens, m.embed_dim, m.depth, m.mlp_ratio)
+    if moae.enabled:
+        hidden = int(m.embed_dim * moae.hidden_ratio)
+        per_token = 2 * 2 * m.embed_dim * moae.num_experts + moae.top_k * 2 * 2 * m.embed_dim * hidden
+        flops += len(moae.layers) * tokens * per_token
+    return 3 * batch * flops
+
+
+def peak_flops(device: torch.device) -> float | None:
+    """The device's dense bf16 peak, or None where unknown (CPU): MFU is then not reported."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in PEAK_BF16.items() if key in name), None)
