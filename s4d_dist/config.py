@@ -173,8 +173,7 @@ class RayConfig:
     max_failures: int = 3  # restarts after a worker or node dies; each resumes from the last checkpoint
     check_resources: bool = True  # refuse up front what the cluster cannot hold; false on autoscaling clusters
     local_cpus: int = 0  # CPUs of a cluster started here; 0 = all of this machine's
-    dashboard: bool = True  # dashboard of a cluster started here
-    dashboard_host: str = "127.0.0.1"  # 0.0.0.0 exposes it (and job submission) to the network
+    dashboard_host: str = "127.0.0.1"  # of a cluster started here; 0.0.0.0 exposes it (and job submission)
     dashboard_port: int = 8265
 
 
