@@ -28,7 +28,7 @@ setup(
         "tqdm",
         "tensorboard",
         "triton",
-        "ray[train,tune]",
+        "ray[default,train,tune]",  # default: dashboard + state API, which frees finished Tune trials
         "scikit-learn",
     ],
     extras_require={

@@ -41,3 +41,7 @@ def tiny_overrides(shards, output_dir, task: str = "pretrain") -> list[str]:
             "model.decoder_heads=2", "model.moae.layers=[1]", "model.moae.num_experts=2",
             "model.moae.top_k=1", "optim.epochs=2", "optim.warmup_epochs=1",
             "logging.log_every=1", "logging.image_every=4"]
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: a multi-process Ray/DeepSpeed test (runs by default)")
