@@ -38,9 +38,13 @@ def evaluate(model: nn.Module, loader, num_classes: int, dtype: torch.dtype) -> 
     probs = gathered["probs"].reshape(-1, num_classes)
     ids, mean_probs, labels = merge_views(gathered["index"], gathered["view"], probs,
                                           gathered["label"])
-    if len(ids) != loader.num_samples - loader.corrupt.count:
+    # Each rank only met the corrupt samples of its own rows, and views of one sample can sit on
+    # different ranks: gather their indices and count each once.
+    corrupt = np.unique(distributed.gather_arrays(
+        np.array(sorted(loader.corrupt.seen), dtype=np.int64))).size
+    if len(ids) != loader.num_samples - corrupt:
         raise RuntimeError(f"evaluation saw {len(ids)} samples, the split has "
-                           f"{loader.num_samples} ({loader.corrupt.count} corrupt)")
+                           f"{loader.num_samples} ({corrupt} corrupt)")
     metrics = classification_metrics(labels, mean_probs.argmax(1), num_classes)
     metrics["samples"] = int(len(ids))
     return metrics
