@@ -60,3 +60,19 @@ def corrupt_copy(src: Path, dst: Path, split: str, samples: dict[int, str]) -> d
 
 def gather_indices(batches: list[dict]) -> np.ndarray:
     return np.concatenate([b["index"].numpy() for b in batches])
+
+
+def resume_after(loader, epoch: int, consumed: int) -> tuple[dict, list[dict]]:
+    """Take `consumed` batches of an epoch, abandon it (prefetched batches dropped), and return
+    its state and every batch a fresh iterator resumed from that state yields."""
+    first = loader.epoch(epoch)
+    iterator = iter(first)
+    for _ in range(consumed):
+        next(iterator)
+    state = first.state_dict()
+    iterator.close()
+    resumed = loader.epoch(epoch)
+    resumed.load_state_dict(state)
+    rest = list(resumed)
+    loader.close()
+    return state, rest

@@ -85,15 +85,7 @@ def test_dali_resume_mid_epoch(paths):
     cfg = ds.make_cfg(paths, "pretrain")
     full, _ = run_epoch(cfg, "dali", epoch=2)
     loader = train_loader(cfg, backend="dali")
-    epoch = loader.epoch(2)
-    iterator = iter(epoch)
-    next(iterator), next(iterator)
-    state = epoch.state_dict()
-    iterator.close()  # abandons prefetched batches
-    resumed = loader.epoch(2)
-    resumed.load_state_dict(state)
-    rest = list(resumed)
-    loader.close()
+    _, rest = ds.resume_after(loader, epoch=2, consumed=2)
     assert len(rest) == len(full) - 2
     for a, b in zip(full[2:], rest):
         assert torch.equal(a["index"], b["index"]) and torch.equal(a["pixels"], b["pixels"])

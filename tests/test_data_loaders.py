@@ -91,17 +91,8 @@ def test_resume_mid_epoch_continues_with_next_batch(paths):
     cfg = ds.make_cfg(paths, "pretrain")
     full, _ = epoch_batches(cfg, epoch=1)
     loader = train_loader(cfg, backend=BACKEND)
-    first = loader.epoch(1)
-    iterator = iter(first)
-    for _ in range(3):
-        next(iterator)
-    state = first.state_dict()
-    iterator.close()
+    state, rest = ds.resume_after(loader, epoch=1, consumed=3)
     assert state == {"epoch": 1, "step": 3}
-    resumed = loader.epoch(1)
-    resumed.load_state_dict(state)
-    rest = list(resumed)
-    loader.close()
     assert len(rest) == len(full) - 3
     for a, b in zip(full[3:], rest):
         assert a["modality"] == b["modality"]
