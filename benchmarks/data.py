@@ -2,9 +2,10 @@
 
 On the same synthetic faces at 160 px (clips of `--frames` frames, images), in one run:
   (a) official-style: per-clip folders of JPEG frames and JPEG image files, decoded with Pillow
-      in DataLoader workers, transforms as the official code applies them (§1.8: the clip as a
-      [0, 1] float tensor, per replica ShortSideScale(192) then RandomResizedCrop(160) on it,
-      normalise; images RandomResizedCrop on the PIL image, flip, ToTensor, normalise);
+      in DataLoader workers, transforms as the official code applies them (docs/method.md §1.8:
+      the clip as a [0, 1] float tensor, per replica ShortSideScale(192) then
+      RandomResizedCrop(160) on it, normalise; images RandomResizedCrop on the PIL image, flip,
+      ToTensor, normalise);
   (b) shards + the torch fallback (data.backend=torch), same number of workers;
   (c) shards + DALI on the CPU (data.backend=dali, data.dali_device=cpu), as many threads;
   (d) shards + DALI "mixed" (nvJPEG / NVDEC) — only where a GPU exists.
@@ -41,7 +42,7 @@ from s4d_dist.shards.build import BuildOptions, build_dataset
 from s4d_dist.shards.media import EncodeOptions
 from s4d_dist.shards.synthetic import read_synthetic
 
-RESULTS = Path(__file__).resolve().parent / "results" / "data_cpu.json"
+RESULTS = Path(__file__).resolve().parent / "results"
 SIZE, SHORT, NUM_FRAMES, STRIDE = 160, 192, 16, 4
 CODECS = ("vp9", "mjpeg")
 
@@ -130,12 +131,19 @@ def official_batches(dataset: torch.utils.data.Dataset, batch: int, workers: int
 
 # -------------------------------------------------------------------------- (b)-(d) shards
 def shard_batches(modality: str, shards: Path, batch: int, repeats: int, workers: int, backend: str,
-                  device: str = "cpu"):
+                  device: str = "cpu", task: str = "pretrain", size: int = SIZE):
+    """Endless batches of one modality from shards, with the paper preset's recipe for `task`
+    (pre-training: masked clips, `repeats` copies per video; fine-tuning: augmented clips)."""
     other = "video" if modality == "image" else "image"
-    cfg = config.load("pretrain_vit_base", [
-        f"data.{modality}_shards={shards}", f"data.{other}_shards=''", f"data.workers={workers}",
-        f"data.image_batch_size={batch}", f"data.video_batch_size={batch * repeats}",
-        f"data.video_repeats={repeats}", "data.video_rate=1.0", f"data.dali_device={device}"])
+    preset = "pretrain_vit_base" if task == "pretrain" else "finetune_dfew"
+    cfg = config.load(preset, [
+        f"task={task}", f"data.{modality}_shards={shards}", f"data.{other}_shards=''",
+        f"data.workers={workers}", f"data.image_batch_size={batch}",
+        f"data.video_batch_size={batch * repeats if task == 'pretrain' else batch}",
+        f"data.video_repeats={repeats}", "data.video_rate=1.0", "data.image_rate=1.0",
+        "data.fold=null", "data.val_fraction=0", f"data.dali_device={device}",
+        "data.video_source_crop=[]",  # synthetic clips are not VoxCeleb2's 224×224 frames
+        f"model.img_size={size}"])
     loader = train_loader(cfg, backend=backend)
     epoch = 0
     while True:
@@ -164,7 +172,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--seconds", type=float, default=8.0)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--out", type=Path, help="default benchmarks/results/data_<device>.json")
     args = parser.parse_args(argv)
     if args.clips < args.video_batch or args.images < args.image_batch:
         parser.error("need at least one full batch of clips and of images")
@@ -190,6 +198,11 @@ def main(argv: list[str] | None = None) -> None:
             for codec in CODECS:
                 pipelines["video"][f"dali_mixed_{codec}"] = shard_batches("video", data[f"video-{codec}"], vb, r, w,
                                                                           "dali", "mixed")
+        # DataLoader workers fork: start every forking pipeline before any DALI pipeline runs
+        # threads (forking a process with live DALI threads is unsafe).
+        flat = [(name, batches) for named in pipelines.values() for name, batches in named.items()]
+        for name, batches in sorted(flat, key=lambda item: item[0].startswith("dali")):
+            next(batches)
         rates: dict[str, dict[str, list[float]]] = {m: {k: [] for k in p} for m, p in pipelines.items()}
         for round_ in range(args.rounds):
             for modality, named in pipelines.items():
@@ -214,12 +227,15 @@ def main(argv: list[str] | None = None) -> None:
             results[modality]["dali_mixed"] = "skipped: no GPU on this machine (needs nvJPEG / NVDEC)"
     report = {
         "benchmark": "benchmarks/data.py", "machine": platform.platform(), "cpus": os.cpu_count(),
+        "device": torch.cuda.get_device_name() if gpu else "cpu",
         "python": sys.version.split()[0], "torch": torch.__version__,
-        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "settings": {k: v for k, v in vars(args).items() if k != "out"},
         "workload": f"pre-training recipe at {SIZE}px: clips {NUM_FRAMES} frames stride {STRIDE} from "
                     f"{args.frames}-frame clips, {args.repeats} augmented copies per video; images one crop + flip",
         "results": results,
     }
+    tag = "cpu" if not gpu else "".join(c if c.isalnum() else "_" for c in torch.cuda.get_device_name().lower())
+    args.out = args.out or RESULTS / f"data_{tag}.json"
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1) + "\n")
     for modality, named in results.items():

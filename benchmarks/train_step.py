@@ -4,12 +4,15 @@
     python benchmarks/train_step.py --preset finetune_dfew --ranks 8 --steps 50   # on GPUs
 
 Each configuration runs in its own `torchrun` job on identical random batches of the model a
-preset describes (the fine-tuning classifier by default). Per rank it records samples/s and the
-bytes of optimizer state + gradients the rank holds between backward and step — the memory
+preset describes (the fine-tuning classifier by default), all at the same precision (`ddp` is
+the official loop, DDP + autocast, at DeepSpeed's precision). Per rank it records samples/s and
+the bytes of optimizer state + gradients the rank holds between backward and step — the memory
 ZeRO partitions — counted as the unique tensor storages reachable from the optimizer object
-and the parameters' .grad, minus the model weights themselves. On a GPU it also records peak
-allocated memory, bf16 step time and MFU. The parent prints ratios against ZeRO-0 and writes
-benchmarks/results/train_step_<device>.json.
+and the parameters' .grad, minus the model weights themselves; that walk runs in the last
+warm-up step, never in a timed one. On a GPU it also records peak allocated memory, MFU and the
+host-synchronisation sites of a few extra steps under torch's sync debug mode. The parent
+prints ratios against the first configuration and writes
+benchmarks/results/train_step_<device>.json (or --results).
 """
 from __future__ import annotations
 
@@ -21,7 +24,10 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
+import warnings
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -54,12 +60,40 @@ def reachable_bytes(root, exclude: set[int]) -> int:
     return sum(storages.values())
 
 
+def host_sync_sites(step: Callable[[], None], steps: int) -> dict[str, int]:
+    """Where `steps` training steps block the host on the GPU, as "file:line (our file:line)"
+    → count, from torch's sync debug mode. The first site is where torch saw the sync, the
+    second the innermost frame of this repository on the stack, which is the line to change."""
+    sites: dict[str, int] = {}
+    repo = str(Path(__file__).resolve().parent.parent)  # frames resolved: installs may link here
+
+    def record(message, category, filename, lineno, file=None, line=None) -> None:
+        files = [(os.path.realpath(f.filename), f.lineno) for f in traceback.extract_stack()[:-1]]
+        ours = [(f, line) for f, line in files if f.startswith(repo) and "benchmarks" not in f]
+        where = f"{Path(filename).name}:{lineno}"
+        if ours:
+            where += f" ({Path(ours[-1][0]).relative_to(repo)}:{ours[-1][1]})"
+        sites[where] = sites.get(where, 0) + 1
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = record
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            for _ in range(steps):
+                step()
+            torch.cuda.synchronize()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sites
+
+
 def worker(args: argparse.Namespace) -> None:
     """One rank of one configuration (run under torchrun)."""
     from s4d_dist import config
     from s4d_dist.models.build import build_classifier
     from s4d_dist.train import distributed
-    from s4d_dist.train.engine import Stepper, build_engine
+    from s4d_dist.train.engine import DTYPES, Stepper, build_engine
     from s4d_dist.train.flops import classifier_step_flops, peak_flops
 
     distributed.init()
@@ -75,21 +109,24 @@ def worker(args: argparse.Namespace) -> None:
     shape = (batch, 3, m.num_frames, m.img_size, m.img_size)
     pixels = torch.randn(shape, generator=torch.Generator().manual_seed(rank)).to(device)
     labels = torch.randint(0, m.num_video_classes, (batch,)).to(device)
-    held: list[int] = []
+    held: list[int] = []  # optimizer state + gradients, measured in warm-up steps only
 
-    if args.config == "ddp":  # the official setup: DDP, fp16 autocast + GradScaler on a GPU
+    if args.config == "ddp":
+        # The official loop (DDP + autocast), at the precision DeepSpeed gets: bf16 autocast
+        # needs no loss scaler, fp16 gets the GradScaler the official code uses.
         model.to(device)
         ddp = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
-        use_amp = device.type == "cuda"
-        scaler = torch.amp.GradScaler(enabled=use_amp)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=device.type == "cuda")
+        amp = args.precision != "fp32"
+        scaler = torch.amp.GradScaler(enabled=args.precision == "fp16")
         weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
 
-        def step() -> None:
-            with torch.autocast(device.type, torch.float16, enabled=use_amp):
+        def step(measure: bool = False) -> None:
+            with torch.autocast(device.type, DTYPES[args.precision], enabled=amp):
                 loss = torch.nn.functional.cross_entropy(ddp(pixels, "video").float(), labels)
             scaler.scale(loss).backward()
-            held.append(reachable_bytes(opt, weights))
+            if measure:
+                held.append(reachable_bytes(opt, weights))
             scaler.step(opt)
             scaler.update()
             opt.zero_grad(set_to_none=True)
@@ -105,14 +142,13 @@ def worker(args: argparse.Namespace) -> None:
                         reachable_bytes(list(engine.module.parameters()), weights))
             return out
 
-        engine.backward = backward_and_measure
-
-        def step() -> None:
+        def step(measure: bool = False) -> None:
+            engine.backward = backward_and_measure if measure else backward
             stepper(lambda: torch.nn.functional.cross_entropy(
                 engine(pixels.to(stepper.dtype), "video").float(), labels), 1e-5)
 
-    for _ in range(args.warmup):
-        step()
+    for i in range(args.warmup):
+        step(measure=i == args.warmup - 1)
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -124,14 +160,18 @@ def worker(args: argparse.Namespace) -> None:
         torch.cuda.synchronize()
     elapsed = time.perf_counter() - start
     tokens = (m.img_size // m.patch) ** 2 * m.num_frames // m.tubelet
-    peak = peak_flops(device)
+    peak = peak_flops(device, args.peak_tflops)
     result = {"rank": rank, "samples_per_s": args.steps * batch / elapsed,
               "step_s": elapsed / args.steps, "optimizer_and_grad_bytes": max(held),
-              "parameters": sum(p.numel() for p in model.parameters())}
+              "parameters": sum(p.numel() for p in model.parameters()),
+              "step_flops": classifier_step_flops(cfg, tokens, batch)}
     if device.type == "cuda":
         result["peak_allocated_bytes"] = torch.cuda.max_memory_allocated()
         if peak:
-            result["mfu"] = classifier_step_flops(cfg, tokens, batch) / result["step_s"] / peak
+            result["peak_flops"] = peak
+            result["mfu"] = result["step_flops"] / result["step_s"] / peak
+        if args.sync_steps:
+            result["host_sync_sites"] = host_sync_sites(step, args.sync_steps)
     Path(args.out).with_suffix(f".rank{rank}.json").write_text(json.dumps(result))
     distributed.barrier()
 
@@ -142,6 +182,7 @@ def run_config(name: str, args: argparse.Namespace, tmp: Path) -> list[dict]:
            "--master_port", str(29650 + CONFIGS.index(name)), __file__, "--worker",
            "--config", name, "--out", str(out), "--preset", args.preset, "--steps",
            str(args.steps), "--warmup", str(args.warmup), "--precision", args.precision,
+           "--sync-steps", str(args.sync_steps), "--peak-tflops", str(args.peak_tflops or 0),
            *args.overrides]
     env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // args.ranks))}
     if not torch.cuda.is_available():
@@ -162,6 +203,12 @@ def main() -> None:
     parser.add_argument("--precision", default="bf16" if torch.cuda.is_available() else "fp32",
                         help="bf16 on GPUs; fp32 on CPUs, whose bf16 matmuls are slow")
     parser.add_argument("--configs", default=",".join(CONFIGS))
+    parser.add_argument("--sync-steps", type=int, default=3,
+                        help="steps run under torch's sync debug mode after timing (GPU only)")
+    parser.add_argument("--peak-tflops", type=float, default=None,
+                        help="the device's dense bf16 peak, where flops.py does not know it")
+    parser.add_argument("--results", type=Path, default=None,
+                        help="JSON to write (default benchmarks/results/train_step_<device>.json)")
     parser.add_argument("overrides", nargs="*", default=[
         "model.embed_dim=384", "model.depth=6", "model.num_heads=6", "model.img_size=64",
         "model.num_frames=8", "data.video_batch_size=4"])
@@ -169,31 +216,36 @@ def main() -> None:
     if args.worker:
         return worker(args)
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    names = args.configs.split(",")
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for name in args.configs.split(","):
+        for name in names:
             results[name] = run_config(name, args, Path(tmp))
-    base = max(r["optimizer_and_grad_bytes"] for r in results["zero0"])
-    base_speed = sum(r["samples_per_s"] for r in results["zero0"])
+    first = names[0]  # the baseline of the ratios
+    base = max(r["optimizer_and_grad_bytes"] for r in results[first])
+    base_speed = sum(r["samples_per_s"] for r in results[first])
     print(f"{args.preset} {' '.join(args.overrides)} | {args.ranks} ranks | {args.precision} | {device}")
-    print(f"{'config':8s} {'samples/s':>10s} {'vs zero0':>9s} {'opt+grad MiB/rank':>18s} {'vs zero0':>9s}")
+    print(f"{'config':8s} {'samples/s':>10s} {'vs ' + first:>9s} {'opt+grad MiB/rank':>18s} "
+          f"{'vs ' + first:>9s} {'MFU':>6s} {'peak GiB':>9s}")
     summary = {}
     for name, ranks in results.items():
         speed = sum(r["samples_per_s"] for r in ranks)
         held = max(r["optimizer_and_grad_bytes"] for r in ranks)
-        summary[name] = {"samples_per_s": speed, "speed_vs_zero0": speed / base_speed,
+        summary[name] = {"samples_per_s": speed, f"speed_vs_{first}": speed / base_speed,
                          "optimizer_and_grad_mib_per_rank": held / 2**20,
-                         "memory_vs_zero0": held / base, "ranks": ranks}
+                         f"memory_vs_{first}": held / base, "ranks": ranks}
+        mfu = min((r["mfu"] for r in ranks if "mfu" in r), default=float("nan"))
+        peak = max((r.get("peak_allocated_bytes", 0) for r in ranks)) / 2**30
         print(f"{name:8s} {speed:10.2f} {speed / base_speed:9.2f} {held / 2**20:18.1f} "
-              f"{held / base:9.2f}")
-    RESULTS.mkdir(exist_ok=True)
+              f"{held / base:9.2f} {mfu:6.1%} {peak:9.2f}")
     tag = "cpu" if device == "cpu" else device.replace(" ", "_")
-    (RESULTS / f"train_step_{tag}.json").write_text(json.dumps({
+    out = args.results or RESULTS / f"train_step_{tag}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({
         "device": device, "cpu": platform.processor() or platform.machine(),
         "torch": torch.__version__, "preset": args.preset, "overrides": args.overrides,
         "ranks": args.ranks, "precision": args.precision, "steps": args.steps,
         "results": summary}, indent=1))
-
 
 if __name__ == "__main__":
     main()

@@ -4,7 +4,10 @@ The loop backend in `s4d_dist.models.moae` is the reference for every result her
 exist because on a GPU the routing glue (top-k, capacity bookkeeping, gathers) is a chain of
 small launches and index tensors in torch; here it is four memory-bound kernels forward and
 three backward, all deterministic: every output element is written by exactly one program and
-no kernel uses atomics, so a layer's outputs and gradients are bitwise reproducible.
+no kernel uses atomics, so a layer's outputs and gradients are bitwise reproducible: dispatch
+and combine give the same bits on every autotuned tile (each output is one copy, or a sum over
+the k experts in a fixed order), and the one reduction whose order depends on the tile (the
+gate gradient's sum over D) always runs on GATE_GRAD_TILE.
 
 Index maps shared by the kernels (S = E · C slots, C = rows per expert in the padded layout):
   pair_slot (T, k) int32  slot of the pair (token t, its j-th expert), -1 when dropped
@@ -40,12 +43,29 @@ _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.floa
 # cost is per program, and a narrow BLOCK_D, so that small test widths still loop over D.
 GPU_GATHER_TILES = ((16, 128, 4), (32, 128, 4), (32, 256, 8), (64, 128, 8))
 INTERPRETER_GATHER_TILE = (64, 32, 4)
+# combine_backward sums each gate gradient over D in BLOCK_D chunks, and a reduction's order
+# (hence its last bits) depends on the tile; it therefore always runs on this one tile, so that
+# its result does not depend on what an autotuner picked in this process.
+GATE_GRAD_TILE = INTERPRETER_GATHER_TILE if INTERPRETED else (32, 128, 4)
+
+Tile = tuple[int, int, int]
 
 
 def _gather_configs() -> list[triton.Config]:
     tiles = (INTERPRETER_GATHER_TILE,) if INTERPRETED else GPU_GATHER_TILES
     return [triton.Config({"BLOCK_ROWS": rows, "BLOCK_D": cols}, num_warps=warps)
             for rows, cols, warps in tiles]
+
+
+def _launch(kernel, rows: int, tile: Tile | None, *args, **constants) -> None:
+    """Launch an autotuned gather kernel over `rows` rows: autotuned when `tile` is None, else
+    the plain kernel on that (BLOCK_ROWS, BLOCK_D, num_warps) tile."""
+    if tile is None:
+        kernel[lambda meta: (triton.cdiv(rows, meta["BLOCK_ROWS"]),)](*args, **constants)
+        return
+    block_rows, block_d, warps = tile
+    kernel.fn[(triton.cdiv(rows, block_rows),)](*args, **constants, BLOCK_ROWS=block_rows,
+                                                  BLOCK_D=block_d, num_warps=warps)
 
 
 @triton.jit
@@ -275,37 +295,38 @@ def queue(topk_idx: torch.Tensor, block_counts: torch.Tensor, capacity: int,
 
 
 def dispatch(x: torch.Tensor, slot_pair: torch.Tensor, top_k: int, num_experts: int,
-             slots: int) -> torch.Tensor:
+             slots: int, tile: Tile | None = None) -> torch.Tensor:
     """Gather tokens into the padded expert layout (E, C, D); empty slots are zero."""
     S, D = slot_pair.shape[0], x.shape[1]
     out = torch.empty(num_experts, slots, D, dtype=x.dtype, device=x.device)
-    _dispatch_kernel[lambda meta: (triton.cdiv(S, meta["BLOCK_ROWS"]),)](
-        x, slot_pair, out, x, x, x, S, D, K=top_k, COMBINE_GRAD=False)
+    _launch(_dispatch_kernel, S, tile, x, slot_pair, out, x, x, x, S, D, K=top_k,
+            COMBINE_GRAD=False)
     return out
 
 
 def combine_backward(grad_out: torch.Tensor, expert_out: torch.Tensor, gates: torch.Tensor,
-                     slot_pair: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                     slot_pair: torch.Tensor, tile: Tile = GATE_GRAD_TILE,
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """Backward of `combine` → (grad of expert outputs (E,C,D), grad of gates (T,k) fp32)."""
     S, D = slot_pair.shape[0], grad_out.shape[1]
     top_k = gates.shape[1]
     grad_expert_out = torch.empty_like(expert_out)
     grad_gates = torch.zeros(gates.shape, dtype=torch.float32, device=grad_out.device)  # dropped
-    _dispatch_kernel[lambda meta: (triton.cdiv(S, meta["BLOCK_ROWS"]),)](
-        grad_out, slot_pair, grad_expert_out, gates, expert_out, grad_gates, S, D,
-        K=top_k, COMBINE_GRAD=True)
+    _launch(_dispatch_kernel, S, tile, grad_out, slot_pair, grad_expert_out, gates, expert_out,
+            grad_gates, S, D, K=top_k, COMBINE_GRAD=True)
     return grad_expert_out, grad_gates
 
 
 def combine(expert_out: torch.Tensor, pair_slot: torch.Tensor,
-            weights: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
+            weights: torch.Tensor | None, out_dtype: torch.dtype,
+            tile: Tile | None = None) -> torch.Tensor:
     """Per token, Σ over kept pairs of weight · expert row (T, D); weights None means 1."""
     T, top_k = pair_slot.shape
     D = expert_out.shape[-1]
     out = torch.empty(T, D, dtype=out_dtype, device=expert_out.device)
-    _combine_kernel[lambda meta: (triton.cdiv(T, meta["BLOCK_ROWS"]),)](
-        expert_out, pair_slot, expert_out if weights is None else weights, out, T, D,
-        K=top_k, WEIGHTED=weights is not None)
+    _launch(_combine_kernel, T, tile, expert_out, pair_slot,
+            expert_out if weights is None else weights, out, T, D, K=top_k,
+            WEIGHTED=weights is not None)
     return out
 
 

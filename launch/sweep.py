@@ -1,63 +1,8 @@
-"""S4D on a Ray cluster: one run, a hyperparameter sweep, or every fold of a k-fold dataset.
-
-    python launch/sweep.py --config demo_finetune --mode train ray.num_workers=2 [key=value ...]
-    python launch/sweep.py --config finetune_dfew --mode sweep \
-        sweep.space.optim.base_lr.loguniform=[1e-5,1e-3] sweep.space.model.moae.top_k.choice=[1,2]
-    python launch/sweep.py --config finetune_mafw --mode kfold
-    ray submit launch/sweep.yaml launch/sweep.py -- --config finetune_dfew --mode kfold ray.address=auto
-    ray job submit --address http://127.0.0.1:8265 --working-dir . -- python launch/sweep.py ...
-
-The cluster: `ray.address` from the command line, else RAY_ADDRESS (what `ray job submit` gives
-its drivers), else the preset's `ray.address`, else a local cluster started here with its
-dashboard on `ray.dashboard_host` (127.0.0.1).
-"""
-from __future__ import annotations
-
-import argparse
-import json
-import os
+"""S4D on a Ray cluster: `python launch/sweep.py --config <preset> --mode train|sweep|kfold
+[key=value ...]` (also `s4d-sweep`; the command line is s4d_dist/orchestrate/cli.py)."""
 import sys
 
-from s4d_dist import config
-
-MODES = ("train", "sweep", "kfold")
-
-
-def parse(argv: list[str] | None = None):
-    parser = argparse.ArgumentParser(prog="launch/sweep.py", description=__doc__.split("\n")[0])
-    parser.add_argument("--config", required=True, help="preset name or YAML file")
-    parser.add_argument("--mode", choices=MODES, default="train")
-    parser.add_argument("overrides", nargs="*", help="config overrides, key=value")
-    args = parser.parse_args(argv)
-    address = os.environ.get("RAY_ADDRESS", "")
-    overrides = ([f"ray.address={address}"] if address else []) + args.overrides
-    try:
-        return args.mode, config.load(args.config, overrides)
-    except config.ConfigError as error:
-        parser.error(str(error))
-
-
-def main(argv: list[str] | None = None) -> int:
-    mode, cfg = parse(argv)
-    import ray  # heavy imports after argument errors are reported
-
-    from s4d_dist.orchestrate import cluster, kfold, ray_train, sweep
-    from s4d_dist.shards.layout import BuildError
-    from s4d_dist.train.checkpoint import ResumeError
-
-    run = {"train": ray_train.fit, "sweep": sweep.sweep, "kfold": kfold.kfold}[mode]
-    try:
-        result = run(cfg)
-    except (ValueError, FileNotFoundError, BuildError, ResumeError, cluster.ClusterError) as error:
-        # Bad input found before training (config, search space, shards, run folder, cluster).
-        print(f"launch/sweep.py: error: {error}", file=sys.stderr)
-        return 2
-    finally:
-        ray.shutdown()
-    if mode == "train":
-        print(json.dumps(result, indent=1, default=str))
-    return 0
-
+from s4d_dist.orchestrate.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -3,7 +3,7 @@
 The schema is a set of dataclasses (OmegaConf structured configs), so a typo in a preset or on
 the command line is an error that names the key and suggests the closest valid one, instead of
 a silently ignored setting. Presets are YAML files in `s4d_dist/presets/`; a preset may start
-from another with `inherit: <name>`.
+from another with `inherit: <name>`. Section numbers (§n.m) in this file refer to docs/method.md.
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ PRESET_DIR = Path(__file__).parent / "presets"
 
 @dataclass
 class MoAEConfig:
-    """Mixture of Adapter Experts in the fine-tuning encoder (reference §2.2-2.5)."""
+    """Mixture of Adapter Experts in the fine-tuning encoder (§2.2-2.5)."""
 
     enabled: bool = True
     layers: list[int] = field(default_factory=lambda: [6, 7, 8, 9, 10, 11])
@@ -89,9 +89,13 @@ class DataConfig:
     eval_short_side: int = 0  # test frames' short side before the spatial crops; 0 = model.img_size (official scale)
     dali_device: str = "auto"  # auto | cpu | mixed: DALI decodes on the GPU (nvJPEG / NVDEC) with mixed
     prefetch: int = 2  # batches decoded ahead (DALI queue depth; DataLoader prefetch_factor)
+    skip_truncated: bool = False  # shards shorter than their index: stop (false) or train on the readable samples
     # Pre-training clips: fixed [y0, x0, y1, x1] cut from every frame before augmentation; the
     # official loader uses [0, 32, 160, 192] on VoxCeleb2's 224×224 frames (§1.8). Empty: none.
     video_source_crop: list[int] = field(default_factory=list)
+    # [height, width] of the frames the crop is cut from, required with it: a clip of any other
+    # size stops the run instead of being cut somewhere the crop was not meant for.
+    video_source_frame: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -123,6 +127,8 @@ class OptimConfig:
     base_lr: float = 1.6e-3
     lr_batch_divisor: int = 512
     min_lr: float = 0.0
+    # Set: min_lr is scaled by global batch / this, like base_lr (official fine-tuning: 256).
+    min_lr_batch_divisor: Optional[int] = None
     warmup_epochs: float = 5.0
     warmup_start_lr: float = 1e-6
     epochs: int = 100
@@ -138,6 +144,9 @@ class OptimConfig:
 class CheckpointConfig:
     every_steps: int = 0  # 0: only at the end of each epoch
     keep: int = 2  # newest step checkpoints kept (the best one is kept apart)
+    # Steps between checks for SIGTERM / SIGUSR1 (preemption: checkpoint, then exit 75); each
+    # check all-reduces one int over gloo and waits for no GPU work.
+    signal_check_every: int = 1
 
 
 @dataclass
@@ -149,6 +158,13 @@ class DeepSpeedConfig:
     grad_accum: int = 1
     activation_checkpointing: bool = False
     compile: bool = False
+    # ZeRO buckets, in elements. Gradients are reduced bucket by bucket as backward produces
+    # them, so a bucket must be a fraction of the model to overlap backward (the ViT-B MAE has
+    # ~94M parameters: DeepSpeed's default 5e8 makes one bucket, reduced after backward ends);
+    # buckets also size the staging buffers (5e7 bf16 elements: 100 MB; 5e8: 1 GB).
+    reduce_bucket_size: int = 50_000_000
+    allgather_bucket_size: int = 50_000_000
+    overlap_comm: bool = True  # reduce each bucket on a side stream while backward goes on (ZeRO-2)
 
 
 @dataclass
@@ -156,6 +172,8 @@ class LoggingConfig:
     tensorboard: bool = True
     log_every: int = 10
     image_every: int = 200
+    # The GPU's dense bf16 peak for MFU; null: looked up from the device name (train/flops.py).
+    peak_tflops: Optional[float] = None
 
 
 @dataclass
@@ -199,7 +217,7 @@ class SweepConfig:
 
 @dataclass
 class S4DConfig:
-    """The whole run. `task` picks the loop; `official_quirks` reproduces reference §3 bugs."""
+    """The whole run. `task` picks the loop; `official_quirks` reproduces §3 bugs."""
 
     task: str = "pretrain"  # pretrain | finetune
     run_name: str = "run"
@@ -257,6 +275,16 @@ def _preset_path(name: str) -> Path:
         known = sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
         raise ConfigError(f"unknown preset '{name}'; presets: {', '.join(known)}")
     return path
+
+
+def describe_presets() -> str:
+    """One line per preset, its name and the first line of its leading comment (for --help)."""
+    lines = []
+    for path in sorted(PRESET_DIR.glob("*.yaml")):
+        first = (path.read_text().splitlines() or [""])[0]
+        about = first.lstrip("# ").rstrip(",") if first.startswith("#") else ""
+        lines.append(f"  {path.stem:<18} {about}".rstrip())
+    return "\n".join(lines)
 
 
 def _read_preset(name: str, seen: tuple[str, ...] = ()) -> list[tuple[str, dict]]:
@@ -330,10 +358,18 @@ def validate(cfg: DictConfig) -> None:
     _require(cfg.deepspeed.zero_stage in (0, 1, 2),
              f"deepspeed.zero_stage {cfg.deepspeed.zero_stage} is not supported: use 0, 1 or 2 "
              "(ZeRO-3 partitions parameters, which the MoAE experts' stacked GEMMs do not support)")
+    _require(cfg.deepspeed.reduce_bucket_size > 0 and cfg.deepspeed.allgather_bucket_size > 0,
+             "deepspeed.reduce_bucket_size and deepspeed.allgather_bucket_size must be > 0 "
+             "(elements)")
     _require(cfg.deepspeed.precision in ("bf16", "fp16", "fp32"),
              f"deepspeed.precision must be bf16, fp16 or fp32, got '{cfg.deepspeed.precision}'")
     _require(len(cfg.optim.betas) == 2, "optim.betas must hold two numbers")
+    _require(cfg.optim.min_lr_batch_divisor is None or cfg.optim.min_lr_batch_divisor > 0,
+             f"optim.min_lr_batch_divisor must be > 0 (or null), got {cfg.optim.min_lr_batch_divisor}")
     _require(cfg.resume in ("auto", "never"), f"resume must be auto or never, got '{cfg.resume}'")
+    _require(not cfg.data.video_source_crop or len(cfg.data.video_source_frame) == 2,
+             "data.video_source_crop needs data.video_source_frame, the [height, width] of the "
+             "frames it is cut from (VoxCeleb2: [224, 224])")
     _require(cfg.data.backend in ("auto", "dali", "torch"),
              f"data.backend must be auto, dali or torch, got '{cfg.data.backend}'")
     _require(cfg.data.dali_device in ("auto", "cpu", "mixed"),
@@ -351,7 +387,12 @@ def validate(cfg: DictConfig) -> None:
              "sweep.num_samples and sweep.grace_period must be >= 1, sweep.reduction_factor > 1")
 
 
+def to_yaml(cfg: DictConfig) -> str:
+    """The resolved config as YAML, as runs save it and `--print-config` shows it."""
+    return OmegaConf.to_yaml(cfg, resolve=True)
+
+
 def save(cfg: DictConfig, path: str | Path) -> None:
     """Write the resolved config; every run keeps one beside its outputs."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    Path(path).write_text(to_yaml(cfg))

@@ -1,6 +1,8 @@
 """Pixel normalisation shared by the data pipelines (which apply it) and the MAE loss (which
-undoes it to build reconstruction targets, reference §1.5)."""
+undoes it to build reconstruction targets, docs/method.md §1.5)."""
 from __future__ import annotations
+
+import functools
 
 import torch
 
@@ -8,10 +10,19 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
+@functools.lru_cache(maxsize=None)
+def _constant(values: tuple[float, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """`values` on `device`, made once per process: copying a Python list to a GPU is a
+    synchronous transfer, which the MAE loss would otherwise pay at every step. Made outside
+    any inference mode, so autograd may save it whatever the first caller was in."""
+    with torch.inference_mode(False):
+        return torch.tensor(values, dtype=dtype, device=device)
+
+
 def channel_view(values: tuple[float, ...], like: torch.Tensor) -> torch.Tensor:
     """A (1, C, 1, ...) tensor broadcastable over (B, C, ...) images or clips."""
     shape = (1, len(values)) + (1,) * (like.ndim - 2)
-    return torch.tensor(values, dtype=like.dtype, device=like.device).view(shape)
+    return _constant(values, like.dtype, like.device).view(shape)
 
 
 def unnormalize(pixels: torch.Tensor) -> torch.Tensor:

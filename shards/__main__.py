@@ -5,6 +5,9 @@ reader, as ``--some-option value`` or ``some_option=value`` (see the reader's do
 Re-running the same command after an interruption resumes; re-running it after success
 only checks and prints the summary.
 
+``python -m s4d_dist.shards --help`` lists the datasets; ``... <dataset> --help`` shows that
+dataset's options.
+
 Exit status: 0 built; 1 the dataset or a previous build is not as expected (the message
 names the file and, where there is one, the line); 2 bad command line or dataset option;
 130 interrupted.
@@ -16,6 +19,8 @@ import inspect
 import sys
 from typing import Any, Callable
 
+PROG = "python -m s4d_dist.shards"
+
 
 def make_parser() -> argparse.ArgumentParser:
     # Imported here, not at the top: `--help` and argument errors stay fast and need neither
@@ -25,10 +30,10 @@ def make_parser() -> argparse.ArgumentParser:
                         DEFAULT_VIDEO_CODEC, DEFAULT_VP9_CRF, VIDEO_CODECS)
 
     parser = argparse.ArgumentParser(
-        prog="python -m s4d_dist.shards", description=__doc__.split("\n\n")[1],
+        prog=PROG, description=__doc__.split("\n\n")[1],
         allow_abbrev=False,  # a dataset option must never be taken for an abbreviation of ours
         epilog="Example: python -m s4d_dist.shards dfew --root /data/DFEW --out /shards/dfew")
-    parser.add_argument("dataset", help="a key of s4d_dist.shards.sources.registry.READERS")
+    parser.add_argument("dataset", help="one of the datasets below")
     parser.add_argument("--root", required=True, help="the dataset's root folder")
     parser.add_argument("--out", required=True,
                         help="output folder (dataset.json and one folder per split)")
@@ -51,14 +56,46 @@ def make_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _summary(reader: Callable[..., Any]) -> str:
+    """A reader's one-line description: the first line of its module's docstring."""
+    return (inspect.getmodule(reader).__doc__ or reader.__doc__ or "").strip().splitlines()[0]
+
+
+def _dataset_options(reader: Callable[..., Any]) -> list[inspect.Parameter]:
+    keywords = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return [p for p in inspect.signature(reader).parameters.values()
+            if p.name != "root" and p.kind in keywords]
+
+
+def general_help(readers: dict[str, Callable[..., Any]]) -> str:
+    width = max(map(len, readers))
+    lines = [f"  {name:<{width}}  {_summary(reader)}" for name, reader in sorted(readers.items())]
+    return (make_parser().format_help() + "\ndatasets (their options: " + PROG
+            + " <dataset> --help):\n" + "\n".join(lines) + "\n")
+
+
+def dataset_help(name: str, reader: Callable[..., Any]) -> str:
+    """Usage, the reader's docstring and its options with defaults, read off its signature."""
+    options = _dataset_options(reader)
+    flags = " ".join(f"[--{p.name.replace('_', '-')} VALUE]" for p in options)
+    lines = [f"usage: {PROG} {name} --root ROOT --out OUT [build options] {flags}".rstrip(), "",
+             _summary(reader), "", inspect.getdoc(reader) or "", "",
+             "dataset options (--name value or name=value; build options: "
+             f"{PROG} --help):"]
+    width = max([len(p.name) for p in options], default=0) + 2
+    for p in options:
+        default = "" if p.default is inspect.Parameter.empty else f"default: {p.default!r}"
+        lines.append(f"  --{p.name.replace('_', '-'):<{width}} {default}".rstrip())
+    return "\n".join(lines) + "\n"
+
+
 def reader_options(reader: Callable[..., Any], dataset: str, args: list[str]) -> dict[str, str]:
     """``--name value``, ``--name=value`` or ``name=value`` → ``{"name": "value"}`` (dashes in
     names become underscores), checked against the reader's keywords so that a typo is named
     before anything is read. Values stay strings: the readers coerce them."""
-    parameters = inspect.signature(reader).parameters
-    keywords = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
-    known = [n for n, p in parameters.items() if n != "root" and p.kind in keywords]
-    accepts_any = any(p.kind == p.VAR_KEYWORD for p in parameters.values())
+    known = [p.name for p in _dataset_options(reader)]
+    parameters = inspect.signature(reader).parameters.values()
+    accepts_any = any(p.kind == p.VAR_KEYWORD for p in parameters)
     options: dict[str, str] = {}
     tokens = iter(args)
     for token in tokens:
@@ -84,14 +121,21 @@ def _error(message: str, status: int = 1) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    help_asked = "-h" in argv or "--help" in argv  # answered before parsing: no --root needed
     parser = make_parser()
-    args, extra = parser.parse_known_args(argv)
-    if args.workers is not None and args.workers < 1:
-        parser.error("--workers must be at least 1")
+    if not help_asked:
+        args, extra = parser.parse_known_args(argv)
+        if args.workers is not None and args.workers < 1:
+            parser.error("--workers must be at least 1")
     try:
         from .sources.registry import READERS
     except ImportError as err:
         return _error(f"the dataset readers are not available ({err})")
+    if help_asked:
+        dataset = next((token for token in argv if token in READERS), None)
+        print(dataset_help(dataset, READERS[dataset]) if dataset else general_help(READERS), end="")
+        return 0
     if args.dataset not in READERS:
         parser.error(f"unknown dataset {args.dataset!r}; known: {', '.join(sorted(READERS))}")
     reader = READERS[args.dataset]

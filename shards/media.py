@@ -4,7 +4,8 @@ Images are stored as JPEG (``jpg``). A source that already is an RGB JPEG is sto
 decodes fully (checked), and re-encoding it would only lose quality and time.
 
 Videos (a clip: ``(T, H, W, 3)`` uint8, every frame at face-crop resolution) are stored in
-one of two encodings, both decoded by DALI on the GPU and on the CPU (reference/stack_notes.md):
+one of two encodings, both decoded by DALI on the GPU and on the CPU (docs/design.md, "Stack
+behaviour on CPU"):
 
 ``vp9`` (default, ``.webm``)
     libvpx VP9, constant quality (``crf``, default 30), a keyframe every ``keyframe_interval``

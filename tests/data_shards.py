@@ -58,6 +58,13 @@ def corrupt_copy(src: Path, dst: Path, split: str, samples: dict[int, str]) -> d
     return keys
 
 
+def builder_label(key: str) -> int:
+    """The label the synthetic builder gave a sample, from its key alone (an oracle independent of
+    the shards' label field): keys are "{modality}_{split}_{index:07d}" and labels cycle through
+    the 7 AffectNet classes (s4d_dist.data.synthetic.render_sample)."""
+    return int(key.rsplit("_", 1)[1]) % 7
+
+
 def gather_indices(batches: list[dict]) -> np.ndarray:
     return np.concatenate([b["index"].numpy() for b in batches])
 

@@ -1,4 +1,4 @@
-"""Tiny fake datasets in exactly the real on-disk layouts and label formats (reference §4).
+"""Tiny fake datasets in exactly the real on-disk layouts and label formats (docs/method.md §4).
 
 One function per dataset, `make_<name>(root, ...) -> dict` of expected facts, shared by the
 reader tests, the shard builder's tests and the CLI tests. The files are real (Pillow images,

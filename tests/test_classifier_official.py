@@ -36,7 +36,7 @@ def test_classifier_vit_base_matches_official(vit_base_pair):
     assert tuple(sd["blocks.11.moe_layer.experts.3.fc1.weight"].shape) == (192, 768)
     assert tuple(sd["blocks.11.moe_layer.router.noise_linear.weight"].shape) == (8, 768)
     assert keys[-4:] == ["head.image.weight", "head.image.bias", "head.video.weight", "head.video.bias"]
-    # One trunc-normal(.02) init everywhere, the experts included (§3.5).
+    # One trunc-normal(.02) init everywhere, the experts included (docs/method.md §3.5).
     assert sd["blocks.6.moe_layer.experts.0.fc1.weight"].std().item() == pytest.approx(0.02, rel=0.05)
 
 

@@ -1,6 +1,7 @@
 """Config loading: presets carry the reference values; mistakes fail with the key named."""
 import pytest
 from omegaconf import OmegaConf
+from omegaconf.errors import ReadonlyConfigError
 
 from s4d_dist import config
 from s4d_dist.config import ConfigError, load
@@ -27,7 +28,7 @@ def test_finetune_presets(preset, classes, stride, fold):
     assert list(cfg.model.moae.layers) == [6, 7, 8, 9, 10, 11]
     assert (cfg.model.moae.num_experts, cfg.model.moae.top_k) == (8, 2)
     assert cfg.model.moae.aux_loss_coeff == 1e-3
-    # 1e-5 · (16 clips · 2 GPUs) / 8 = 4e-5 peak, official rule (§2.9).
+    # 1e-5 · (16 clips · 2 GPUs) / 8 = 4e-5 peak, official rule (docs/method.md §2.9).
     assert cfg.optim.base_lr * 16 * 2 / cfg.optim.lr_batch_divisor == pytest.approx(4e-5)
     assert cfg.optim.layer_decay == 0.75 and list(cfg.optim.betas) == [0.9, 0.999]
     assert (cfg.data.video_batch_size, cfg.data.image_batch_size) == (16, 32)
@@ -38,8 +39,9 @@ def test_overrides_apply_and_config_is_frozen():
     cfg = load("demo", ["optim.base_lr=3e-4", "model.moae.layers=[1,3]", "official_quirks=true"])
     assert cfg.optim.base_lr == 3e-4 and list(cfg.model.moae.layers) == [1, 3]
     assert cfg.official_quirks is True
-    with pytest.raises(Exception):
+    with pytest.raises(ReadonlyConfigError, match=r"read-only config(.|\n)*full_key: optim.base_lr"):
         cfg.optim.base_lr = 1.0
+    assert cfg.optim.base_lr == 3e-4
 
 
 @pytest.mark.parametrize("override,message", [
@@ -48,6 +50,7 @@ def test_overrides_apply_and_config_is_frozen():
     ("model.moae.top_k=two", r"invalid value for 'model.moae.top_k'"),
     ("model.moae.top_k=9", r"model.moae.top_k 9 must be in 1..model.moae.num_experts"),
     ("deepspeed.zero_stage=3", r"ZeRO-3"),
+    ("deepspeed.reduce_bucket_size=0", r"deepspeed.reduce_bucket_size .* must be > 0"),
     ("model.num_heads=5", r"model.embed_dim 96 must divide by model.num_heads 5"),
 ])
 def test_bad_overrides_name_the_key(override, message):
@@ -75,3 +78,17 @@ def test_inherit_chain_and_save_round_trip(tmp_path):
     assert cfg.data.fold == 3 and cfg.model.moae.num_experts == 8 and cfg.seed == 7
     config.save(cfg, tmp_path / "run" / "config.yaml")
     assert OmegaConf.load(tmp_path / "run" / "config.yaml") == cfg
+
+
+def test_deepspeed_config_takes_zero_buckets_from_the_config():
+    from s4d_dist.train.ds_config import deepspeed_config
+
+    zero = deepspeed_config(load("pretrain_vit_base"), 16)["zero_optimization"]
+    # The default buckets are a fraction of ViT-B's ~94M parameters, so reduction overlaps backward.
+    assert zero["reduce_bucket_size"] == zero["allgather_bucket_size"] == 50_000_000
+    assert zero["overlap_comm"] is True
+    cfg = load("pretrain_vit_base", ["deepspeed.zero_stage=2", "deepspeed.reduce_bucket_size=20000000",
+                                     "deepspeed.allgather_bucket_size=30000000", "deepspeed.overlap_comm=false"])
+    zero = deepspeed_config(cfg, 8)["zero_optimization"]
+    assert (zero["stage"], zero["reduce_bucket_size"], zero["allgather_bucket_size"],
+            zero["overlap_comm"]) == (2, 20_000_000, 30_000_000, False)

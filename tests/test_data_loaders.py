@@ -56,6 +56,8 @@ def test_finetune_contract_and_labels(paths):
         assert b["label"].dtype == torch.int64 and "mask" not in b
         expected = catalogs[b["modality"]].labels[b["index"].numpy()]
         assert b["label"].tolist() == expected.tolist()
+        keys = [catalogs[b["modality"]].keys[i] for i in b["index"].tolist()]
+        assert b["label"].tolist() == [ds.builder_label(k) for k in keys]  # the builder's own rule
         assert b["pixels"].shape[0] == 4
 
 
@@ -215,3 +217,22 @@ def test_synthetic_cli_builds_like_a_converter(tmp_path):
     catalog = open_catalog(shard_paths(str(out), "test", fold=2))
     assert len(catalog) == 7 and catalog.modality == "video"
     assert catalog.read_meta(0)["frames"] == 4
+
+
+@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("task", ["pretrain", "finetune"])
+def test_every_rank_resumes_mid_epoch(paths, task, world):
+    # Each rank abandons epoch 1 half-way and resumes from its own state: every rank's
+    # remaining batches (indices, labels, masks, pixels) equal its uninterrupted ones.
+    cfg = ds.make_cfg(paths, task)
+    for rank in range(world):
+        full, loader = epoch_batches(cfg, epoch=1, rank=rank, world=world)
+        assert len(full) == loader.steps_per_epoch >= 2
+        half = len(full) // 2
+        state, rest = ds.resume_after(train_loader(cfg, rank, world, backend=BACKEND), epoch=1, consumed=half)
+        assert state == {"epoch": 1, "step": half}
+        assert len(rest) == len(full) - half, rank
+        for a, b in zip(full[half:], rest):
+            assert a["modality"] == b["modality"]
+            for key in ("index", "pixels", "label" if task == "finetune" else "mask"):
+                assert torch.equal(a[key], b[key]), (rank, key)

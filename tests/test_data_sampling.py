@@ -89,7 +89,7 @@ def test_random_resized_crop_fallback_is_central():
 def test_mirrored_and_eval_crops():
     assert boxes.mirrored((1, 2, 3, 4), True) == (1, 4, 3, 2)
     assert boxes.mirrored((1, 2, 3, 4), False) == (1, 2, 3, 4)
-    # Square frame at the official scale: every crop is the whole frame (§3.9).
+    # Square frame at the official scale: every crop is the whole frame (docs/method.md §3.9).
     assert boxes.eval_crop(160, 160, 160, 160, 1, 2) == (0.0, 0.0, 160.0, 160.0)
     # Larger short side: the two crops are the diagonal corners, in source pixels.
     a, b = boxes.eval_crop(100, 100, 200, 160, 0, 2), boxes.eval_crop(100, 100, 200, 160, 1, 2)

@@ -3,9 +3,9 @@
 Without a GPU the kernels run in Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET
 before anything imports them). With a GPU the same tests run the compiled kernels on it.
 
-The interpreter computes bf16 arithmetic wrongly and truncates fp32→bf16 casts (stack notes,
-"Triton on CPU"), so on CPU the numerics are checked in fp32 and bf16 only where the kernels
-move bf16 values without rounding them; the full bf16 comparison runs on a GPU only.
+The interpreter computes bf16 arithmetic wrongly and truncates fp32→bf16 casts (docs/design.md,
+"Stack behaviour on CPU"), so on CPU the numerics are checked in fp32 and bf16 only where the
+kernels move bf16 values without rounding them; the full bf16 comparison runs on a GPU only.
 """
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ T, D, H, E, K = 150, 48, 8, 4, 2
 
 def make_inputs(num_tokens: int = T, num_experts: int = E, top_k: int = K,
                 capacity_factor: float = 1.0, noise: bool = True, starve_last: bool = False,
-                dtype: torch.dtype = torch.float32, seed: int = 0) -> tuple:
+                dtype: torch.dtype = torch.float32, seed: int = 0, dim: int = D) -> tuple:
     """Backend arguments as MoAE.forward passes them (capacity as it computes it)."""
     g = torch.Generator().manual_seed(seed)
 
@@ -45,10 +45,10 @@ def make_inputs(num_tokens: int = T, num_experts: int = E, top_k: int = K,
         logits[:, -1] -= 100.0
     noise_std = torch.nn.functional.softplus(randn(num_tokens, num_experts))
     capacity = int(num_tokens * top_k / num_experts * capacity_factor)
-    return (randn(num_tokens, D), logits, noise_std,
+    return (randn(num_tokens, dim), logits, noise_std,
             randn(num_tokens, num_experts) if noise else None,
-            randn(num_experts, H, D, scale=0.3), randn(num_experts, H, scale=0.1),
-            randn(num_experts, D, H, scale=0.3), randn(num_experts, D, scale=0.1),
+            randn(num_experts, H, dim, scale=0.3), randn(num_experts, H, scale=0.1),
+            randn(num_experts, dim, H, scale=0.3), randn(num_experts, dim, scale=0.1),
             top_k, capacity)
 
 
@@ -155,6 +155,45 @@ def test_bitwise_reproducible():
         assert torch.equal(first_grads[name], second_grads[name]), name
 
 
+ALL_TILES = sorted({*moae_routing.GPU_GATHER_TILES, moae_routing.INTERPRETER_GATHER_TILE,
+                    moae_routing.GATE_GRAD_TILE})
+
+
+def gather_results(args: tuple, tile) -> dict[str, torch.Tensor]:
+    """Every gather kernel's outputs on one (BLOCK_ROWS, BLOCK_D, num_warps) tile."""
+    x, logits, noise_std, noise, w1, b1, w2, b2, top_k, capacity = args
+    num_experts = w1.shape[0]
+    _, topk_idx, gates, block_counts = moae_routing.route(logits, noise_std, noise, top_k)
+    slots = min(capacity, x.shape[0])
+    pair_slot, slot_pair, _ = moae_routing.queue(topk_idx, block_counts, capacity, slots)
+    layout = moae_routing.dispatch(x, slot_pair, top_k, num_experts, slots, tile=tile)
+    g = torch.Generator().manual_seed(3)
+    grad_out = torch.randn(x.shape, generator=g).to(x.device)
+    grad_expert, grad_gates = moae_routing.combine_backward(grad_out, layout, gates, slot_pair,
+                                                            tile=tile)
+    return {"dispatch": layout,
+            "combine": moae_routing.combine(layout, pair_slot, gates, x.dtype, tile=tile),
+            "dispatch_backward": moae_routing.combine(layout, pair_slot, None, x.dtype,
+                                                      tile=tile),
+            "combine_backward": grad_expert, "gate_grad": grad_gates}
+
+
+def test_every_autotune_tile_gives_the_same_result():
+    """The autotuner may pick any GPU tile, in any process: the gathers must not depend on it.
+    Copies and the fixed-order k-sum are bitwise equal on every tile; the gate gradient's sum
+    over D is reordered by BLOCK_D, so it is only close across tiles, and production runs it
+    on GATE_GRAD_TILE alone (bitwise equal to itself, checked by test_bitwise_reproducible).
+    D = 300 spans 2-19 column blocks of the tiles, the last one partial."""
+    args = make_inputs(num_tokens=200, capacity_factor=0.75, dim=300)
+    reference = gather_results(args, moae_routing.GATE_GRAD_TILE)
+    for tile in ALL_TILES:
+        got = gather_results(args, tile)
+        for name in ("dispatch", "combine", "dispatch_backward", "combine_backward"):
+            assert torch.equal(got[name], reference[name]), (tile, name)
+        torch.testing.assert_close(got["gate_grad"], reference["gate_grad"], rtol=1e-5,
+                                   atol=1e-5)
+
+
 def test_bf16_tokens_move_through_dispatch_and_combine_unrounded():
     """bf16 loads and stores (what the interpreter gets right): dispatch copies bf16 rows into
     their slots bit for bit, and combining them back with unit weights restores the tokens."""
@@ -209,13 +248,16 @@ def test_moae_under_autocast_matches_loop():
 def test_bf16_matches_loop_reference_on_gpu():
     """bf16 end to end. Ties between bf16 logits are common and torch.topk breaks them its own
     way, so here the logits are distinct by construction and the noise scale is zero: the noisy
-    logits equal the logits, and the noise still enters noise_std's gradient."""
+    logits equal the logits, and the noise still enters noise_std's gradient. The output is held
+    to 5e-2, as the gradients: `loop` rounds each expert's gated output to bf16 before summing
+    them, the kernels sum in fp32 and round once; on an H200 one element in 7,200 differed by
+    0.035 (5% relative), benchmarks/results/gpu_nvidia_h200.json."""
     args = list(make_inputs(capacity_factor=0.5, dtype=torch.bfloat16))
     order = torch.rand(T, E).argsort(dim=1)  # each token ranks the experts at random
     logits = order * 0.25 + torch.randint(0, 16, (T, 1)) / 64  # exact in bf16
     args[1] = logits.to(DEVICE, torch.bfloat16)
     args[2] = torch.zeros_like(args[2])
-    assert_matches_loop(tuple(args), out_tol=2e-2, grad_tol=5e-2, gate_tol=1e-2)
+    assert_matches_loop(tuple(args), out_tol=5e-2, grad_tol=5e-2, gate_tol=1e-2)
 
 
 # Compiles recorded launches {name, signature, constexprs, options} (JSON on stdin) for sm_90,

@@ -208,7 +208,7 @@ def test_quirk_mode_keeps_router_noise_at_eval():
 
 
 def numpy_aux_loss(m: MoAE, h: torch.Tensor, noise: torch.Tensor, use_softmax: bool) -> float:
-    """Reference §2.5 in NumPy, from the raw weights."""
+    """docs/method.md §2.5 in NumPy, from the raw weights."""
     def np64(t: torch.Tensor) -> np.ndarray:
         return t.detach().double().numpy()
 

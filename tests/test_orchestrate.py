@@ -156,7 +156,7 @@ def test_trials_are_refused_on_a_cluster_without_the_state_api():
     starts a 1-CPU cluster without dashboard)."""
     probe = ("import ray\n"
              "from s4d_dist.orchestrate import cluster\n"
-             "ray.init(num_cpus=1, include_dashboard=False)\n"
+             "ray.init(address='local', num_cpus=1, include_dashboard=False)\n"
              "try:\n"
              "    cluster.require_state_api()\n"
              "except cluster.ClusterError as error:\n"

@@ -105,6 +105,16 @@ def test_mae_rejects_ragged_masks():
         model(torch.randn(2, 3, 4, 32, 32), mask)
     with pytest.raises(ValueError, match="does not match"):
         model(torch.randn(2, 3, 4, 32, 32), mask[:, :4])
+    # With the visible count given (no host read), the rows are checked by a device-side assert,
+    # which on the CPU raises at once.
+    with pytest.raises(RuntimeError, match="num_visible=4"):
+        model(torch.randn(2, 3, 4, 32, 32), mask, num_visible=4)
+
+
+def test_mae_given_visible_count_matches_the_one_read_from_the_mask():
+    model = PretrainMAE(**TINY)
+    pixels, mask = torch.randn(2, 3, 4, 32, 32), random_masks(2, 8, 0.75)
+    torch.testing.assert_close(model(pixels, mask, num_visible=2), model(pixels, mask), rtol=0, atol=0)
 
 
 def numpy_targets(pixels: np.ndarray, tubelet: int, patch: int) -> np.ndarray:
@@ -148,3 +158,16 @@ def test_mask_counts_exact_and_random():
     assert (image.sum(1) == 90).all() and (video.sum(1) == 760).all()
     assert image.float().mean(0).min() > 0.6  # every position gets masked sometimes
     assert not torch.equal(video[0], video[1])
+
+
+def test_normalisation_constants_made_once_serve_autograd():
+    # The per-device constants are cached (a GPU copy each step would be a host sync); the first
+    # caller may be in inference mode, later ones still need them saved for backward.
+    from s4d_dist.pixels import _constant, unnormalize
+
+    _constant.cache_clear()
+    with torch.inference_mode():
+        unnormalize(torch.zeros(1, 3, 2, 2))
+    x = torch.randn(1, 3, 2, 2, requires_grad=True)
+    unnormalize(x).sum().backward()
+    torch.testing.assert_close(x.grad, torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1).expand(1, 3, 2, 2))

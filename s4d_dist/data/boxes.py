@@ -106,9 +106,9 @@ def eval_crop(height: int, width: int, short: int, crop: int, index: int, crops:
     test mode), mapped back to source pixels.
 
     On a non-square frame this is the official sliding crop along the long side. The official
-    code squashes frames to 160×160 first, so its crops are all the same frame (§3.9); here the
-    aspect ratio is kept, and with short > crop the views differ even on square frames
-    (corners along the diagonal). One crop is the centre crop.
+    code squashes frames to 160×160 first, so its crops are all the same frame
+    (docs/method.md §3.9); here the aspect ratio is kept, and with short > crop the views differ
+    even on square frames (corners along the diagonal). One crop is the centre crop.
     """
     h, w = (short, int(round(width * short / height))) if height <= width else \
         (int(round(height * short / width)), short)

@@ -9,6 +9,10 @@ process, so a catalog pickles cheaply into DataLoader workers.
 
 Where the shards are: `shard_paths` resolves a split folder, a dataset root plus split, or a
 k-fold dataset's fold (the union of its parts) through `s4d_dist.shards.layout`.
+
+A tar shorter than its index says (a copy cut short) is found when the catalog opens, from the
+file sizes alone: it stops the run before step 0 naming each shard and how many of its samples
+are lost, or with `skip_truncated` those samples are left out and counted (`Catalog.truncated`).
 """
 from __future__ import annotations
 
@@ -22,6 +26,10 @@ from typing import Any, Optional
 import numpy as np
 
 from s4d_dist.shards import layout
+
+
+class TruncatedShardError(ValueError):
+    """Shards whose tar ends before samples that their index lists."""
 
 
 @dataclass(frozen=True)
@@ -95,6 +103,7 @@ class Catalog:
     class_names: list[str]
     keys: list[str]
     members: _Members
+    truncated: dict[str, int] = field(default_factory=dict)  # tar → samples left out (beyond its end)
     _files: dict[int, int] = field(default_factory=dict, repr=False)
     _labels: Optional[np.ndarray] = field(default=None, repr=False)
 
@@ -162,15 +171,23 @@ class Catalog:
         members = _Members(m.shard[samples], m.media[samples], m.meta[samples],
                            None if m.label is None else m.label[samples])
         out = Catalog(self.tars, self.dataset, self.modality, self.media_ext, self.class_names,
-                      [self.keys[i] for i in samples], members)
+                      [self.keys[i] for i in samples], members, self.truncated)
         if self._labels is not None:
             out._labels = self._labels[samples]
         return out
 
 
-def open_catalog(tars: list[str]) -> Catalog:
+def _within_tar(tar: str, spans: np.ndarray) -> np.ndarray:
+    """(n,) bool: the samples whose every member ends within the tar as it is on disk."""
+    ends = (spans[:, :, 0] + spans[:, :, 1]).max(axis=1)
+    return ends <= os.path.getsize(tar)
+
+
+def open_catalog(tars: list[str], skip_truncated: bool = False) -> Catalog:
     """Parse the index of every tar; all folders involved must agree on modality, media
-    extension and class names (a fold's parts always do; anything else is a config error)."""
+    extension and class names (a fold's parts always do; anything else is a config error).
+    A truncated tar raises TruncatedShardError, or with `skip_truncated` its samples beyond the
+    end are left out."""
     if not tars:
         raise ValueError("no shards given")
     manifests: dict[Path, dict] = {}
@@ -188,15 +205,26 @@ def open_catalog(tars: list[str]) -> Catalog:
     media_ext = first["media"]["ext"]
     keys: list[str] = []
     shard_ids, spans = [], []
+    truncated: dict[str, int] = {}
     for shard, tar in enumerate(tars):
         shard_keys, shard_spans = _parse_index(layout.index_path(tar), exts)
+        readable = _within_tar(tar, shard_spans)
+        if not readable.all():
+            truncated[tar] = int((~readable).sum())
+            if skip_truncated:
+                shard_keys = [k for k, ok in zip(shard_keys, readable) if ok]
+                shard_spans = shard_spans[readable]
         keys += shard_keys
         shard_ids.append(np.full(len(shard_keys), shard, np.int32))
         spans.append(shard_spans)
+    if truncated and not skip_truncated:
+        lost = ", ".join(f"{tar} ({n} samples)" for tar, n in truncated.items())
+        raise TruncatedShardError(f"truncated shards, samples beyond the end of the tar: {lost}; recopy "
+                                  f"or rebuild them, or set data.skip_truncated=true to train on the rest")
     span = np.concatenate(spans) if spans else np.zeros((0, len(exts), 2), np.int64)
     members = _Members(np.concatenate(shard_ids), span[:, exts.index(media_ext)], span[:, exts.index("json")],
                        span[:, exts.index("label")] if "label" in exts else None)
     if not keys:
         raise ValueError(f"shards {tars[0]} ... hold no samples")
     return Catalog(list(tars), first["dataset"], first["modality"], media_ext, list(first["class_names"]),
-                   keys, members)
+                   keys, members, truncated)

@@ -7,17 +7,18 @@ must satisfy here —
 - the official epoch order is a global permutation seeded by the epoch (DistributedSampler),
   identical on all ranks and sliced per rank; the reader shuffles within a buffer, and its
   shards are contiguous sample ranges;
-- class-balanced fine-tuning draws with replacement (§2.7), which no reader does;
+- class-balanced fine-tuning draws with replacement (docs/method.md §2.7), which no reader does;
 - resuming mid-epoch at the next unseen batch, and consuming only the first `rate` of a loader
   per epoch (§1.6), need batches addressable by position;
 - one undecodable sample fails a DALI pipeline for good (the pipeline object is invalid after
   the error), and the reader offers no way to skip it.
 So Python reads each sample's members by offset (catalog.py, one pread each), checks them,
-draws the random parameters (recipes.py) and hands DALI the encoded bytes plus per-sample
-parameter tensors through one `fn.external_source`; all the pixel work — decoding, resizing,
-RandAugment, normalisation, erasing — stays in DALI. Images are decoded with
-`fn.decoders.image_slice`, only the region their crop reads (ROI decoding), clips with
-`fn.decoders.video(frames=...)`, only the frames their window uses.
+draws the random parameters (recipes.py) — on a thread a few batches ahead (prefetch.py) — and
+hands DALI the encoded bytes plus per-sample parameter tensors through one
+`fn.external_source`; all the pixel work — decoding, resizing, RandAugment, normalisation,
+erasing — stays in DALI. Images are decoded with `fn.decoders.image_slice`, only the region
+their crop reads (ROI decoding), clips with `fn.decoders.video(frames=...)`, only the frames
+their window uses.
 
 Corrupt samples (corrupt.py): the structural check rejects truncated media before DALI sees
 them; if a batch still fails inside DALI, the batches in flight are decoded in Python to find
@@ -33,9 +34,10 @@ identically for both backends.
 """
 from __future__ import annotations
 
+import logging
 import math
 from collections import deque
-from typing import Any, Iterable, Iterator, Union
+from typing import Any, Callable, Iterable, Iterator, Union
 
 import numpy as np
 import torch
@@ -44,16 +46,21 @@ from nvidia.dali.auto_aug.core import select
 from nvidia.dali.tensors import TensorListGPU
 
 from s4d_dist.pixels import IMAGENET_MEAN, IMAGENET_STD
+from s4d_dist.train import distributed
 
 from . import randaug
 from .catalog import RawSample
 from .corrupt import CorruptEvent, MediaCheck
 from .decode import CorruptSample, decode_frames, decode_image
+from .prefetch import Prefetcher
 from .recipes import Recipe, SampleParams
 from .sources import EvalSource, Request, TrainSource, spec_fields
 from .specs import BatchSpec
 
 Source = Union[TrainSource, EvalSource]
+log = logging.getLogger(__name__)
+# How DALI words NVDEC's refusal of a frame size below the decoder's minimum.
+NVDEC_TOO_SMALL = "Video is too small"
 _INTERP = {"linear": types.INTERP_LINEAR, "cubic": types.INTERP_CUBIC}
 
 
@@ -228,23 +235,31 @@ def define_graph(recipe: Recipe, feeder, decode_device: str) -> list:
 
 
 class _Feeder:
-    """DALI's external source: builds the next requested batch and remembers it until its
-    output comes back (DALI returns batches in the order it asked for them)."""
+    """DALI's external source. The batches are built by a Prefetcher thread ahead of DALI's
+    asking (prefetch.py), so that Python work overlaps the training step; each batch handed
+    over is remembered until its output comes back (DALI returns batches in the order it asked
+    for them)."""
 
-    def __init__(self, runner: DaliRunner) -> None:
-        self.runner = runner
-        self.pending: deque[Request] = deque()
+    def __init__(self, build: Callable[[Request], tuple[BatchSpec, list[list[np.ndarray]]]],
+                 depth: int) -> None:
+        self.ahead: Prefetcher[tuple[BatchSpec, list[list[np.ndarray]]]] = Prefetcher(build, depth)
         self.inflight: deque[tuple[Request, BatchSpec]] = deque()
 
     def __call__(self) -> list[list[np.ndarray]]:
-        if not self.pending:
-            raise StopIteration
-        request = self.pending.popleft()
-        runner = self.runner
-        spec = runner.source.build(request, runner.load_checked, runner.known_bad)
+        request, (spec, columns) = self.ahead.next()
         self.inflight.append((request, spec))
-        columns = list(zip(*(sample_inputs(runner.recipe, s.payload, s.params) for s in spec.slots)))
-        return [list(column) for column in columns]
+        return columns
+
+
+def dali_device_id() -> int:
+    """The GPU DALI decodes on: the current device, which must be this rank's. Every rank's
+    pipeline would land on GPU 0 if the loader were built before the device is set
+    (distributed.init sets it)."""
+    current, expected = torch.cuda.current_device(), distributed.device().index
+    if current != expected:
+        raise RuntimeError(f"DALI would decode on GPU {current}, but this rank's device is cuda:{expected} "
+                           "(LOCAL_RANK): call s4d_dist.train.distributed.init() before building loaders")
+    return current
 
 
 class DaliRunner:
@@ -257,14 +272,14 @@ class DaliRunner:
         self.threads, self.prefetch, self.seed = max(threads, 1), max(prefetch, 1), seed
         self.known_bad: set[int] = set()
         self.check = MediaCheck(self.recipe.modality)
-        self.feeder = _Feeder(self)
+        self.feeder = _Feeder(self._prepare, self.prefetch)
         self.pipe = self._build()
 
     def _build(self):
         gpu = self.decode_device == "mixed"
 
         @pipeline_def(batch_size=self.source.batch_size, num_threads=self.threads,
-                      device_id=torch.cuda.current_device() if gpu else None, prefetch_queue_depth=self.prefetch,
+                      device_id=dali_device_id() if gpu else None, prefetch_queue_depth=self.prefetch,
                       seed=self.seed, enable_conditionals=self.recipe.kind == "finetune")
         def pipeline():
             return tuple(define_graph(self.recipe, self.feeder, self.decode_device))
@@ -272,6 +287,12 @@ class DaliRunner:
         pipe = pipeline()
         pipe.build()
         return pipe
+
+    def _prepare(self, request: Request) -> tuple[BatchSpec, list[list[np.ndarray]]]:
+        """A request's batch and DALI's input columns for it (on the prefetch thread)."""
+        spec = self.source.build(request, self.load_checked, self.known_bad)
+        columns = zip(*(sample_inputs(self.recipe, s.payload, s.params) for s in spec.slots))
+        return spec, [list(column) for column in columns]
 
     def load_checked(self, raw: RawSample, params: SampleParams) -> tuple[np.ndarray, tuple[int, int]]:
         """Structural check (corrupt.py), then the bytes as DALI's input, with the frame size."""
@@ -294,24 +315,40 @@ class DaliRunner:
                     events.append(CorruptEvent(slot.index, catalog.where(slot.index), str(err)))
         return events
 
+    def _nvdec_cannot_decode(self, error: Exception) -> bool:
+        """Whether `error` is NVDEC refusing a clip below its minimum frame size (128×128 for VP9
+        on Hopper; the demo's clips are 64 px). The CPU decoder takes any size, so the loader
+        switches to it, once and said, rather than stop or call valid clips corrupt."""
+        if self.decode_device != "mixed" or NVDEC_TOO_SMALL not in str(error):
+            return False
+        log.warning("clips smaller than the GPU video decoder's minimum (%s); decoding this "
+                    "loader's clips on the CPU", str(error).split(NVDEC_TOO_SMALL)[1].split("\n")[0].strip(" :."))
+        self.decode_device = "cpu"
+        return True
+
     def _recover(self, error: Exception) -> list[CorruptEvent]:
-        """Culprits found, pipeline rebuilt, the batches in flight queued again. Returns the
-        culprits and the events already met while building the discarded batches (the rebuilt
-        ones skip those samples silently)."""
-        events = self._find_culprits()
-        if not events:
+        """Culprits found (or the decoder changed, see _nvdec_cannot_decode), pipeline rebuilt,
+        the batches not yet yielded queued again. Returns the culprits and the events already
+        met while building the discarded batches (the rebuilt ones skip those samples
+        silently)."""
+        feeder = self.feeder
+        untaken, built = feeder.ahead.stop()  # the builder also reads the catalog and known_bad
+        switched = self._nvdec_cannot_decode(error)
+        events = [] if switched else self._find_culprits()
+        if not events and not switched:
             raise error
-        events += [event for _, spec in self.feeder.inflight for event in spec.corrupt]
-        requests = [request for request, _ in self.feeder.inflight]
-        self.feeder.inflight.clear()
-        self.feeder.pending.extendleft(reversed(requests))
+        discarded = [spec for _, spec in feeder.inflight] + [spec for spec, _ in built]
+        events += [event for spec in discarded for event in spec.corrupt]
+        requests = [request for request, _ in feeder.inflight] + untaken
+        feeder.inflight.clear()
         del self.pipe
         self.pipe = self._build()
+        feeder.ahead.start(requests)
         return events
 
     def run(self, requests: Iterable[Request]) -> Iterator[dict[str, Any]]:
         feeder = self.feeder
-        feeder.pending.extend(requests)
+        feeder.ahead.start(requests)
         found: list[CorruptEvent] = []
         finished = False
         try:
@@ -332,7 +369,7 @@ class DaliRunner:
                 found = []
                 yield {"pixels": pixels, **fields}
         finally:
-            feeder.pending.clear()
+            feeder.ahead.stop()
             if finished:
                 self.pipe.reset()
             else:  # abandoned mid-way: drop what DALI already prefetched

@@ -11,7 +11,8 @@ import numpy as np
 
 def pretrain_indices(n_frames: int, num_frames: int, stride: int,
                      rng: np.random.Generator) -> np.ndarray:
-    """Pre-training window (§1.8, path_dataset.py): `num_frames` frames `stride` apart.
+    """Pre-training window (docs/method.md §1.8; official path_dataset.py): `num_frames` frames
+    `stride` apart.
 
     A clip of at least one window (num_frames · stride frames) starts uniformly in
     {0 .. n − window}; a shorter clip starts at 0 and repeats its last frame on the stride grid
@@ -29,7 +30,8 @@ def pretrain_indices(n_frames: int, num_frames: int, stride: int,
 
 def finetune_indices(n_frames: int, num_frames: int, stride: int,
                      rng: np.random.Generator) -> np.ndarray:
-    """Fine-tuning training window (§2.10, kinetics.py `loadvideo_decord`, one segment).
+    """Fine-tuning training window (docs/method.md §2.10; official kinetics.py `loadvideo_decord`,
+    one segment).
 
     With W = num_frames · stride: a clip longer than W takes `num_frames` points of
     linspace(end − W, end) for end uniform in {W .. n − 1} (spacing W/(num_frames−1), so about
@@ -48,7 +50,8 @@ def finetune_indices(n_frames: int, num_frames: int, stride: int,
 
 
 def eval_view_indices(n_frames: int, num_frames: int, stride: int, views: int) -> np.ndarray:
-    """Test-time temporal views (§2.11, kinetics.py test mode): (views, num_frames) indices.
+    """Test-time temporal views (docs/method.md §2.11; official kinetics.py test mode):
+    (views, num_frames) indices.
 
     Every `stride`-th frame of the clip (padded with its last to at least `num_frames`), then
     view v takes `num_frames` consecutive ones from int(v · (K − num_frames) / (views − 1)):

@@ -10,11 +10,11 @@
     test = eval_loader(cfg, "test", "video", rank, world_size)
     for batch in test.batches(): ...                     # rows: (index, view), valid
 
-Batches (DESIGN.md contract), tensors on the CPU for the torch backend, on the GPU for DALI
-"mixed":
+Batches (the contract in docs/design.md), tensors on the CPU for the torch backend, on the GPU
+for DALI "mixed":
   pre-training  {"modality", "pixels" (B, 3, [T,] S, S) float, "mask" (B, N) bool, "index" (B,)}
                 (videos: B = video_batch_size clips = video_batch_size / video_repeats videos,
-                each video repeated with independent crops and masks, §1.6)
+                each video repeated with independent crops and masks, docs/method.md §1.6)
   fine-tuning   {"modality", "pixels", "label" (B,) int64, "index"}
   evaluation    {"modality", "pixels", "label", "index", "view", "valid" (B,) bool, "key" list}
 "index" is the sample's position in its loader's catalog; in evaluation (index, view) names a
@@ -60,6 +60,16 @@ def dali_decode_device(cfg: DictConfig) -> str:
     return "mixed" if torch.cuda.is_available() else "cpu"
 
 
+def pinned(tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor` in pinned memory when it is on the CPU and a GPU will read it, so that copying it
+    `.to(device, non_blocking=True)` is asynchronous: from pageable memory the host waits for
+    the copy. The torch backend's DataLoader pins its batches already (`pin_memory`); DALI's
+    outputs and the masks drawn here are not."""
+    if torch.cuda.is_available() and not tensor.is_cuda and not tensor.is_pinned():
+        return tensor.pin_memory()
+    return tensor
+
+
 def make_runner(cfg: DictConfig, source: Source, backend: str, seed: int):
     """The object that turns the source's requests into pixel batches."""
     if backend == "dali":
@@ -91,14 +101,18 @@ def _location(cfg: DictConfig, modality: str) -> str:
 
 
 def _carves_validation(cfg: DictConfig, modality: str) -> bool:
-    return cfg.task == "finetune" and modality == "video" and not cfg.data.val_shards and cfg.data.val_fraction > 0
+    """Whether fine-tuning holds clips out of train to pick its best epoch on. Not under
+    official_quirks: the official trains on the whole split and picks the best epoch on test."""
+    return (cfg.task == "finetune" and modality == "video" and not cfg.data.val_shards
+            and cfg.data.val_fraction > 0 and not cfg.official_quirks)
 
 
 def train_catalog(cfg: DictConfig, modality: str) -> Catalog:
     """The training samples of a modality (a fold's train parts with data.fold; without the
     held-out validation clips when fine-tuning carves them)."""
     fold = cfg.data.fold if modality == "video" else None
-    catalog = open_catalog(shard_paths(_location(cfg, modality), "train", fold))
+    catalog = open_catalog(shard_paths(_location(cfg, modality), "train", fold),
+                           skip_truncated=cfg.data.skip_truncated)
     if _carves_validation(cfg, modality):
         catalog = catalog.subset(np.flatnonzero(~held_out(catalog, cfg.data.val_fraction, cfg.seed)))
     return catalog
@@ -110,15 +124,16 @@ def eval_catalog(cfg: DictConfig, split: str, modality: str) -> Catalog:
     the fine-tuning train set."""
     explicit = {"val": cfg.data.val_shards, "test": cfg.data.test_shards}.get(split, "")
     if explicit and modality == "video":
-        return open_catalog(shard_paths(explicit, split))
+        return open_catalog(shard_paths(explicit, split), skip_truncated=cfg.data.skip_truncated)
     if split == "val" and _carves_validation(cfg, modality):
-        full = open_catalog(shard_paths(_location(cfg, modality), "train", cfg.data.fold))
+        full = open_catalog(shard_paths(_location(cfg, modality), "train", cfg.data.fold),
+                            skip_truncated=cfg.data.skip_truncated)
         return full.subset(np.flatnonzero(held_out(full, cfg.data.val_fraction, cfg.seed)))
     location = _location(cfg, modality)
     fold = cfg.data.fold if modality == "video" else None
     if fold is None and (Path(location) / layout.MANIFEST_JSON).is_file():
         location = str(Path(location).parent)  # a split folder: its sibling split
-    return open_catalog(shard_paths(location, split, fold))
+    return open_catalog(shard_paths(location, split, fold), skip_truncated=cfg.data.skip_truncated)
 
 
 class _Stream:
@@ -218,18 +233,19 @@ class EpochIterator:
 
     def _finish(self, stream: _Stream, batch: dict[str, Any]) -> dict[str, Any]:
         cfg = self.loader.cfg
-        pixels = batch["pixels"]
+        pixels = pinned(batch["pixels"])
         copies = pixels.shape[1]
         out = {"modality": stream.modality, "pixels": pixels.flatten(0, 1),
                "index": batch["index"].repeat_interleave(copies)}
         if cfg.task == "finetune":
-            out["label"] = batch["label"]
+            out["label"] = pinned(batch["label"])
             return out
         m = cfg.model
         tokens = (m.img_size // m.patch) ** 2 * (m.num_frames // m.tubelet if stream.modality == "video" else 1)
         ratio = cfg.mask.video_ratio if stream.modality == "video" else cfg.mask.image_ratio
         generator = batch_generator((11, cfg.seed, self.epoch, self.step, self.loader.rank))
-        out["mask"] = random_masks(len(out["pixels"]), tokens, ratio, generator).to(pixels.device)
+        mask = random_masks(len(out["pixels"]), tokens, ratio, generator)  # on the CPU: same on any machine
+        out["mask"] = pinned(mask).to(pixels.device, non_blocking=True)
         return out
 
 
@@ -264,7 +280,7 @@ class EvalLoader:
         for batch in self.runner.run(self.source.requests(start)):
             for event in batch.pop("corrupt"):
                 self.corrupt.record(event)
-            batch["pixels"] = batch["pixels"][:, 0]
+            batch["pixels"] = pinned(batch["pixels"][:, 0])
             yield {"modality": self.modality, **batch}
 
     def close(self) -> None:

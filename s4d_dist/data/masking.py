@@ -1,6 +1,6 @@
-"""MAE masks (§1.4): an exact number of masked tokens per sample, uniformly random over all
-tokens — space-time for clips (not tube masking), so every row has the same visible count, which
-the encoder's gather of visible tokens relies on."""
+"""MAE masks (docs/method.md §1.4): an exact number of masked tokens per sample, uniformly random
+over all tokens — space-time for clips (not tube masking), so every row has the same visible
+count, which the encoder's gather of visible tokens relies on."""
 from __future__ import annotations
 
 import torch

@@ -1,4 +1,4 @@
-"""Which modality each optimizer step uses (§1.6 pre-training, §2.7 fine-tuning).
+"""Which modality each optimizer step uses (docs/method.md §1.6 pre-training, §2.7 fine-tuning).
 
 Both phases use the official ConcatIterator "use_one" strategy (concat_dataset.py): source i
 contributes int(L_i · rate_i) steps, where L_i is the number of batches its loader gives one

@@ -33,9 +33,10 @@ def shuffled_order(num_samples: int, seed: int, epoch: int, cycle: int = 0) -> n
 
 
 def balanced_order(labels: np.ndarray, seed: int, epoch: int, cycle: int = 0) -> np.ndarray:
-    """len(labels) draws with replacement, weight 1 / (size of the sample's class) (§2.7
-    ImbalancedDatasetSampler), from a generator shared by all ranks (the official one drew
-    per rank from unseeded RNGs, §3.14): each rank then takes its disjoint slice."""
+    """len(labels) draws with replacement, weight 1 / (size of the sample's class)
+    (docs/method.md §2.7 ImbalancedDatasetSampler), from a generator shared by all ranks (the
+    official one drew per rank from unseeded RNGs, docs/method.md §3.14): each rank then takes
+    its disjoint slice."""
     counts = np.bincount(labels)
     weights = torch.from_numpy(1.0 / counts[labels])
     draws = torch.multinomial(weights, len(labels), replacement=True, generator=_generator(seed, epoch, cycle))
@@ -51,7 +52,8 @@ def rank_slice(order: np.ndarray, rank: int, world: int) -> np.ndarray:
 
 
 def train_batches_per_rank(num_samples: int, world: int, batch: int) -> int:
-    """Batches one rank gets per pass: ⌊⌈N / world⌉ / batch⌋ (drop_last, §2.7)."""
+    """Batches one rank gets per pass: ⌊⌈N / world⌉ / batch⌋ (drop_last; docs/method.md
+    §2.7)."""
     return (-(-num_samples // world)) // batch
 
 

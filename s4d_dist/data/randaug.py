@@ -1,5 +1,7 @@
 """timm RandAugment ("rand-m7-n4-mstd0.5-inc1", §2.10) as data: which ops, how strong, which sign.
 
+§ numbers refer to docs/method.md.
+
 The official fine-tuning uses timm's RandAugment with the *increasing* op suite: N ops drawn
 with replacement from 15, each applied with probability 0.5 at a magnitude drawn from
 N(M, mstd) clipped to [0, 10], some with a random sign. Here those draws are made in numpy —

@@ -7,8 +7,8 @@ apply the same chain with those parameters, so for a given seed both backends cr
 augment the same samples the same way; they differ only in resampling arithmetic, the
 RandAugment pixel kernels and the erasing noise.
 
-The chains (§1.8, §2.10, §2.11; "≡" marks where one resampling replaces two official steps,
-which is the same sampling grid without the intermediate rounding):
+The chains (docs/method.md §1.8, §2.10, §2.11; "≡" marks where one resampling replaces two
+official steps, which is the same sampling grid without the intermediate rounding):
 
 pretrain image   decode → RandomResizedCrop(S, scale .2–1, bicubic) + hflip ≡ one ROI resize
                  → normalize
@@ -79,6 +79,7 @@ class Recipe:
     spatial_crops: int = 1
     squash: bool = False
     source_crop: Optional[tuple[int, int, int, int]] = None  # pre-training clips: fixed (y0, x0, y1, x1) first
+    source_frame: Optional[tuple[int, int]] = None  # the (height, width) source_crop is meant for
     # RandomResizedCrop area ranges. Official: (0.2, 1) for pre-training images (CFG
     # RandomResizedCrop(scale=[0.2, 1.0], interpolation=3)); torchvision's default (0.08, 1) for
     # both video recipes.
@@ -117,6 +118,10 @@ class Recipe:
             return SampleParams(np.array([boxes.mirrored(roi, rng.random() < 0.5)], np.float32))
         index = frames.pretrain_indices(int(meta["frames"]), self.num_frames, self.stride, rng)
         top, left, bottom, right = self.source_crop or (0, 0, height, width)
+        if self.source_frame and (height, width) != self.source_frame:
+            raise ValueError(f"data.video_source_crop {list(self.source_crop)} is cut from {self.source_frame[0]}×"
+                             f"{self.source_frame[1]} frames, but clip {meta.get('clip', '?')} is {height}×{width}: "
+                             "set data.video_source_crop=[] for shards at another frame size")
         if bottom > height or right > width:
             raise ValueError(f"data.video_source_crop {list(self.source_crop)} exceeds a {height}×{width} clip "
                              f"({meta.get('clip', '?')})")
@@ -179,5 +184,6 @@ def recipe_from_config(cfg, kind: Kind, modality: Modality) -> Recipe:
         eval_short_side=d.eval_short_side, temporal_views=d.test_temporal_views,
         spatial_crops=d.test_spatial_crops, squash=bool(cfg.official_quirks),
         source_crop=tuple(d.video_source_crop) if d.video_source_crop and kind == "pretrain" else None,
+        source_frame=tuple(d.video_source_frame) if d.video_source_crop and kind == "pretrain" else None,
         image_crop_scale=tuple(a.image_crop_scale), video_crop_scale=tuple(a.video_crop_scale),
     )

@@ -2,8 +2,8 @@
 
 Static (image) and dynamic (video) expression recognition share every encoder weight; the
 MoAE adapters in the upper blocks (6-11 for ViT-B) let the two tasks route tokens to different
-experts instead of fighting over the same FFN (§2.1-2.6). Images and clips differ only in their
-token count and in which head reads the pooled feature.
+experts instead of fighting over the same FFN (docs/method.md §2.1-2.6). Images and clips differ
+only in their token count and in which head reads the pooled feature.
 """
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Dual-modal masked autoencoder: one encoder and one decoder for images and clips (§1.3-1.5).
+"""Dual-modal masked autoencoder: one encoder and one decoder for images and clips
+(docs/method.md §1.3-1.5).
 
 The encoder sees only the visible tokens. Their features are projected to the decoder width and
 put back at their original raster positions, the masked positions filled with a learned token,
@@ -59,18 +60,30 @@ class PretrainMAE(nn.Module):
         self.decoder.apply(init_linear_xavier)
         nn.init.trunc_normal_(self.mask_token, std=0.02)
 
-    def forward(self, pixels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, pixels: torch.Tensor, mask: torch.Tensor,
+                num_visible: int | None = None) -> torch.Tensor:
+        """`num_visible`: the visible tokens per row, which a caller drawing masks knows on the
+        host (masking.num_masked of the ratio). Given, nothing is read back from the device
+        (a host sync each step on a GPU): the rows are checked by an asynchronous device-side
+        assert instead. Omitted, it is read from the mask and checked on the host."""
         x = self.encoder.embed(pixels)
         B, N, D = x.shape
         if mask.shape != (B, N):
             raise ValueError(f"mask shape {tuple(mask.shape)} does not match the {N} tokens of "
                              f"input {tuple(pixels.shape)}")
         visible_counts = (~mask).sum(1)
-        if not bool((visible_counts == visible_counts[0]).all()):
-            raise ValueError("every row of the mask must leave the same number of visible tokens")
+        if num_visible is None:
+            if not bool((visible_counts == visible_counts[0]).all()):
+                raise ValueError("every row of the mask must leave the same number of visible "
+                                 "tokens")
+            num_visible = int(visible_counts[0])
+        else:
+            torch._assert_async((visible_counts == num_visible).all(),
+                                f"every row of the mask must leave num_visible={num_visible} "
+                                "visible tokens")
         # Visible token ids in raster order: a stable sort puts False (visible) first.
         order = torch.argsort(mask.to(torch.int8), dim=1, stable=True)
-        keep = order[:, : int(visible_counts[0])]
+        keep = order[:, :num_visible]
         visible = torch.gather(x, 1, keep.unsqueeze(-1).expand(-1, -1, D))
         latent = self.encoder_to_decoder(self.encoder.run_blocks(visible))
         Dd = latent.shape[-1]

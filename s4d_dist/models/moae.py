@@ -1,10 +1,10 @@
-"""Mixture of Adapter Experts (reference §2.2-2.5): the official SparseMoEWithCapacity,
+"""Mixture of Adapter Experts (docs/method.md §2.2-2.5): the official SparseMoEWithCapacity,
 NoisyTopkRouter and BlockMoEAdapters, with interchangeable dispatch backends.
 
 Routing is the same everywhere: noisy logits → top-k → softmax over the k selected logits
 (the gates). What differs between backends is only how each (token, expert) pair reaches its
 expert and comes back, under a per-expert capacity that drops pairs in flat token order
-(index b·L + l, so later samples of a batch lose tokens first, reference §3.7):
+(index b·L + l, so later samples of a batch lose tokens first, §3.7):
 
 - `loop`:   the official formulation, one Python iteration per expert; the reference.
 - `torch`:  vectorised, static shapes, no host synchronisation — cumsum gives each pair its
@@ -14,7 +14,7 @@ expert and comes back, under a per-expert capacity that drops pairs in flat toke
 
 Given the same noise all backends must return the same RoutingResult and gradients; the tests
 hold them to it. `official_quirks=True` reproduces the official router noise at eval, raw-logit
-aux loss and stale aux value (reference §3.2-3.4); the default does the right thing.
+aux loss and stale aux value (§3.2-3.4); the default does the right thing.
 """
 from __future__ import annotations
 
@@ -47,7 +47,7 @@ Backend = Callable[..., RoutingResult]
 
 def route(logits: torch.Tensor, noise_std: torch.Tensor, noise: torch.Tensor | None,
           top_k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Noisy top-k gating (reference §2.3), shared by every backend so they route identically.
+    """Noisy top-k gating (§2.3), shared by every backend so they route identically.
 
     The official softmax over the full logit row with −inf outside the top-k equals a softmax
     over the k selected values, in value and in gradient.
@@ -163,11 +163,11 @@ def get_backend(name: str) -> Backend:
 
 def load_balancing_loss(noisy_logits: torch.Tensor, topk_idx: torch.Tensor,
                         use_softmax: bool) -> torch.Tensor:
-    """E² · mean_{b,e}(f·P) over (B, L, E) noisy logits (reference §2.5).
+    """E² · mean_{b,e}(f·P) over (B, L, E) noisy logits (§2.5).
 
     f[b,e] (fraction of sample b's tokens whose top-k holds e) is a count, so it carries no
     gradient; P[b,e] is the mean router probability (Switch/GShard). The official code averages
-    the raw logits instead (use_softmax=False, reference §3.2), which is unbounded below.
+    the raw logits instead (use_softmax=False, §3.2), which is unbounded below.
     """
     num_experts = noisy_logits.shape[-1]
     with torch.no_grad():
@@ -191,7 +191,7 @@ def routing_stats(result: RoutingResult, num_experts: int) -> dict[str, torch.Te
 
 
 class NoisyTopkRouter(nn.Module):
-    """Router logits and noise scale (reference §2.3); top-k happens in the backend."""
+    """Router logits and noise scale (§2.3); top-k happens in the backend."""
 
     def __init__(self, dim: int, num_experts: int) -> None:
         super().__init__()
@@ -206,8 +206,9 @@ class MoAE(nn.Module):
     """Sparse mixture of bottleneck adapter experts with capacity (SparseMoEWithCapacity).
 
     After each forward: `aux_loss` holds this layer's load-balancing loss (the caller sums the
-    layers and scales by the coefficient, 1e-3) and `stats` the routing statistics.
-    Initialised like the official model ends up (trunc-normal .02, zero bias, reference §3.5):
+    layers and scales by the coefficient, 1e-3), `stats` the routing statistics and, with
+    `record_routing`, `routing` each token's experts, gates and drops.
+    Initialised like the official model ends up (trunc-normal .02, zero bias, §3.5):
     its Kaiming init is overwritten by the model-level init, so noise std starts at softplus(0).
     """
 
@@ -228,6 +229,10 @@ class MoAE(nn.Module):
         self.apply(init_linear_trunc_normal)
         self.aux_loss: torch.Tensor | None = None
         self.stats: dict[str, torch.Tensor] = {}
+        # Set by analyses that need each token's routing (s4d_dist.analyze): the last forward's
+        # RoutingResult is then kept in `routing`.
+        self.record_routing = False
+        self.routing: RoutingResult | None = None
 
     def expert_weights(self) -> tuple[torch.Tensor, ...]:
         """(w1, b1, w2, b2) stacked over experts; stacking keeps each expert's own Parameters
@@ -248,7 +253,7 @@ class MoAE(nn.Module):
             noise = torch.randn_like(logits) if noise is None else noise.reshape(B * L, -1)
         else:
             noise = None
-        # Per forward, so it follows the batch size (official, reference §2.4, §3.7).
+        # Per forward, so it follows the batch size (official, §2.4, §3.7).
         capacity = int(B * L * self.top_k / self.num_experts * self.capacity_factor)
         result = get_backend(self.backend)(x, logits, noise_std, noise, *self.expert_weights(),
                                            self.top_k, capacity)
@@ -263,11 +268,12 @@ class MoAE(nn.Module):
         elif not self.official_quirks:
             self.aux_loss = None
         self.stats = routing_stats(result, self.num_experts)
+        self.routing = result if self.record_routing else None
         return result.out.view(B, L, D)
 
 
 class MoAEBlock(nn.Module):
-    """BlockMoEAdapters (reference §2.2): the MoAE runs in parallel to the pretrained FFN.
+    """BlockMoEAdapters (§2.2): the MoAE runs in parallel to the pretrained FFN.
 
     Children are registered in the official order (moe_layer before mlp) so state-dict keys
     come out in checkpoint order.

@@ -1,4 +1,4 @@
-"""Official S4D checkpoints in and out (reference §6).
+"""Official S4D checkpoints in and out (docs/method.md §6).
 
 `load(path)` turns an official pre-training (`vit_base_voxceleb2+affectnet_100.pt`) or
 fine-tuning (`checkpoint-best.pth`) file into our model with its weights in place, and

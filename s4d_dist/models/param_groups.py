@@ -1,7 +1,7 @@
 """Optimizer parameter groups: which weights decay, and each layer's learning-rate scale.
 
-Fine-tuning (§2.9): no decay for 1-D parameters and `*.bias`; layer-wise lr decay with
-scale = decay^(depth + 1 - layer_id), layer_id 0 for the patch embedding, j + 1 for block j
+Fine-tuning (docs/method.md §2.9): no decay for 1-D parameters and `*.bias`; layer-wise lr decay
+with scale = decay^(depth + 1 - layer_id), layer_id 0 for the patch embedding, j + 1 for block j
 (its MoAE adapters included) and depth + 1 for everything after the blocks.
 Pre-training (§1.7): no decay for biases, norms, the attention q/v biases and the mask token.
 The official pre-training rule (fnmatch `*.bias` + LayerNorm modules) misses `q_bias`,

@@ -1,4 +1,4 @@
-"""The ViT shared by S4D pre-training and fine-tuning (reference §1.1-1.2, §2.1).
+"""The ViT shared by S4D pre-training and fine-tuning (docs/method.md §1.1-1.2, §2.1).
 
 One encoder reads both modalities. A video (B, 3, T, H, W) is cut into tubelets of
 (tubelet, patch, patch) by a Conv3d. An image (B, 3, H, W) is first repeated to `tubelet`
@@ -104,7 +104,7 @@ class ViTEncoder(nn.Module):
     """Patch embedding + fixed sinusoid positions + transformer blocks (+ optional final norm).
 
     The position table is a non-persistent buffer: it follows `.to(device)` (the official plain
-    attribute did not, reference §3.1) yet stays out of the state dict, as in the official files.
+    attribute did not, §3.1) yet stays out of the state dict, as in the official files.
     Subclasses may replace entries of `self.blocks` (the fine-tuning model swaps in MoAE blocks).
     """
 
@@ -126,7 +126,7 @@ class ViTEncoder(nn.Module):
         return pe.tokens_per_frame if modality == "image" else pe.num_tokens
 
     def embed(self, pixels: torch.Tensor) -> torch.Tensor:
-        """Tokens plus positions; images take the t=0 slice of the table (reference §1.2)."""
+        """Tokens plus positions; images take the t=0 slice of the table (§1.2)."""
         x = self.patch_embed(pixels)
         return x + self.pos_embed[:, : x.shape[1]].to(x.dtype)
 
@@ -150,12 +150,12 @@ def _init_linear_and_norm(module: nn.Module, init_weight) -> None:
 
 
 def init_linear_xavier(module: nn.Module) -> None:
-    """Pre-training init (reference §1.1): Linear xavier-uniform / zero bias, LayerNorm (1, 0)."""
+    """Pre-training init (§1.1): Linear xavier-uniform / zero bias, LayerNorm (1, 0)."""
     _init_linear_and_norm(module, nn.init.xavier_uniform_)
 
 
 def init_linear_trunc_normal(module: nn.Module) -> None:
-    """Fine-tuning init (reference §2.1, §3.5): Linear trunc-normal std .02 / zero bias, LN (1, 0)."""
+    """Fine-tuning init (§2.1, §3.5): Linear trunc-normal std .02 / zero bias, LN (1, 0)."""
     _init_linear_and_norm(module, lambda weight: nn.init.trunc_normal_(weight, std=0.02))
 
 

@@ -10,6 +10,10 @@ already lies in the folder, so Ray records a pointer and copies nothing (NO_UPLO
 worker or its node dies, Ray restarts the worker group (`ray.max_failures` times) and the loop
 continues from the folder's last complete checkpoint (`resume=auto`) — the path a crashed
 `deepspeed` job takes when started again, so on several nodes `output_dir` must be shared.
+Any stop of the loop in a worker (preemption included: a node taken back kills its workers, and
+Ray's own SIGTERM never reaches the loop, which runs in a worker thread) is such a failure, and
+the restart resumes from the last complete checkpoint; a stop that would recur (bad data, a full
+disk: s4d_dist.train.faults) simply uses up `ray.max_failures`.
 """
 from __future__ import annotations
 

@@ -28,10 +28,14 @@ from s4d_dist.train.loop import run_dir
 
 def reported_metrics(cfg: DictConfig) -> set[str]:
     """What every epoch reports through train()'s on_epoch_end hook: the training loss, and
-    for fine-tuning with a validation split FinetuneTask.after_epoch's val_war and val_uar."""
+    for fine-tuning FinetuneTask.after_epoch's WAR and UAR on the split it selects the best
+    epoch on (val_war / val_uar; test_war / test_uar under official_quirks)."""
+    from s4d_dist.train.finetune import FinetuneTask
+
     names = {"train_loss"}
-    if cfg.task == "finetune" and (cfg.data.val_shards or cfg.data.val_fraction > 0):
-        names |= {"val_war", "val_uar"}
+    split = FinetuneTask(cfg).selection_split() if cfg.task == "finetune" else None
+    if split:
+        names |= {f"{split}_war", f"{split}_uar"}
     return names
 
 

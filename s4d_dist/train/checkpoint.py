@@ -6,25 +6,33 @@ iterator state) and the RNG states. Our own `latest` pointer is written by rank 
 every rank has finished writing, with a rename, so a crash in the middle of saving leaves the
 previous checkpoint the one that resumes (DeepSpeed's own `latest` can run ahead of other ranks).
 
+Storage faults: before training, the space `checkpoint.keep` checkpoints need is compared with
+what the filesystem has free, and a run that clearly cannot save is refused. A write that fails
+anyway (disk full, I/O error) fails on every rank together — the ranks agree on the outcome
+after DeepSpeed's collectives, whichever rank's write failed — and leaves the pointer where it
+was, the partial tag folder removed. Tag folders newer than the pointer (a save interrupted by a
+crash) are reported and removed when a run resumes.
+
 Resuming (`resume=auto`) continues an unfinished run in the same run folder from its last
 checkpoint, and refuses — naming the differing keys — when the folder's run had another model,
 task or masking config. A finished run is never silently re-entered (the official code skipped
-training when a fold was re-run, §3.16).
+training when a fold was re-run, docs/method.md §3.16).
 """
 from __future__ import annotations
 
 import logging
-import os
 import random
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from s4d_dist import atomic
 from s4d_dist.train import distributed
+from s4d_dist.train.faults import EXIT_USAGE, RunStopped, StorageError, human_bytes, storage_failure
 
 log = logging.getLogger(__name__)
 
@@ -32,8 +40,10 @@ log = logging.getLogger(__name__)
 MUST_MATCH = ("task", "model", "mask")
 
 
-class ResumeError(RuntimeError):
+class ResumeError(RunStopped):
     """A run folder or checkpoint that this run must not continue from."""
+
+    exit_code = EXIT_USAGE
 
 
 def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
@@ -70,6 +80,42 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
+def checkpoint_bytes(engine) -> int:
+    """About how many bytes one checkpoint takes, all ranks together: the module's weights
+    plus, per parameter, an fp32 master copy and AdamW's two fp32 moments (ZeRO partitions
+    them across ranks, so their sum does not depend on the rank count)."""
+    params = list(engine.module.parameters())
+    weights = sum(p.numel() * p.element_size() for p in params)
+    return weights + 12 * sum(p.numel() for p in params)
+
+
+def _folder_bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+
+
+# Outcomes of a save, in the order ranks agree on (the largest wins).
+_FAILURES = (None, "write failed", "I/O error", "disk full")
+
+
+class _RecordedWrites:
+    """DeepSpeed's checkpoint engine with write errors recorded instead of raised: every rank
+    then still reaches the collectives of `save_checkpoint`, whichever rank's write failed."""
+
+    def __init__(self, inner) -> None:
+        self.inner = inner
+        self.error: BaseException | None = None
+
+    def save(self, state_dict: dict, path: str) -> None:
+        if self.error is None:
+            try:
+                self.inner.save(state_dict, path)
+            except (OSError, RuntimeError) as error:
+                self.error = error
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
 class Checkpoints:
     """Saving into, and resuming from, `<run_dir>/checkpoints`."""
 
@@ -77,6 +123,25 @@ class Checkpoints:
         self.dir = Path(run_dir) / "checkpoints"
         self.cfg = cfg
         self.keep = keep
+        self.size = 0  # bytes of one checkpoint, once `check_space` has estimated it
+
+    def _step_tags(self) -> list[str]:
+        return sorted(p.name for p in self.dir.glob("step*") if p.is_dir())
+
+    def check_space(self, engine) -> None:
+        """Collective: refuse to train when the filesystem clearly cannot hold `keep`
+        checkpoints (counting the space of the ones already there, which pruning frees)."""
+        self.size = checkpoint_bytes(engine)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        need = self.size * self.keep
+        free = shutil.disk_usage(self.dir).free
+        held = sum(_folder_bytes(self.dir / tag) for tag in self._step_tags())
+        if distributed.host_any(free + held < need):
+            raise StorageError(
+                f"not enough space for checkpoints in {self.dir}: checkpoint.keep={self.keep} "
+                f"checkpoints of about {human_bytes(self.size)} need {human_bytes(need)}, "
+                f"{human_bytes(free)} free; free space, lower checkpoint.keep or pick another "
+                f"output_dir")
 
     @property
     def latest_file(self) -> Path:
@@ -89,25 +154,75 @@ class Checkpoints:
         """Collective: every rank writes its shard and its trainer state.
 
         Step checkpoints (default tag) become the resume point and are pruned to `keep`; a named
-        tag (the best epoch) is written beside them and left alone.
+        tag (the best epoch) is written beside them and left alone. A named tag is written as
+        `<tag>.partial` and renamed once complete, so a failed save leaves the previous one.
         """
         tag = tag or f"step{trainer_state['global_step']:09d}"
-        (self.dir / tag).mkdir(parents=True, exist_ok=True)
-        engine.save_checkpoint(str(self.dir), tag=tag, save_latest=False)
-        torch.save({"trainer": trainer_state, "rng": rng_state(),
-                    "config": OmegaConf.to_container(self.cfg, resolve=True)},
-                   self._trainer_file(self.dir, tag))
-        distributed.barrier()
-        if distributed.is_main() and tag.startswith("step"):
-            tmp = self.latest_file.with_suffix(".tmp")
-            tmp.write_text(tag)
-            os.replace(tmp, self.latest_file)
+        step_tag = tag.startswith("step")
+        written = tag if step_tag else f"{tag}.partial"
+        error = self._write(engine, written, {"trainer": trainer_state, "rng": rng_state(),
+                                              "config": OmegaConf.to_container(self.cfg,
+                                                                               resolve=True)})
+        self._agree(written, error)  # also the barrier before the pointer moves
+        if distributed.is_main():
+            try:
+                if step_tag:
+                    atomic.write_text(self.latest_file, tag)
+                else:
+                    shutil.rmtree(self.dir / tag, ignore_errors=True)
+                    (self.dir / written).replace(self.dir / tag)
+            except OSError as publish_error:
+                error = publish_error
+        self._agree(written, error)
+        if distributed.is_main() and step_tag:
             self._prune(tag)
-        distributed.barrier()
         return tag
 
+    def _agree(self, tag: str, error: BaseException | None) -> None:
+        """Collective: go on only if no rank's write failed (else `_fail` on every rank)."""
+        failure = distributed.host_max(_FAILURES.index(self._what(error)) if error else 0)
+        if failure:
+            self._fail(tag, error, _FAILURES[failure])
+
+    def _write(self, engine, tag: str, trainer: dict[str, Any]) -> BaseException | None:
+        """This rank's part of a checkpoint; the first error met, instead of raising it."""
+        recorded = engine.checkpoint_engine = _RecordedWrites(engine.checkpoint_engine)
+        try:
+            (self.dir / tag).mkdir(parents=True, exist_ok=True)
+            engine.save_checkpoint(str(self.dir), tag=tag, save_latest=False)
+            if recorded.error is None:
+                torch.save(trainer, self._trainer_file(self.dir, tag))
+        except (OSError, RuntimeError) as error:
+            return error
+        finally:
+            engine.checkpoint_engine = recorded.inner
+        return recorded.error
+
+    def _what(self, error: BaseException) -> str:
+        """How a write failed. Some full disks surface only as a stream error from torch's
+        writer ("basic_ios::clear: iostream error"): then the free space tells."""
+        if storage_failure(error):
+            return storage_failure(error)
+        return "disk full" if shutil.disk_usage(self.dir).free < self.size else "write failed"
+
+    def _fail(self, tag: str, error: BaseException | None, what: str) -> None:
+        """Collective, after a failed write on some rank: remove the partial tag folder and stop
+        every rank with one message (`what`: the worst failure of any rank); the
+        `latest_complete` pointer has not moved."""
+        if distributed.is_main():
+            shutil.rmtree(self.dir / tag, ignore_errors=True)
+        if what == "write failed":
+            what = f"{type(error).__name__}: {error}" if error else "a write failed on another rank"
+        previous = self.latest()
+        kept = f"the previous checkpoint {previous} is intact" if previous else \
+            "no earlier checkpoint"
+        free = shutil.disk_usage(self.dir).free
+        raise StorageError(f"could not write checkpoint {tag} to {self.dir} ({what}): it needs "
+                           f"about {human_bytes(self.size)}, {human_bytes(free)} free; {kept}. "
+                           f"Free space and rerun the same command to resume") from error
+
     def _prune(self, newest: str) -> None:
-        tags = sorted(p.name for p in self.dir.glob("step*") if p.is_dir())
+        tags = self._step_tags()
         for old in tags[: max(0, tags.index(newest) + 1 - self.keep)]:
             shutil.rmtree(self.dir / old, ignore_errors=True)
 
@@ -155,6 +270,17 @@ class Checkpoints:
             raise ResumeError(f"{self.dir / latest} was trained with another config; refusing "
                               f"to resume. Differences: " + "; ".join(differences))
         return latest
+
+    def drop_incomplete(self, resume_tag: str | None, say: Callable[[str], None]) -> None:
+        """Remove (rank 0) the step folders newer than the resume point — saves that a crash
+        or a full disk cut short — saying so: they are ignored, not silently."""
+        incomplete = [t for t in self._step_tags() if resume_tag is None or t > resume_tag]
+        if incomplete and distributed.is_main():
+            start = f"resuming from {resume_tag}" if resume_tag else "starting from scratch"
+            say(f"ignoring incomplete checkpoint {', '.join(incomplete)} in {self.dir} "
+                f"(its save was cut short); {start}")
+            for tag in incomplete:
+                shutil.rmtree(self.dir / tag, ignore_errors=True)
 
 
 def export_fp32(engine, ckpt_dir: Path, tag: str) -> dict[str, torch.Tensor]:

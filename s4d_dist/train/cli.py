@@ -6,38 +6,146 @@
 
 `--config` is a preset name or a YAML path; the rest are dotlist overrides. The launcher's
 own `--local_rank` is accepted and ignored (LOCAL_RANK is read from the environment).
+
+A run that stops prints one line saying why — once, from rank 0, for the stops every rank
+meets alike (s4d_dist.train.faults: bad data, storage, preemption, a refused resume,
+divergence), from the rank concerned for anything else — and exits with the code that
+faults.py documents. Each rank logs to `<run>/logs/rank<k>.log`, tracebacks included; the
+console keeps rank 0's progress and those lines.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
+import traceback
+from pathlib import Path
+from typing import Iterator, Optional
 
 from s4d_dist import config
 
 
 def parse(task: str, argv: list[str] | None = None):
-    parser = argparse.ArgumentParser(prog=f"launch/{task}.py",
-                                     description=f"S4D {task} under DeepSpeed")
-    parser.add_argument("--config", required=True, help="preset name or YAML file")
+    """The resolved config of the command line; `--print-config` prints it and exits."""
+    demo, full = {"pretrain": ("demo", "pretrain_vit_base"),
+                  "finetune": ("demo_finetune", "finetune_dfew data.fold=3")}[task]
+    examples = (f"  python launch/{task}.py --config {demo} optim.epochs=1 --print-config\n"
+                f"  deepspeed --num_gpus 8 launch/{task}.py --config {full}\n"
+                f"  torchrun --nproc_per_node 8 -m s4d_dist.train {task} --config {full}\n"
+                f"  s4d-{task} --config my_run.yaml output_dir=/runs seed=1")
+    parser = argparse.ArgumentParser(
+        prog=f"launch/{task}.py", description=f"S4D {task} under DeepSpeed (also torchrun, python)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=f"presets:\n{config.describe_presets()}\n\nexamples:\n{examples}")
+    parser.add_argument("--config", required=True, help="preset name (below) or YAML file")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the resolved config as YAML and exit")
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
-    parser.add_argument("overrides", nargs="*", help="config overrides, key=value")
-    args = parser.parse_args(argv)
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                        help="config overrides, anywhere among the flags")
+    args = parser.parse_intermixed_args(argv)
     try:
-        return config.load(args.config, [f"task={task}", *args.overrides])
+        cfg = config.load(args.config, [f"task={task}", *args.overrides])
     except config.ConfigError as error:
         parser.error(str(error))
+    if args.print_config:
+        print(config.to_yaml(cfg), end="")
+        raise SystemExit(0)
+    return cfg
 
 
 def main(task: str, argv: list[str] | None = None) -> dict:
+    """Train; on a stop, one line on the console and SystemExit with the documented code."""
     cfg = parse(task, argv)
-    main_rank = os.environ.get("RANK", "0") == "0"
-    logging.basicConfig(level=logging.INFO if main_rank else logging.WARNING,
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
-    from s4d_dist.train.loop import train  # heavy imports after argument errors are reported
+    rank = int(os.environ.get("RANK", "0"))
+    from s4d_dist.train.loop import run_dir, train  # heavy imports after argument errors are reported
 
-    return train(cfg, make_task(cfg))
+    with run_logs(run_dir(cfg) / "logs" / f"rank{rank}.log", rank) as log_file:
+        try:
+            return train(cfg, make_task(cfg))
+        except Exception as error:  # noqa: BLE001 - every stop becomes one line and an exit code
+            raise SystemExit(report(error, rank, log_file)) from None
+
+
+FORMAT = "%(asctime)s %(name)s %(levelname)s %(message)s"
+
+
+@contextlib.contextmanager
+def run_logs(path: Path, rank: int) -> Iterator[Optional[Path]]:
+    """Log records to `path` (everything from INFO) and the console (rank 0: INFO, others:
+    WARNING) while the run lasts; yields `path`, or None where it cannot be created."""
+    console = logging.StreamHandler(sys.stderr)
+    console.setLevel(logging.INFO if rank == 0 else logging.WARNING)
+    handlers: list[logging.Handler] = [console]
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handlers.append(logging.FileHandler(path))
+    except OSError:
+        path = None
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.INFO)
+    for handler in handlers:
+        handler.setFormatter(logging.Formatter(FORMAT))
+        root.addHandler(handler)
+    try:
+        yield path
+    finally:
+        for handler in handlers:
+            root.removeHandler(handler)
+            handler.close()
+        root.setLevel(level)
+
+
+def exit_code(error: BaseException) -> int:
+    """The code faults.py documents for what stopped the run."""
+    from s4d_dist.data.catalog import TruncatedShardError  # also met when evaluation opens its shards
+    from s4d_dist.train.engine import NonFiniteLossError
+    from s4d_dist.train.faults import (EXIT_DATA, EXIT_DIVERGED, EXIT_FAILED, EXIT_PEERS,
+                                       EXIT_USAGE, RunStopped, peer_failure)
+
+    if isinstance(error, RunStopped):
+        return error.exit_code
+    if peer_failure(error):
+        return EXIT_PEERS
+    if isinstance(error, NonFiniteLossError):
+        return EXIT_DIVERGED
+    if isinstance(error, TruncatedShardError):
+        return EXIT_DATA
+    return EXIT_USAGE if isinstance(error, config.ConfigError) else EXIT_FAILED
+
+
+def report(error: BaseException, rank: int, log_file: Optional[Path]) -> int:
+    """Write the traceback to `log_file`, print the one line (see the module docstring) and
+    return the exit code. Where the log cannot take the traceback (the full disk it reports),
+    an unexpected error's traceback goes to the console instead."""
+    from s4d_dist.train.faults import EXIT_FAILED, EXIT_PEERS, EXIT_PREEMPTED
+
+    trace = "".join(traceback.format_exception(error))
+    try:
+        with open(log_file, "a") as log:  # type: ignore[arg-type]
+            log.write(trace)
+        where = f"; details in {log_file}"
+    except (OSError, TypeError):
+        where = ""
+    code = exit_code(error)
+    message = str(error).splitlines()[0] if str(error) else type(error).__name__
+    if code == EXIT_FAILED:
+        line = f"rank {rank} failed: {type(error).__name__}: {message} (exit {code}{where})"
+        if not where:
+            print(trace, file=sys.stderr, end="")
+    elif code == EXIT_PREEMPTED:
+        line = f"{message} (exit {code})"
+    elif code == EXIT_PEERS:
+        line = (f"rank {rank} lost the other ranks ({message}): one died, hangs or cannot be "
+                f"reached; read every rank's log in its logs/ folder (exit {code}{where})")
+    else:
+        line = f"error: {message} (exit {code}{where})"
+    if code in (EXIT_FAILED, EXIT_PEERS) or rank == 0:
+        print(f"[s4d] {line}", file=sys.stderr, flush=True)
+    return code
 
 
 def make_task(cfg):

@@ -6,8 +6,10 @@ since DeepSpeed would otherwise try MPI discovery (and fail without mpi4py).
 """
 from __future__ import annotations
 
+import functools
 import os
 import socket
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -21,12 +23,23 @@ def _free_port() -> int:
 
 
 def init(backend: str | None = None) -> None:
-    """Join (or, alone, create) the default process group through DeepSpeed."""
+    """Join (or, alone, create) the default process group through DeepSpeed.
+
+    On a GPU machine the rank's device is set first, from LOCAL_RANK: the train loader (its DALI
+    pipelines take `torch.cuda.current_device()`) and NCCL's communicator are created before
+    DeepSpeed's engine would set it, and would otherwise all land on GPU 0.
+    """
     import deepspeed
 
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0",
                           MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    if torch.cuda.is_available():
+        local_rank, visible = int(os.environ.get("LOCAL_RANK", 0)), torch.cuda.device_count()
+        if local_rank >= visible:
+            raise RuntimeError(f"LOCAL_RANK {local_rank} but this process sees {visible} GPU(s): "
+                               "start at most one rank per visible GPU")
+        torch.cuda.set_device(local_rank)
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_backend=backend or ("nccl" if torch.cuda.is_available()
                                                             else "gloo"))
@@ -50,13 +63,56 @@ def device() -> torch.device:
     return torch.device("cpu")
 
 
-def any_true(flag: bool) -> bool:
-    """True on every rank if it is True on any: ranks must agree before skipping a step."""
+def any_rank(flag: torch.Tensor) -> torch.Tensor:
+    """A 0-d float flag (0 or 1), set on every rank if it is set on any: ranks must agree
+    before skipping a step. Stays on the device: with NCCL the all-reduce is queued on the GPU
+    and nothing waits for it on the host."""
+    if world_size() > 1:
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return flag
+
+
+def host_any(flag: bool) -> bool:
+    """True on every rank if `flag` is True on any: agreement on a host-side fact (a signal
+    received, a failed write)."""
+    return bool(host_max(int(flag)))
+
+
+def host_max(value: int) -> int:
+    """The largest of every rank's `value`, on every rank. One int over gloo — through a CPU
+    group when the default backend is NCCL — so it never waits for the GPU's queued work."""
     if world_size() == 1:
-        return flag
-    t = torch.tensor([float(flag)], device=device())
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
+        return value
+    tensor = torch.tensor([value], dtype=torch.int64)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=_host_group())
+    return int(tensor.item())
+
+
+def host_gather(obj: Any) -> list[Any]:
+    """Every rank's picklable `obj`, in rank order, on every rank (over gloo, like host_max):
+    what the ranks found, for a message that names the rank concerned."""
+    if world_size() == 1:
+        return [obj]
+    gathered: list[Any] = [None] * world_size()
+    dist.all_gather_object(gathered, obj, group=_host_group())
+    return gathered
+
+
+def first_problem(problem: Optional[str]) -> Optional[str]:
+    """Collective: the problem of the lowest rank that has one (None: none has), on every rank,
+    so that all stop together with one message; another rank's names its rank and node."""
+    found = host_gather((socket.gethostname(), problem))
+    for r, (host, text) in enumerate(found):
+        if text is not None:
+            return text if r == 0 else f"rank {r} on {host}: {text}"
+    return None
+
+
+@functools.cache
+def _host_group():
+    """The default group when it is gloo already, else a gloo group of every rank (made once,
+    collectively, at the first host collective, which every rank reaches at the same point)."""
+    return None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
 
 
 def gather_arrays(array: np.ndarray) -> np.ndarray:

@@ -8,7 +8,6 @@ client AdamW built from our parameter groups, whose per-group `lr_scale` the sch
 from __future__ import annotations
 
 import json
-import sys
 
 from omegaconf import DictConfig
 
@@ -19,6 +18,8 @@ def micro_batch(cfg: DictConfig) -> int:
 
 
 def deepspeed_config(cfg: DictConfig, world_size: int) -> dict:
+    """The DeepSpeed config of a run of `world_size` ranks; ZeRO's buckets come from
+    `deepspeed.*_bucket_size` (config.py says how they are sized)."""
     ds = cfg.deepspeed
     config: dict = {
         "train_micro_batch_size_per_gpu": micro_batch(cfg),
@@ -33,18 +34,35 @@ def deepspeed_config(cfg: DictConfig, world_size: int) -> dict:
         "wall_clock_breakdown": False,
     }
     if ds.zero_stage > 0:
-        config["zero_optimization"].update(contiguous_gradients=True, overlap_comm=True,
-                                           reduce_bucket_size=5e8, allgather_bucket_size=5e8)
+        config["zero_optimization"].update(contiguous_gradients=True, overlap_comm=ds.overlap_comm,
+                                           reduce_bucket_size=ds.reduce_bucket_size,
+                                           allgather_bucket_size=ds.allgather_bucket_size)
     return config
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     """Print the generated config of a preset (with overrides) for a given world size."""
+    import argparse
+
     from s4d_dist import config
 
-    preset, *rest = sys.argv[1:] or ["pretrain_vit_base"]
-    world = int(next((a.split("=", 1)[1] for a in rest if a.startswith("world_size=")), 1))
-    cfg = config.load(preset, [a for a in rest if not a.startswith("world_size=")])
+    parser = argparse.ArgumentParser(
+        prog="python -m s4d_dist.train.ds_config",
+        description="Print the DeepSpeed JSON config that a preset generates for a world size.",
+        epilog="example: python -m s4d_dist.train.ds_config finetune_dfew world_size=8 "
+               "deepspeed.zero_stage=2")
+    parser.add_argument("preset", nargs="?", default="pretrain_vit_base",
+                        help="preset name or YAML file (default pretrain_vit_base)")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                        help="config overrides, and world_size=N (default 1)")
+    args = parser.parse_intermixed_args(argv)
+    sizes = [a.split("=", 1)[1] for a in args.overrides if a.startswith("world_size=")]
+    try:
+        world = int(sizes[-1]) if sizes else 1
+        cfg = config.load(args.preset,
+                          [a for a in args.overrides if not a.startswith("world_size=")])
+    except ValueError as error:  # config.ConfigError, or a world size that is not a number
+        parser.error(str(error))
     print(json.dumps(deepspeed_config(cfg, world), indent=2))
 
 

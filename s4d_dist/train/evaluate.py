@@ -1,10 +1,12 @@
-"""Multi-view evaluation, exact across ranks (§2.11 done right).
+"""Multi-view evaluation, exact across ranks (docs/method.md §2.11 done right).
 
 Each rank scores its share of (sample, view) rows; the rows of every rank are gathered, padding
 rows (valid = False) dropped, duplicates removed, view probabilities averaged per sample, and
 the metrics computed once from the whole set — not averaged per rank as in the official code.
 """
 from __future__ import annotations
+
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -15,14 +17,19 @@ from s4d_dist.train.metrics import classification_metrics, merge_views
 
 
 @torch.no_grad()
-def predict(model: nn.Module, loader, dtype: torch.dtype) -> dict[str, np.ndarray]:
-    """This rank's valid rows: sample index, view, softmax probabilities, label."""
+def predict(model: nn.Module, loader, dtype: torch.dtype,
+            on_batch: Optional[Callable[[dict], None]] = None) -> dict[str, np.ndarray]:
+    """This rank's valid rows: sample index, view, softmax probabilities, label. `on_batch(batch)`
+    runs after each forward, while the model still holds that forward's state (analyses read
+    the MoAE routing there)."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     rows: dict[str, list] = {"index": [], "view": [], "probs": [], "label": []}
     for batch in loader.batches():
         logits = model(batch["pixels"].to(device, dtype, non_blocking=True), loader.modality)
+        if on_batch is not None:
+            on_batch(batch)
         valid = batch["valid"].cpu().numpy().astype(bool)
         rows["probs"].append(logits.float().softmax(-1).cpu().numpy()[valid])
         for key in ("index", "view", "label"):
@@ -31,9 +38,10 @@ def predict(model: nn.Module, loader, dtype: torch.dtype) -> dict[str, np.ndarra
     return {k: np.concatenate(v) if v else np.zeros((0,)) for k, v in rows.items()}
 
 
-def evaluate(model: nn.Module, loader, num_classes: int, dtype: torch.dtype) -> dict:
+def evaluate(model: nn.Module, loader, num_classes: int, dtype: torch.dtype,
+             on_batch: Optional[Callable[[dict], None]] = None) -> dict:
     """Metrics over the whole split, identical on every rank."""
-    mine = predict(model, loader, dtype)
+    mine = predict(model, loader, dtype, on_batch)
     gathered = {k: distributed.gather_arrays(v) for k, v in mine.items()}
     probs = gathered["probs"].reshape(-1, num_classes)
     ids, mean_probs, labels = merge_views(gathered["index"], gathered["view"], probs,

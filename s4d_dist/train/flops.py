@@ -8,8 +8,13 @@ from __future__ import annotations
 import torch
 from omegaconf import DictConfig
 
-# Dense bf16 peak per GPU (no sparsity), by device-name substring.
-PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}
+# Dense bf16 peak per GPU (no sparsity) from the vendor's datasheets, matched against the device
+# name in this order (the first substring found wins, so variants precede their family): the
+# PCIe and NVL parts run lower clocks, fewer SMs or a lower power limit than the SXM parts.
+PEAK_BF16: tuple[tuple[str, float], ...] = (
+    ("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H200 NVL", 835e12), ("GH200", 989e12),
+    ("H100", 989e12), ("H200", 989e12), ("B200", 2250e12), ("A100", 312e12),
+    ("L40S", 362e12), ("A10", 125e12))
 
 
 def transformer_flops(tokens: int, dim: int, depth: int, mlp_ratio: float) -> float:
@@ -43,9 +48,13 @@ def classifier_step_flops(cfg: DictConfig, tokens: int, batch: int) -> float:
     return 3 * batch * flops
 
 
-def peak_flops(device: torch.device) -> float | None:
-    """The device's dense bf16 peak, or None where unknown (CPU): MFU is then not reported."""
+def peak_flops(device: torch.device, override_tflops: float | None = None) -> float | None:
+    """The device's dense bf16 peak in FLOP/s, or None where unknown (CPU, a part not in the
+    table): MFU is then not reported. `override_tflops` (logging.peak_tflops) wins, for parts
+    not listed or run with capped clocks or power."""
+    if override_tflops:
+        return override_tflops * 1e12
     if device.type != "cuda":
         return None
     name = torch.cuda.get_device_name(device)
-    return next((peak for key, peak in PEAK_BF16.items() if key in name), None)
+    return next((peak for key, peak in PEAK_BF16 if key in name), None)

@@ -7,15 +7,23 @@ The loop owns what both stages share — DeepSpeed engine, per-iteration schedul
 checkpoints with the data position (so a crash resumes at the next unseen batch), throughput and
 data-wait accounting, logging. A task owns what differs: the model, the loss of a batch, what
 happens after an epoch (validation) and at the end (test, exports).
+
+Faults stop the run with a typed exception (faults.py: what the entry point prints, the exit
+code): data that cannot be read (DataError); a filesystem that cannot hold the checkpoints,
+fails a save, or is not shared by every rank (StorageError); preemption — SIGTERM / SIGUSR1
+make every rank save a checkpoint at the next step boundary they agree on and raise Preempted.
+Exports are written whole or not at all (atomic.py).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional, Protocol
+from typing import Any, Callable, Iterator, Optional, Protocol
 
 import numpy as np
 import torch
@@ -23,14 +31,17 @@ from omegaconf import DictConfig
 from torch import nn
 from tqdm import tqdm
 
+from s4d_dist import atomic
 from s4d_dist import config as config_module
-from s4d_dist.data.loaders import train_loader
+from s4d_dist.data.loaders import TrainLoader, train_loader
 from s4d_dist.models import official
 from s4d_dist.train import distributed
 from s4d_dist.train.checkpoint import Checkpoints, export_fp32
 from s4d_dist.train.engine import Stepper, build_engine
+from s4d_dist.train.faults import DataError, Preempted, Preemption
 from s4d_dist.train.flops import peak_flops
 from s4d_dist.train.schedule import Schedule
+from s4d_dist.train.storage import check_shared, shard_files
 from s4d_dist.train.tracking import RunLogger
 
 log = logging.getLogger(__name__)
@@ -69,36 +80,64 @@ class Task(Protocol):
 
 
 class Meter:
-    """Running sums between two log lines."""
+    """Running sums between two log lines.
+
+    Losses stay device tensors until `scalars()` reads them (one host read per log line).
+    Steps are asynchronous, so time is the wall clock from one log line to the next, taken after
+    that read: it covers the GPU work queued in the interval, not just the time to queue it
+    (step checkpoints saved in the interval included; `paused()` leaves out the epoch's end).
+    """
 
     def __init__(self) -> None:
         self.reset()
 
     def reset(self) -> None:
-        self.losses: dict[str, list[float]] = {}
+        self.losses: dict[str, list[torch.Tensor]] = {}
         self.samples = self.tokens = 0
-        self.flops = self.step_time = self.wait_time = 0.0
-        self.steps = 0
+        self.flops = self.wait_time = 0.0
+        self.started = time.perf_counter()
 
-    def add(self, modality: str, loss: float, samples: int, tokens: int, flops: float,
-            step_time: float, wait_time: float) -> None:
+    def add(self, modality: str, loss: torch.Tensor, samples: int, tokens: int, flops: float,
+            wait_time: float) -> None:
         self.losses.setdefault(modality, []).append(loss)
         self.samples += samples
         self.tokens += tokens
         self.flops += flops
-        self.step_time += step_time
         self.wait_time += wait_time
-        self.steps += 1
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Leave the block's time out of the interval. Enter it right after a host read, so no
+        queued GPU work of the interval is left out with it."""
+        began = time.perf_counter()
+        yield
+        self.started += time.perf_counter() - began
 
     def scalars(self, world: int, peak: float | None) -> dict[str, float]:
-        elapsed = max(self.step_time + self.wait_time, 1e-9)
-        out = {f"loss/{m}": float(np.mean(v)) for m, v in self.losses.items()}
+        means = mean_losses(self.losses)
+        elapsed = max(time.perf_counter() - self.started, 1e-9)
+        out = {f"loss/{m}": v for m, v in means.items()}
         out.update({"perf/samples_per_s": world * self.samples / elapsed,
                     "perf/tokens_per_s": world * self.tokens / elapsed,
                     "perf/data_wait_fraction": self.wait_time / elapsed})
         if peak:
             out["perf/mfu"] = self.flops / elapsed / peak
         return out
+
+
+def mean_losses(losses: dict[str, list[torch.Tensor]]) -> dict[str, float]:
+    """Mean of each non-empty list of 0-d loss tensors, in float64, read back in one transfer."""
+    kept = {name: values for name, values in losses.items() if values}
+    if not kept:
+        return {}
+    means = torch.stack([torch.stack(v).double().mean() for v in kept.values()]).tolist()
+    return dict(zip(kept, means))
+
+
+def finite_or_none(value: Optional[torch.Tensor]) -> Optional[float]:
+    """A device scalar read back, or None if absent or not finite (a skipped step's norm)."""
+    number = None if value is None else float(value)
+    return number if number is not None and math.isfinite(number) else None
 
 
 def step_rng(seed: int, step: int, rank: int) -> np.random.Generator:
@@ -113,8 +152,39 @@ def _tokens(batch: dict, cfg: DictConfig) -> int:
     return len(batch["pixels"]) * per_frame * slots
 
 
-def train(cfg: DictConfig, task: Task,
-          on_epoch_end: Optional[Callable[[int, dict[str, float]], None]] = None) -> dict[str, Any]:
+def say(line: str) -> None:
+    """One line for the user on the console, from rank 0."""
+    if distributed.is_main():
+        print(f"[s4d] {line}", flush=True)
+
+
+def open_train_data(cfg: DictConfig, rank: int, world: int) -> TrainLoader:
+    """The training loader; shards that are missing, empty or truncated (on any rank) stop the
+    run here, before step 0, as a DataError on every rank (one line: what and where)."""
+    error = None
+    try:
+        loader = train_loader(cfg, rank, world)
+    except (OSError, ValueError) as caught:
+        error = caught
+    problem = distributed.first_problem(None if error is None else str(error))
+    if problem is not None:
+        raise DataError(problem) from error
+    truncated = truncated_samples(loader)
+    if truncated:
+        say(f"data.skip_truncated: training without {sum(truncated.values())} samples beyond the "
+            f"end of truncated shards: " + ", ".join(f"{t} ({n})" for t, n in truncated.items()))
+    return loader
+
+
+def truncated_samples(loader: TrainLoader) -> dict[str, int]:
+    """Samples left out of training per truncated shard (data.skip_truncated)."""
+    return {tar: n for stream in loader.streams for tar, n in stream.source.catalog.truncated.items()}
+
+
+EpochHook = Callable[[int, dict[str, float]], None]
+
+
+def train(cfg: DictConfig, task: Task, on_epoch_end: Optional[EpochHook] = None) -> dict[str, Any]:
     """Train `task` under `cfg` to the end (resuming when allowed) and return its final metrics.
 
     `on_epoch_end(epochs_done, metrics)` runs on every rank once each epoch's checkpoint is
@@ -123,18 +193,33 @@ def train(cfg: DictConfig, task: Task,
     without the loop knowing about it.
     """
     distributed.init()
+    with Preemption(cfg.checkpoint.signal_check_every) as preemption:
+        rank, world = distributed.rank(), distributed.world_size()
+        torch.manual_seed(cfg.seed + rank)
+        np.random.seed(cfg.seed + rank)
+        folder = run_dir(cfg)
+        checkpoints = Checkpoints(folder, cfg, keep=cfg.checkpoint.keep)
+        resume_tag = checkpoints.check_resumable(folder)
+        distributed.barrier()
+        checkpoints.drop_incomplete(resume_tag, say)
+        if distributed.is_main():
+            config_module.save(cfg, folder / "config.yaml")
+        loader = open_train_data(cfg, rank, world)
+        run = Run(cfg, folder, RunLogger(folder, cfg.logging.tensorboard), checkpoints)
+        try:
+            return _train(run, task, loader, resume_tag, preemption, on_epoch_end)
+        finally:
+            run.logger.close()
+            loader.close()
+
+
+def _train(run: Run, task: Task, loader: TrainLoader, resume_tag: Optional[str],
+           preemption: Preemption, on_epoch_end: Optional[EpochHook]) -> dict[str, Any]:
+    cfg, folder, checkpoints = run.cfg, run.dir, run.checkpoints
     rank, world = distributed.rank(), distributed.world_size()
-    torch.manual_seed(cfg.seed + rank)
-    np.random.seed(cfg.seed + rank)
-    folder = run_dir(cfg)
-    checkpoints = Checkpoints(folder, cfg, keep=cfg.checkpoint.keep)
-    resume_tag = checkpoints.check_resumable(folder)
-    distributed.barrier()
-    if distributed.is_main():
-        config_module.save(cfg, folder / "config.yaml")
-    loader = train_loader(cfg, rank, world)  # missing or empty shards fail here, before step 0
-    run = Run(cfg, folder, RunLogger(folder, cfg.logging.tensorboard), checkpoints)
+    check_shared(folder, shard_files(loader))
     run.engine = build_engine(cfg, task.build_model(run, resuming=resume_tag is not None))
+    checkpoints.check_space(run.engine)
     stepper = Stepper(run.engine, cfg.optim.max_nonfinite_steps)
     run.dtype = stepper.dtype
     schedule = Schedule(cfg, loader.steps_per_epoch, world)
@@ -143,70 +228,85 @@ def train(cfg: DictConfig, task: Task,
         run.state = checkpoints.load(run.engine, resume_tag)
         print(f"[s4d] resuming {folder} from checkpoint {resume_tag} "
               f"(epoch {run.state['epoch']}, step {run.state['global_step']})", flush=True)
-    peak = peak_flops(run.device)
+    peak = peak_flops(run.device, cfg.logging.peak_tflops)
     meter = Meter()
 
     for epoch in range(run.state["epoch"], cfg.optim.epochs):
         batches = loader.epoch(epoch)
         if run.state["batches"] is not None:
             batches.load_state_dict(run.state["batches"])
-        bar = tqdm(total=len(batches), initial=batches.step, disable=not distributed.is_main(),
-                   desc=f"epoch {epoch}", leave=False, dynamic_ncols=True)
-        epoch_losses: list[float] = []
-        waited = time.perf_counter()
-        for batch in batches:
-            started = time.perf_counter()
-            step = run.state["global_step"]
-            lr = schedule(step)
-            outcome = stepper(lambda: task.loss(run, batch, step_rng(cfg.seed, step, rank)), lr)
-            done = time.perf_counter()
-            meter.add(batch["modality"], outcome.loss, len(batch["pixels"]), _tokens(batch, cfg),
-                      task.step_flops(batch), done - started, started - waited)
-            epoch_losses.append(outcome.loss)
-            run.state["global_step"] = step = step + 1
-            run.state["batches"] = batches.state_dict()
-            bar.update(1)
-            bar.set_postfix(loss=f"{outcome.loss:.4f}", lr=f"{lr:.2e}")
-            if step % cfg.logging.log_every == 0:
-                scalars = meter.scalars(world, peak)
-                scalars.update({"lr": lr, "skipped/nonfinite_steps": stepper.skipped_total,
-                                "skipped/corrupt_samples": loader.corrupt.count})
-                if outcome.grad_norm is not None:
-                    scalars["grad_norm"] = outcome.grad_norm
-                run.logger.scalars(scalars, step)
-                task.on_log(run, batch, step)
-                meter.reset()
-            if cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0:
-                checkpoints.save(run.engine, run.state)
+        # `with`: a stop closes (clears) the bar, so its one line starts on a clean console line
+        with tqdm(total=len(batches), initial=batches.step, disable=not distributed.is_main(),
+                  desc=f"epoch {epoch}", leave=False, dynamic_ncols=True) as bar:
+            epoch_losses: list[torch.Tensor] = []
             waited = time.perf_counter()
-        bar.close()
-        run.state.update(epoch=epoch + 1, batches=None)
-        metrics = task.after_epoch(run, epoch)
-        checkpoints.save(run.engine, run.state)
-        epoch_loss = float(np.mean(epoch_losses)) if epoch_losses else float("nan")
-        if distributed.is_main():
-            extra = " ".join(f"{k} {v:.2f}" for k, v in metrics.items())
-            print(f"[s4d] epoch {epoch + 1}/{cfg.optim.epochs} step {run.state['global_step']} "
-                  f"loss {epoch_loss:.4f} "
-                  f"lr {schedule(max(0, run.state['global_step'] - 1)):.2e} {extra}".rstrip(),
-                  flush=True)
-        if on_epoch_end is not None:
-            on_epoch_end(epoch + 1, {"train_loss": epoch_loss, **metrics})
+            for batch in batches:
+                started = time.perf_counter()
+                step = run.state["global_step"]
+                lr = schedule(step)
+                outcome = stepper(lambda: task.loss(run, batch, step_rng(cfg.seed, step, rank)), lr)
+                meter.add(batch["modality"], outcome.loss, len(batch["pixels"]), _tokens(batch, cfg),
+                          task.step_flops(batch), started - waited)
+                epoch_losses.append(outcome.loss)
+                run.state["global_step"] = step = step + 1
+                run.state["batches"] = batches.state_dict()
+                bar.update(1)
+                if step % cfg.logging.log_every == 0:  # the only steps that read the GPU's results
+                    skipped = stepper.check()
+                    scalars = meter.scalars(world, peak)
+                    scalars.update({"lr": lr, "skipped/nonfinite_steps": skipped,
+                                    "skipped/corrupt_samples": loader.corrupt.count})
+                    grad_norm = finite_or_none(outcome.grad_norm)
+                    if grad_norm is not None:
+                        scalars["grad_norm"] = grad_norm
+                    run.logger.scalars(scalars, step)
+                    bar.set_postfix(loss=f"{float(outcome.loss):.4f}", lr=f"{lr:.2e}")
+                    task.on_log(run, batch, step)
+                    meter.reset()
+                saved = cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0
+                if saved:
+                    checkpoints.save(run.engine, run.state)
+                if preemption.requested(step):
+                    tag = checkpoints.latest() if saved else checkpoints.save(run.engine, run.state)
+                    raise Preempted(f"preempted ({preemption.signal}): checkpoint {tag} (step "
+                                    f"{step}) saved in {checkpoints.dir}; run the same command "
+                                    f"again to resume")
+                waited = time.perf_counter()
+        stepper.check()
+        epoch_loss = mean_losses({"epoch": epoch_losses}).get("epoch", float("nan"))
+        with meter.paused():  # validation and checkpoints are not training throughput
+            run.state.update(epoch=epoch + 1, batches=None)
+            metrics = task.after_epoch(run, epoch)
+            checkpoints.save(run.engine, run.state)
+            if distributed.is_main():
+                extra = " ".join(f"{k} {v:.2f}" for k, v in metrics.items())
+                print(f"[s4d] epoch {epoch + 1}/{cfg.optim.epochs} step {run.state['global_step']} "
+                      f"loss {epoch_loss:.4f} "
+                      f"lr {schedule(max(0, run.state['global_step'] - 1)):.2e} {extra}".rstrip(),
+                      flush=True)
+            if on_epoch_end is not None:
+                on_epoch_end(epoch + 1, {"train_loss": epoch_loss, **metrics})
 
     final = task.finish(run)
     tag = checkpoints.latest()
     weights = export_fp32(run.engine, checkpoints.dir, tag) if tag else None
     if distributed.is_main():
         if weights is not None:
-            torch.save(weights, folder / "weights_fp32.pt")
-            official.save(weights, folder / "weights_official.pth", epoch=cfg.optim.epochs)
+            with atomic.replacing(folder / "weights_fp32.pt") as tmp:
+                torch.save(weights, tmp)
+            with atomic.replacing(folder / "weights_official.pth") as tmp:
+                official.save(weights, tmp, epoch=cfg.optim.epochs)
+            from s4d_dist.train import exports
+            exports.write(folder, cfg, weights, final)
         final["corrupt_samples"] = loader.corrupt.count
-        final["nonfinite_steps"] = stepper.skipped_total
-        (folder / "metrics.json").write_text(json.dumps(final, indent=1))
-        (folder / "finished.json").write_text(json.dumps({"global_step": run.state["global_step"]}))
+        truncated = sum(truncated_samples(loader).values())
+        if truncated:
+            final["truncated_samples"] = truncated
+        final["nonfinite_steps"] = stepper.check()
+        atomic.write_text(folder / "metrics.json", json.dumps(final, indent=1))
+        atomic.write_text(folder / "finished.json",
+                          json.dumps({"global_step": run.state["global_step"]}))
         if loader.corrupt.count:
             print(f"[s4d] skipped corrupt samples: {loader.corrupt.summary()}", flush=True)
     distributed.barrier()
-    run.logger.close()
-    loader.close()
     return final

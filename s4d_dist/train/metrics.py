@@ -1,9 +1,9 @@
 """Expression-recognition metrics, computed once on the gathered predictions of all ranks.
 
-The official code averaged per-rank UAR / F1 (not exact) and kept sampler padding (§3.8); here
-every rank's (sample id, view, probabilities) are gathered first, duplicates from padding are
-dropped by sample id, views are merged by averaging softmax probabilities, and the metrics are
-computed from one confusion matrix.
+The official code averaged per-rank UAR / F1 (not exact) and kept sampler padding
+(docs/method.md §3.8); here every rank's (sample id, view, probabilities) are gathered first,
+duplicates from padding are dropped by sample id, views are merged by averaging softmax
+probabilities, and the metrics are computed from one confusion matrix.
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Mixup / CutMix with label smoothing and the soft-target cross-entropy (§2.8).
+"""Mixup / CutMix with label smoothing and the soft-target cross-entropy (docs/method.md §2.8).
 
 timm's "batch" mode, as the official code uses it for both modalities: one λ per batch, each
 sample mixed with its mirror in the batch (`x.flip(0)`), CutMix with prob `switch_prob`

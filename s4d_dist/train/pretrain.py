@@ -2,6 +2,7 @@
 
 No validation (the official run has none); TensorBoard gets the loss per modality and, every
 `logging.image_every` steps, input / masked / reconstruction grids of the current batch.
+§ numbers refer to docs/method.md.
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from s4d_dist.data.masking import num_masked
 from s4d_dist.models.build import build_mae
 from s4d_dist.models.mae import mae_loss, mae_targets, pixel_mask, reconstruct_pixels
 from s4d_dist.pixels import unnormalize
@@ -32,7 +34,9 @@ class PretrainTask:
         m = self.cfg.model
         pixels = batch["pixels"].to(run.device, non_blocking=True)
         mask = batch["mask"].to(run.device, non_blocking=True)
-        pred = run.engine(pixels.to(run.dtype), mask)
+        tokens = mask.shape[1]
+        visible = tokens - num_masked(tokens, self._ratio(batch["modality"]))
+        pred = run.engine(pixels.to(run.dtype), mask, num_visible=visible)
         return mae_loss(pred, mae_targets(pixels, m.tubelet, m.patch), mask)
 
     def step_flops(self, batch: dict) -> float:

@@ -1,4 +1,4 @@
-"""Per-iteration learning-rate schedules of the two stages (§1.7, §2.9).
+"""Per-iteration learning-rate schedules of the two stages (docs/method.md §1.7, §2.9).
 
 Both are a linear warm-up then a half cosine, stepped every iteration. They differ in details
 the official code fixes, and which this module reproduces:
@@ -7,7 +7,8 @@ the official code fixes, and which this module reproduces:
   the cosine at the peak; `official_quirks` restores the global-progress cosine.
 - fine-tuning warms up from 0 (the official ignores `--warmup_lr`, §3.12) with NumPy's
   `linspace` (both ends included, so the last warm-up step is already at the peak) and decays to
-  `min_lr`; that is already the official behaviour.
+  `min_lr`, which the official scales by the global batch like the peak (`min_lr_batch_divisor`,
+  256 in the paper presets); that is already the official behaviour.
 """
 from __future__ import annotations
 
@@ -16,15 +17,25 @@ import math
 from omegaconf import DictConfig
 
 
-def peak_lr(cfg: DictConfig, world_size: int) -> float:
-    """lr = base_lr · (per-rank batch · ranks · accumulation) / lr_batch_divisor.
-
-    Pre-training counts the 192 samples of a step; fine-tuning counts the video batch, as the
-    official rule does (§2.9). `world_size` includes every node (the official ignored nodes).
-    """
+def global_batch(cfg: DictConfig, world_size: int) -> int:
+    """Samples per optimizer step over every rank: pre-training counts the 192 samples of a
+    step, fine-tuning the video batch, as the official rules do (§2.9). `world_size` includes
+    every node (the official ignored nodes)."""
     per_rank = cfg.data.image_batch_size if cfg.task == "pretrain" else cfg.data.video_batch_size
-    batch = per_rank * world_size * cfg.deepspeed.grad_accum
-    return cfg.optim.base_lr * batch / cfg.optim.lr_batch_divisor
+    return per_rank * world_size * cfg.deepspeed.grad_accum
+
+
+def peak_lr(cfg: DictConfig, world_size: int) -> float:
+    """lr = base_lr · global batch / lr_batch_divisor."""
+    return cfg.optim.base_lr * global_batch(cfg, world_size) / cfg.optim.lr_batch_divisor
+
+
+def final_lr(cfg: DictConfig, world_size: int) -> float:
+    """min_lr, scaled like the peak by the global batch when `min_lr_batch_divisor` is set (the
+    official fine-tuning rule: 1e-6 · global batch / 256, §2.9), else as given."""
+    divisor = cfg.optim.min_lr_batch_divisor
+    scale = global_batch(cfg, world_size) / divisor if divisor else 1.0
+    return cfg.optim.min_lr * scale
 
 
 def lr_at(step: int, total_steps: int, warmup_steps: int, peak: float, start: float,
@@ -54,7 +65,7 @@ class Schedule:
         self.total = o.epochs * steps_per_epoch
         self.warmup = int(round(o.warmup_epochs * steps_per_epoch))
         self.peak = peak_lr(cfg, world_size)
-        self.start, self.final = o.warmup_start_lr, o.min_lr
+        self.start, self.final = o.warmup_start_lr, final_lr(cfg, world_size)
         self.global_cosine = cfg.official_quirks and cfg.task == "pretrain"
         self.inclusive_warmup = cfg.task == "finetune"
 

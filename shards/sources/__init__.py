@@ -1,1 +1,1 @@
-"""Readers of the real datasets' on-disk layouts and label files (reference §4)."""
+"""Readers of the real datasets' on-disk layouts and label files (docs/method.md §4)."""

@@ -1,4 +1,4 @@
-"""AffectNet (reference §4): headerless `<relpath> <label>` list files + image folder.
+"""AffectNet (docs/method.md §4): headerless `<relpath> <label>` list files + image folder.
 
 The official fine-tuning lists (`{train,test}_affectnet7_2w.txt`, root `data/AffectNetdataset`)
 use AffectNet's native ids with Contempt (7) removed; the 8-class variant keeps Contempt as 7.
@@ -24,7 +24,7 @@ SPLIT_NAMES = ("train", "val", "test")
 
 def default_lists(classes: int) -> dict[str, list[str]]:
     """The official 7-class list names; the 8-class variant has none (the official branch
-    points at missing files, reference §3.20), so its lists must be given."""
+    points at missing files, §3.20), so its lists must be given."""
     if classes != 7:
         raise ValueError("affectnet classes=8 has no official list files: pass train=/test=")
     return {split: [f"{split}_affectnet7_2w.txt"] for split in ("train", "test")}

@@ -31,7 +31,7 @@ class SourceRecord:
     key:   unique within the dataset, usable as a tar member stem (no dots, no slashes).
     label: 0-based class id, or None for unlabelled data (VoxCeleb2).
     media: "image" (one file), "frames" (an ordered frame folder), "video" (one video file).
-    paths: the files to read, frames already in numeric order (reference §3.10).
+    paths: the files to read, frames already in numeric order (docs/method.md §3.10).
     meta:  JSON-serialisable facts kept with the sample (source path, fold part, ...).
     """
 

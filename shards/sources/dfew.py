@@ -1,4 +1,4 @@
-"""DFEW (reference §4): 5-fold single-labelled split CSVs + one JPEG frame folder per clip.
+"""DFEW (docs/method.md §4): 5-fold single-labelled split CSVs + one JPEG frame folder per clip.
 
 Layout under `root` (the official `data/DFEW`):
     EmoLabel_DataSplit/train(single-labeled)/train_set_{1..5}.csv   header `video_name,label`

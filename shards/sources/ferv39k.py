@@ -1,4 +1,4 @@
-"""FERV39K (reference §4): train/test CSVs of clip paths + one JPEG frame folder per clip.
+"""FERV39K (docs/method.md §4): train/test CSVs of clip paths + one JPEG frame folder per clip.
 
 Layout under `root` (the official `data/FERV39K`):
     Annotation/{train,test}.csv        header `path,id`, path `<Scene>/<Emotion>/<4-digit id>`

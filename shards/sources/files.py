@@ -58,7 +58,7 @@ def check_file(path: str) -> None:
 def frame_order_key(name: str) -> tuple:
     """Sort key that orders frames by the numbers in their names: 1, 2, 10 — not 1, 10, 2.
 
-    The official code sorts frame paths lexicographically (reference §3.10), which scrambles
+    The official code sorts frame paths lexicographically (docs/method.md §3.10), which scrambles
     clips whose frame names are not zero-padded. Splitting the name into text and digit runs and
     comparing the digit runs as integers is the frame's numeric index whenever names share a
     pattern (`1.jpg`, `frame_0010.png`, `img_3_crop.jpg`), and a sane natural sort otherwise.

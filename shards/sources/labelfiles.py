@@ -2,7 +2,7 @@
 
 Every structural problem raises `SourceFormatError` with the file and the physical line, so a
 user with a 30k-line annotation file can jump straight to the fault. Values stay strings (the
-official code reads column 0 as str, reference §4): `02522` must not become `2522`, because it
+official code reads column 0 as str, docs/method.md §4): `02522` must not become `2522`, because it
 names a frame folder.
 """
 from __future__ import annotations

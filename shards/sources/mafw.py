@@ -1,10 +1,10 @@
-"""MAFW (reference §4): 5-fold single-label CSVs + one PNG frame folder per clip.
+"""MAFW (docs/method.md §4): 5-fold single-label CSVs + one PNG frame folder per clip.
 
 Layout under `root` (the official `data/MAFW`):
     anno/single/no_caption/set_{1..5}/{train,test}.csv   header `video_name,labels`
     frames_crop_align_224/<video_name>/*.png
 `video_name` is a 5-digit zero-padded string; labels 0-based over 11 alphabetical classes. The
-unused top-level `train.csv`/`test.csv` (reference §4) are deliberately not read.
+unused top-level `train.csv`/`test.csv` (§4) are deliberately not read.
 """
 from __future__ import annotations
 

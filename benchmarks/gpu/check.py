@@ -1,0 +1,307 @@
+"""The prepared GPU run: every GPU path of s4d_dist validated and measured, one JSON at the end.
+
+    bash benchmarks/gpu/run.sh --sections A,B,C,D   # on a GPU machine (benchmarks/gpu/README.md)
+    bash benchmarks/gpu/run.sh --cpu-smoke          # the same code at toy sizes, on a CPU
+
+Sections (each independent; a failing one is recorded and the next runs):
+  A  environment: versions, device, NVDEC count
+  B  compiled Triton MoAE: the kernel test file compiled, a stress against the `loop` backend,
+     every autotune tile, compute-sanitizer memcheck on a small case       (triton_checks.py)
+  C  one ViT-B fine-tune rank, bf16, ZeRO-1 / ZeRO-2 / DDP: step time, MFU, peak memory,
+     host-sync sites                                                  (benchmarks/train_step.py)
+  D  MoAE backends at the ViT-B fine-tune shape; glue vs GEMM share
+                                                   (benchmarks/moae.py, benchmarks/moae_glue.py)
+  E  DALI "mixed" against "cpu": every recipe, corrupt samples, stream safety  (dali_checks.py)
+  F  data throughput: DALI mixed, DALI CPU, torch fallback                     (dali_checks.py)
+  G  end to end: `deepspeed launch/finetune.py` and `launch/pretrain.py` with DALI mixed
+
+The JSON (`<out>/gpu_<device>.json`) holds, per section, `ok` (the checks passed), `targets`
+(measured value, target, met) and every figure; a section's entry is written as soon as it
+ends, so a run cut short keeps what it measured, and a later call with other sections adds
+to the same file. Under `--smoke` sizes are toy sizes and GPU-only parts say "skipped".
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+REPO = Path(__file__).resolve().parents[2]
+BENCHMARKS = REPO / "benchmarks"
+sys.path[:0] = [str(BENCHMARKS), str(Path(__file__).parent)]
+
+# NVDEC engines per GPU, from NVIDIA's video codec support matrix (no API reports the count).
+NVDEC_ENGINES = {"H100": 7, "H200": 7, "A100": 5, "L40S": 3, "A10": 1}
+
+
+@dataclass
+class Context:
+    smoke: bool
+    out: Path      # folder for the JSON and the benchmark scripts' own reports
+    scratch: Path  # shards, run folders
+    gpu: bool
+
+    def run(self, cmd: list[str], timeout: float, env: dict | None = None,
+            log: str | None = None) -> subprocess.CompletedProcess:
+        """A subprocess in the scratch folder, never the repository root: there `python -m`
+        would put the source folder s4d_dist/ first on sys.path, ahead of the installed package
+        that maps s4d_dist.kernels and s4d_dist.shards (setup.py). Its output goes to
+        `<out>/<log>` when named and is also returned."""
+        result = subprocess.run(cmd, cwd=self.scratch, env={**os.environ, **(env or {})},
+                                timeout=timeout, capture_output=True, text=True)
+        if log:
+            (self.out / log).write_text(f"$ {' '.join(cmd)}\n{result.stdout}\n{result.stderr}")
+        return result
+
+
+def free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def target(value: float | None, goal: float, higher_is_better: bool = True) -> dict:
+    met = None if value is None else (value >= goal if higher_is_better else value <= goal)
+    return {"value": value, "target": goal, "met": met}
+
+
+def scrub(text: str, ctx: Context) -> str:
+    """`text` without this machine's paths (results are committed): the repository, the scratch
+    and output folders, the installed packages and the interpreter become placeholders."""
+    import site
+    import sysconfig
+    places = {path: "<site-packages>" for path in site.getsitepackages()}
+    places[sysconfig.get_paths()["stdlib"]] = "<stdlib>"
+    places.update({str(REPO): "<repo>", str(ctx.scratch): "<scratch>", str(ctx.out): "<out>",
+                   str(ctx.scratch.parent): "<stage>", sys.prefix: "<python>",
+                   str(Path(sys.executable).resolve().parent.parent): "<python>"})
+    for path, name in sorted(places.items(), key=lambda item: -len(item[0])):
+        text = text.replace(path, name)
+    return text
+
+
+def tail(text: str, lines: int = 15) -> str:
+    return "\n".join(text.strip().splitlines()[-lines:])
+
+
+# ------------------------------------------------------------------------------------ A
+def environment(ctx: Context) -> dict:
+    from importlib import metadata
+
+    versions = {"python": sys.version.split()[0], "torch": torch.__version__,
+                "cuda": torch.version.cuda}
+    for dist in ("triton", "deepspeed", "nvidia-dali-cuda130", "nvidia-dali-cuda120",
+                 "nvidia-nvimgcodec-cu13", "omegaconf", "av", "webdataset", "numpy"):
+        try:
+            versions[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            pass
+    info: dict = {"versions": versions, "gpu": ctx.gpu}
+    if ctx.gpu:
+        props = torch.cuda.get_device_properties(0)
+        info.update(device=props.name, capability=f"{props.major}.{props.minor}",
+                    sms=props.multi_processor_count, memory_gib=round(props.total_memory / 2**30, 1),
+                    nvdec_engines=next((n for k, n in NVDEC_ENGINES.items() if k in props.name), None),
+                    nvdec_source="NVIDIA video codec support matrix, by device name")
+        smi = ctx.run(["nvidia-smi", "--query-gpu=driver_version,clocks.max.sm,power.limit",
+                       "--format=csv,noheader"], timeout=30)
+        info["nvidia_smi"] = smi.stdout.strip()
+        # NVDEC is reached through the driver's libnvcuvid, which containers mount only with
+        # the "video" driver capability.
+        libs = ctx.run(["ldconfig", "-p"], timeout=30).stdout
+        info["libnvcuvid"] = "libnvcuvid" in libs
+        from s4d_dist.train.flops import peak_flops
+        info["peak_bf16_tflops"] = (peak_flops(torch.device("cuda", 0)) or 0) / 1e12 or None
+    needed = ("triton", "deepspeed", "omegaconf")
+    info["ok"] = all(name in versions for name in needed) and (ctx.gpu or ctx.smoke)
+    return info
+
+
+# ------------------------------------------------------------------------------------ C
+def train_step(ctx: Context) -> dict:
+    """One rank, the finetune_dfew model (ViT-B + MoAE), synthetic batches on the device."""
+    report = ctx.out / "train_step.json"
+    if ctx.smoke:
+        cmd = ["--preset", "demo_finetune", "--steps", "2", "--warmup", "2", "--precision", "fp32",
+               "model.img_size=32", "model.num_frames=4", "data.video_batch_size=2"]
+    else:
+        cmd = ["--preset", "finetune_dfew", "--steps", "20", "--warmup", "3", "--precision", "bf16",
+               "--sync-steps", "3", "seed=0"]
+    configs = "zero1,ddp" if ctx.smoke else "zero0,zero1,zero2,ddp"
+    result = ctx.run([sys.executable, str(BENCHMARKS / "train_step.py"), "--ranks", "1",
+                      "--configs", configs, "--results", str(report), *cmd],
+                     timeout=420, log="train_step.log")
+    if result.returncode:
+        return {"ok": False, "error": tail(result.stderr)}
+    data = json.loads(report.read_text())
+    rows = {name: r["ranks"][0] for name, r in data["results"].items()}
+    summary = {name: {key: r.get(key) for key in ("step_s", "samples_per_s", "mfu",
+                                                 "peak_allocated_bytes", "host_sync_sites")}
+               for name, r in rows.items()}
+    best_zero = max((n for n in rows if n.startswith("zero")), key=lambda n: rows[n]["samples_per_s"])
+    return {"ok": all(r["step_s"] > 0 for r in rows.values()), "precision": data["precision"],
+            "results": summary, "ddp_over_zero1": rows["ddp"]["samples_per_s"] /
+            rows["zero1"]["samples_per_s"],
+            "targets": {"finetune_mfu": target(rows[best_zero].get("mfu"), 0.45)}}
+
+
+# ------------------------------------------------------------------------------------ D
+def moae_backends(ctx: Context) -> dict:
+    """Whole MoAE layers per backend (moae.py), then the triton backend split (moae_glue.py)."""
+    layer, glue = ctx.out / "moae.json", ctx.out / "moae_glue.json"
+    size = ["--batch", "1", "--dim", "64", "--hidden", "16"] if ctx.smoke else []
+    first = ctx.run([sys.executable, str(BENCHMARKS / "moae.py"), "--shapes", "video",
+                     "--reps", "2" if ctx.smoke else "20", "--out", str(layer), *size],
+                    timeout=300, log="moae.log")
+    glue_size = ["--batch", "1", "--tokens", "100", "--dim", "64", "--hidden", "16",
+                 "--reps", "2"] if ctx.smoke else []
+    second = ctx.run([sys.executable, str(BENCHMARKS / "moae_glue.py"), "--out", str(glue),
+                      *glue_size], timeout=300, log="moae_glue.log")
+    if first.returncode or second.returncode:
+        return {"ok": False, "error": tail(first.stderr + second.stderr)}
+    rows = json.loads(layer.read_text())["results"]
+    splits = json.loads(glue.read_text())["results"]
+    out: dict = {"ok": True, "layer_ms": {}, "glue": {}, "targets": {}}
+    for row in rows:
+        out["layer_ms"][row["dtype"]] = {n: s * 1e3 for n, s in row["median_s"].items()}
+    for row in splits:
+        out["glue"][row["dtype"]] = {k: row[k] for k in ("backend_ms", "expert_gemms_ms",
+                                                        "kernels_total_ms", "glue_share_of_backend")}
+    main = rows[-1]  # bf16 on a GPU (what DeepSpeed runs), fp32 on a CPU
+    ms = main["median_s"]
+    if "triton" in ms and not ctx.smoke:  # CPU timings of the interpreter mean nothing
+        out["targets"] = {f"triton_vs_loop_{main['dtype']}": target(ms["loop"] / ms["triton"], 5.0),
+                          f"triton_vs_torch_{main['dtype']}": target(ms["torch"] / ms["triton"], 1.5)}
+    return out
+
+
+# ------------------------------------------------------------------------------------ G
+def end_to_end(ctx: Context) -> dict:
+    """`deepspeed launch/finetune.py` (bf16, ZeRO-1) and `launch/pretrain.py` with DALI mixed, on
+    small demo-sized shards; the run folders must hold what the README promises."""
+    from s4d_dist.shards.synthetic import build_synthetic
+
+    import shutil
+    root = ctx.scratch / "e2e"
+    shutil.rmtree(root / "runs", ignore_errors=True)  # a finished run folder is refused
+    data = {m: root / m for m in ("image", "video")}
+    for modality, path in data.items():
+        if not (path / "dataset.json").is_file():
+            build_synthetic(path, modality, {"train": 6, "test": 2}, size=64, frames=16, seed=0,
+                            workers=4, framing="aligned")
+    dali = "cpu" if ctx.smoke else "mixed"
+    precision = "fp32" if ctx.smoke else "bf16"
+    common = [f"data.image_shards={data['image'] / 'train'}",
+              f"data.video_shards={data['video'] / 'train'}", f"output_dir={root / 'runs'}",
+              "optim.epochs=1", "logging.log_every=1", "data.backend=dali",
+              f"data.dali_device={dali}", f"deepspeed.precision={precision}"]
+    env = {"DS_ACCELERATOR": "cpu"} if ctx.smoke else {}
+    # The `deepspeed` command is DeepSpeed's runner module; called as a module it needs no
+    # console script on PATH (pip --target installs none where run.sh can see it).
+    deepspeed = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "1",
+                 "--master_port", str(free_port())]  # not 29500: another job may hold it
+    runs = {
+        "pretrain": [sys.executable, str(REPO / "launch/pretrain.py"), "--config", "demo",
+                     "run_name=pretrain", *common],
+        "finetune": [*deepspeed, str(REPO / "launch/finetune.py"), "--config", "demo_finetune",
+                     "run_name=finetune", "deepspeed.zero_stage=1", "data.val_fraction=0.2",
+                     *common],
+    }
+    out: dict = {"ok": True}
+    for name, cmd in runs.items():
+        started = time.perf_counter()
+        try:
+            result = ctx.run(cmd, timeout=300, env=env, log=f"e2e_{name}.log")
+        except (OSError, subprocess.TimeoutExpired) as error:
+            out[name] = {"ok": False, "error": f"{type(error).__name__}: {error}"}
+            out["ok"] = False
+            continue
+        folder = root / "runs" / name
+        present = {f: (folder / f).is_file() for f in
+                   ("config.yaml", "metrics.json", "finished.json", "weights_fp32.pt",
+                    "weights_official.pth")}
+        present["tensorboard"] = any((folder / "tb").glob("**/events.out.tfevents.*"))
+        entry = {"returncode": result.returncode, "seconds": round(time.perf_counter() - started, 1),
+                 "files": present}
+        if (folder / "metrics.json").is_file():
+            entry["metrics"] = json.loads((folder / "metrics.json").read_text())
+        if result.returncode:
+            entry["error"] = tail(result.stderr)
+        entry["ok"] = result.returncode == 0 and all(present.values())
+        out[name] = entry
+        out["ok"] &= entry["ok"]
+    return out
+
+
+# ------------------------------------------------------------------------------ driver
+def sections() -> dict[str, tuple[str, Callable[[Context], dict]]]:
+    import dali_checks
+    import triton_checks
+    return {"A": ("environment", environment), "B": ("triton_moae", triton_checks.run),
+            "C": ("finetune_step", train_step), "D": ("moae_backends", moae_backends),
+            "E": ("dali_mixed_vs_cpu", dali_checks.correctness),
+            "F": ("data_throughput", dali_checks.throughput), "G": ("end_to_end", end_to_end)}
+
+
+def device_tag(gpu: bool, smoke: bool) -> str:
+    if smoke:
+        return "cpu_smoke"
+    name = torch.cuda.get_device_name(0) if gpu else "cpu"
+    return "".join(c if c.isalnum() else "_" for c in name.lower()).strip("_")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sections", default="A,B,C,D,E,F,G")
+    parser.add_argument("--smoke", action="store_true", help="toy sizes; GPU-only parts skipped")
+    parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "gpu_out")))
+    parser.add_argument("--scratch", type=Path, default=Path(tempfile.gettempdir()) / "s4d_gpu_check")
+    parser.add_argument("--sanitize-case", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.sanitize_case:
+        import triton_checks
+        return triton_checks.sanitize_case()
+    gpu = torch.cuda.is_available()
+    if not gpu and not args.smoke:
+        parser.error("no CUDA device: run with --smoke (run.sh --cpu-smoke) on a CPU")
+    args.out.mkdir(parents=True, exist_ok=True)
+    args.scratch.mkdir(parents=True, exist_ok=True)
+    ctx = Context(args.smoke, args.out, args.scratch, gpu)
+    path = args.out / f"gpu_{device_tag(gpu, args.smoke)}.json"
+    report = json.loads(path.read_text()) if path.is_file() else {"sections": {}}
+    report.update(device=torch.cuda.get_device_name(0) if gpu else "cpu", smoke=args.smoke)
+    table = sections()
+    failed = False
+    for key in args.sections.split(","):
+        name, check = table[key]
+        started = time.perf_counter()
+        print(f"[gpu-check] {key} {name} ...", flush=True)
+        try:
+            entry = check(ctx)
+        except Exception as error:  # one broken section must not cost the others' figures
+            entry = {"ok": False, "error": f"{type(error).__name__}: {error}",
+                     "traceback": tail(traceback.format_exc(), 25)}
+        entry["seconds"] = round(time.perf_counter() - started, 1)
+        report["sections"][f"{key}_{name}"] = entry
+        path.write_text(scrub(json.dumps(report, indent=1, default=str), ctx) + "\n")
+        failed |= not entry["ok"]
+        met = {k: t["met"] for k, t in entry.get("targets", {}).items()}
+        print(f"[gpu-check] {key} {name}: {'ok' if entry['ok'] else 'FAILED'} in "
+              f"{entry['seconds']}s {met or ''} {entry.get('error', '')}", flush=True)
+    print(f"[gpu-check] wrote {path}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

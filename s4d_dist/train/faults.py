@@ -1,0 +1,127 @@
+"""What stops a run on purpose, the exit code each such stop has, and graceful preemption.
+
+Exit codes of the training entry points (launch/pretrain.py, launch/finetune.py), so that a
+scheduler or wrapper script can tell a retry from a bug:
+
+     0  finished
+     1  unexpected error (its traceback is in <run>/logs/rank<k>.log)
+     2  usage: bad config or command line, a run folder this run must not continue from
+     3  diverged: too many consecutive non-finite losses
+    65  data (EX_DATAERR): missing, empty or truncated shards, bad labels
+    69  peers (EX_UNAVAILABLE): a collective with the other ranks failed or timed out — a rank
+        died, hangs, or cannot be reached (NCCL / gloo errors and timeouts); every rank that
+        meets it says so, since the one that would normally speak may be the one that died
+    73  storage (EX_CANTCREAT): the output filesystem is too small or a checkpoint write failed;
+        the previous complete checkpoint is intact
+    75  preempted (EX_TEMPFAIL): SIGTERM / SIGUSR1 received, a checkpoint was written at the next
+        step boundary; starting the same command again resumes from it (resume=auto)
+"""
+from __future__ import annotations
+
+import errno
+import signal
+import threading
+from types import FrameType, TracebackType
+from typing import Optional
+
+from s4d_dist.train import distributed
+
+EXIT_FAILED, EXIT_USAGE, EXIT_DIVERGED = 1, 2, 3
+EXIT_DATA, EXIT_PEERS, EXIT_STORAGE, EXIT_PREEMPTED = 65, 69, 73, 75
+
+PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # SIGUSR1: SLURM's `--signal=USR1@<s>`
+
+
+class RunStopped(RuntimeError):
+    """A stop whose message says all the user needs (one line); `exit_code` classifies it."""
+
+    exit_code = EXIT_FAILED
+
+
+class DataError(RunStopped):
+    exit_code = EXIT_DATA
+
+
+class StorageError(RunStopped):
+    exit_code = EXIT_STORAGE
+
+
+class Preempted(RunStopped):
+    exit_code = EXIT_PREEMPTED
+
+
+# errno values, and what torch's zip writer (inline_container.cc) says instead of ENOSPC when a
+# write comes up short, that mean the filesystem ran out of room or failed under us.
+_STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EFBIG}
+_STORAGE_MESSAGES = ("unexpected pos", "enforce fail", "PytorchStreamWriter failed",
+                     "No space left")
+
+
+# What gloo and NCCL say when a peer is gone or a collective ran out of time, where torch raises a
+# plain RuntimeError rather than one of its torch.distributed.DistError types.
+_PEER_MESSAGES = ("Connection closed by peer", "Connection reset by peer", "Timed out",
+                  "timed out", "Socket Timeout", "NCCL error", "Watchdog caught collective")
+
+
+def peer_failure(error: BaseException) -> bool:
+    """Whether `error` is a collective failing because of the other ranks."""
+    import torch.distributed as dist
+
+    return isinstance(error, dist.DistError) or (
+        isinstance(error, RuntimeError) and any(m in str(error) for m in _PEER_MESSAGES))
+
+
+def storage_failure(error: BaseException) -> Optional[str]:
+    """'disk full' / 'I/O error' when `error` is the filesystem failing, else None."""
+    if isinstance(error, OSError) and error.errno in _STORAGE_ERRNOS:
+        return "I/O error" if error.errno == errno.EIO else "disk full"
+    if isinstance(error, RuntimeError) and any(m in str(error) for m in _STORAGE_MESSAGES):
+        return "disk full"
+    return None
+
+
+def human_bytes(n_bytes: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n_bytes < 1000:
+            return f"{n_bytes:.3g} {unit}"
+        n_bytes /= 1000
+    return f"{n_bytes:.3g} TB"
+
+
+class Preemption:
+    """SIGTERM / SIGUSR1 turned into a stop at a step boundary that every rank agrees on.
+
+    The handler only notes the signal, so whatever runs (a step, a checkpoint being written)
+    finishes undisturbed; a second signal during the save changes nothing. `requested(step)`
+    agrees on the note with one int all-reduced over gloo every `check_every` steps (it waits
+    for no GPU work; every rank calls it at the same steps), after which `signal` names it on
+    every rank. Handlers can be installed only from the main thread (not in a Ray Train
+    worker's thread: there Ray's own restarts resume from the last checkpoint).
+    """
+
+    def __init__(self, check_every: int = 1) -> None:
+        self.check_every = max(1, check_every)
+        self.received = 0  # the first signal number noted on this rank
+        self.signal = ""  # the signal the ranks agreed on
+        self._previous: dict[int, object] = {}
+
+    def __enter__(self) -> Preemption:
+        if threading.current_thread() is threading.main_thread():
+            for signum in PREEMPTION_SIGNALS:
+                self._previous[signum] = signal.signal(signum, self._note)
+        return self
+
+    def __exit__(self, kind: Optional[type], error: Optional[BaseException],
+                 trace: Optional[TracebackType]) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+    def _note(self, signum: int, frame: Optional[FrameType]) -> None:
+        self.received = self.received or signum
+
+    def requested(self, step: int) -> bool:
+        if step % self.check_every:
+            return False
+        agreed = distributed.host_max(self.received)
+        self.signal = signal.Signals(agreed).name if agreed else ""
+        return bool(agreed)

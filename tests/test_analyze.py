@@ -1,0 +1,95 @@
+"""`python -m s4d_dist.analyze` on a tiny fine-tuning run: the report's routing shares against an
+independent count (each router's logits, top-k taken here, valid rows only), its recalls against
+the confusion matrices of metrics, the comparison table against the runs' metrics.json."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import tiny_overrides
+from s4d_dist import config
+
+pytest.importorskip("matplotlib")
+
+
+@pytest.fixture(scope="module")
+def runs(synthetic_shards, tmp_path_factory):
+    from s4d_dist.train.finetune import FinetuneTask
+    from s4d_dist.train.loop import train
+
+    out = tmp_path_factory.mktemp("analyze")
+    folders = []
+    for seed in (0, 1):
+        cfg = config.load("demo_finetune", tiny_overrides(synthetic_shards, out, "finetune") + [
+            f"run_name=seed{seed}", f"seed={seed}", "optim.epochs=1", "data.backend=torch"])
+        train(cfg, FinetuneTask(cfg))
+        folders.append(out / f"seed{seed}")
+    return folders
+
+
+def independent_shares(folder, modality: str) -> np.ndarray:
+    """Share of (token, choice) pairs per expert in each MoAE layer from the routers' logits."""
+    from s4d_dist.data.loaders import eval_loader
+    from s4d_dist.predict.model import load
+
+    cfg = config.load(str(folder / "config.yaml"))
+    network = load(str(folder)).network
+    layers = network.moae_layers()
+    logits: dict[int, torch.Tensor] = {}
+    for index, layer in layers.items():
+        layer.router.register_forward_hook(
+            lambda module, args, output, index=index: logits.__setitem__(index, output[0]))
+    counts = {index: np.zeros(cfg.model.moae.num_experts) for index in layers}
+    loader = eval_loader(cfg, "test", modality)
+    with torch.no_grad():
+        for batch in loader.batches():
+            network(batch["pixels"].float(), modality)
+            valid = batch["valid"].bool()
+            for index, z in logits.items():
+                z = z.view(len(valid), -1, z.shape[-1])[valid]
+                top = z.topk(cfg.model.moae.top_k, dim=-1).indices
+                counts[index] += np.bincount(top.flatten().numpy(), minlength=z.shape[-1])
+    loader.close()
+    return {index: c / c.sum() for index, c in counts.items()}
+
+
+def test_report_of_one_run(runs):
+    from s4d_dist.analyze import main, recall
+
+    assert main([str(runs[0])]) == 0
+    out = runs[0] / "analysis"
+    report = json.loads((out / "report.json").read_text())["runs"][0]
+    assert (out / "routing.png").stat().st_size > 0 and (out / "transfer.png").stat().st_size > 0
+    assert "routing.png" in (out / "report.md").read_text()
+    for modality in ("image", "video"):
+        expected = independent_shares(runs[0], modality)
+        for index, shares in expected.items():
+            entry = report["routing"][f"layer{index}"][modality]
+            np.testing.assert_allclose(entry["share"], shares, atol=1e-9)
+            assert 0.0 <= entry["drop_rate"] <= 1.0 and entry["router_entropy"] > 0
+    video = report["metrics"]["video"]
+    np.testing.assert_allclose(report["transfer"]["video_recall"],
+                               recall(np.array(video["confusion"])), equal_nan=True)
+    assert report["transfer"]["classes"] == [c.lower() for c in report["classes"]["video"]]
+
+
+def test_comparison_of_runs(runs, tmp_path):
+    from s4d_dist.analyze import main
+
+    assert main([str(f) for f in runs] + ["--out", str(tmp_path)]) == 0
+    table = json.loads((tmp_path / "report.json").read_text())["comparison"]
+    wars = [json.loads((f / "metrics.json").read_text())["last"]["war"] for f in runs]
+    assert table["last"]["war"]["mean"] == pytest.approx(np.mean(wars))
+    assert table["last"]["war"]["std"] == pytest.approx(np.std(wars))
+    assert len(table["recall_vs_first_last"]) == 1
+
+
+def test_refuses_what_is_not_a_run(tmp_path, capsys):
+    from s4d_dist.analyze import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main([str(tmp_path)])
+    assert exit_.value.code == 2 and "not a finished run folder" in capsys.readouterr().err

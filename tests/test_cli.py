@@ -1,0 +1,89 @@
+"""Command lines: overrides anywhere among the flags, --print-config, --help listing presets and
+datasets with their options, ds_config's help; run as a user would, in subprocesses."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from s4d_dist import config
+from s4d_dist.shards.__main__ import main as shards_main
+from s4d_dist.shards.sources.registry import READERS
+from s4d_dist.train import cli
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_overrides_anywhere_among_the_flags():
+    cfg = cli.parse("finetune", ["data.fold=1", "--config", "demo_finetune", "seed=2",
+                                 "--local_rank", "0", "optim.epochs=3"])
+    assert (cfg.task, cfg.data.fold, cfg.seed, cfg.optim.epochs) == ("finetune", 1, 2, 3)
+
+
+@pytest.mark.parametrize("script", ["launch/pretrain.py", "launch/finetune.py", "launch/sweep.py"])
+def test_print_config_prints_the_resolved_yaml_and_exits(script):
+    done = run(script, "seed=7", "--config", "demo", "--print-config", "data.fold=2")
+    assert done.returncode == 0, done.stderr
+    printed = yaml.safe_load(done.stdout)
+    assert (printed["seed"], printed["data"]["fold"]) == (7, 2)
+    assert printed == yaml.safe_load(config.to_yaml(config.from_values(("printed", printed))))
+
+
+def test_training_as_a_module_as_deepspeed_and_torchrun_start_it():
+    done = run("-m", "s4d_dist.train", "--local_rank=0", "finetune", "--config", "demo", "seed=3",
+               "--print-config")
+    assert done.returncode == 0, done.stderr
+    printed = yaml.safe_load(done.stdout)
+    assert (printed["task"], printed["seed"]) == ("finetune", 3)
+    assert run("-m", "s4d_dist.train", "--config", "demo").returncode == 2
+
+
+def test_help_lists_presets_and_examples_and_bad_overrides_are_one_line():
+    helped = run("launch/sweep.py", "--help")
+    assert helped.returncode == 0
+    assert "presets:" in helped.stdout and "examples:" in helped.stdout
+    for preset in ("demo", "demo_finetune", "finetune_dfew", "pretrain_vit_base"):
+        assert f"\n  {preset} " in helped.stdout
+    bad = run("launch/finetune.py", "--config", "demo", "data.sed=1", "--print-config")
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+    assert "unknown config key 'data.sed'" in bad.stderr
+
+
+def test_shards_help_lists_every_dataset_and_its_options(capsys):
+    assert shards_main(["--help"]) == 0
+    listing = capsys.readouterr().out
+    for name in READERS:
+        assert f"\n  {name} " in listing
+    assert shards_main(["affectnet", "--help"]) == 0
+    affectnet = capsys.readouterr().out
+    assert affectnet.startswith("usage: python -m s4d_dist.shards affectnet --root ROOT --out OUT")
+    assert "--image-root   default: 'Manually_Annotated_Images'" in affectnet
+    assert "Read AffectNet image lists" in affectnet  # the reader's docstring
+
+
+def test_ds_config_help_and_errors_without_traceback():
+    helped = run("-m", "s4d_dist.train.ds_config", "--help")
+    assert helped.returncode == 0 and "world_size=N" in helped.stdout
+    bad = run("-m", "s4d_dist.train.ds_config", "no_such_preset")
+    assert bad.returncode == 2 and "unknown preset 'no_such_preset'" in bad.stderr
+    assert "Traceback" not in bad.stderr
+
+
+@pytest.mark.parametrize("command, args, expected", [
+    ("s4d-shards", ["--help"], "\n  synthetic "),
+    ("s4d-finetune", ["--config", "demo", "--print-config"], "task: finetune\n"),
+    ("s4d-predict", ["--help"], "--face-detect"),
+])
+def test_installed_commands(command, args, expected):
+    """The console scripts of setup.py (installed by `pip install -e .`) run and exit 0."""
+    executable = Path(sys.executable).parent / command
+    assert executable.exists(), f"{command} is not installed: pip install -e ."
+    done = subprocess.run([str(executable), *args], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert expected in done.stdout

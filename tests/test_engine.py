@@ -1,0 +1,153 @@
+"""The optimisation step on its own: device placement at init, the optimizer build_engine picks,
+and Stepper's non-finite guard — weights and optimizer state untouched by a skipped step,
+counts kept on the device, no host read on the device-side path, the abort after a run of
+skips. DeepSpeed runs on its CPU accelerator; where a GPU is needed it is said what stands in."""
+from __future__ import annotations
+
+import contextlib
+from types import SimpleNamespace
+from unittest import mock
+
+import deepspeed
+import pytest
+import torch
+from torch import nn
+
+from conftest import tiny_overrides
+from s4d_dist import config
+from s4d_dist.models.build import build_mae
+from s4d_dist.train import distributed
+from s4d_dist.train.engine import NonFiniteLossError, Stepper, adamw, build_engine, set_lr
+
+
+def test_init_sets_the_rank_device_before_the_process_group(monkeypatch):
+    # No GPU can exist here: a patched torch.cuda stands in for an 8-GPU node, and a recording
+    # deepspeed.init_distributed for NCCL (nothing is initialised).
+    calls = []
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda index: calls.append(("set_device", index)))
+    monkeypatch.setattr(distributed.dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(deepspeed, "init_distributed",
+                        lambda dist_backend: calls.append(("init_distributed", dist_backend)))
+    distributed.init()
+    assert calls == [("set_device", 3), ("init_distributed", "nccl")]
+    assert distributed.device() == torch.device("cuda", 3)
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(RuntimeError, match="LOCAL_RANK 3 but this process sees 2 GPU"):
+        distributed.init()
+
+
+def tiny_cfg(tmp_path, *extra):
+    return config.load("demo", tiny_overrides(tmp_path, tmp_path, "pretrain") + list(extra))
+
+
+def test_build_engine_uses_plain_adamw_on_cpu_and_keeps_lr_scales(tmp_path):
+    distributed.init()
+    cfg = tiny_cfg(tmp_path, "optim.layer_decay=0.75")
+    engine = build_engine(cfg, build_mae(cfg))
+    assert not engine.client_optimizer.defaults["fused"]  # CPU runs reproduce earlier ones
+    assert Stepper(engine).device_skip is None  # so a non-finite step is skipped on the host
+    set_lr(engine, 1.0)
+    scales = [g["lr_scale"] for g in engine.optimizer.param_groups]
+    assert len(set(scales)) > 1 and [g["lr"] for g in engine.optimizer.param_groups] == scales
+
+
+def test_adamw_is_fused_for_cuda_parameters(tmp_path, monkeypatch):
+    # A CUDA parameter cannot exist here: an object answering is_cuda stands in for one, and a
+    # recording AdamW for torch's (which would refuse it).
+    requested = []
+    monkeypatch.setattr(torch.optim, "AdamW", lambda groups, **kwargs: requested.append(kwargs))
+    adamw([{"params": [SimpleNamespace(is_cuda=True)], "lr_scale": 0.5}], tiny_cfg(tmp_path))
+    adamw([{"params": [torch.zeros(1)]}], tiny_cfg(tmp_path))
+    assert requested[0]["fused"] is True and "fused" not in requested[1]
+
+
+def fused_engine(precision: str = "fp32", grad_accum: int = 1):
+    """A tiny model under DeepSpeed (ZeRO-0) with the fused AdamW. Torch's fused AdamW also runs
+    on the CPU and honours `found_inf` as the CUDA kernel does: it stands in for the GPU path."""
+    distributed.init()
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1, fused=True)
+    ds_config = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": grad_accum,
+                 "zero_optimization": {"stage": 0}, "bf16": {"enabled": precision == "bf16"},
+                 "steps_per_print": 2**31 - 1}
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+    return engine, optimizer
+
+
+def snapshot(engine, optimizer) -> list[torch.Tensor]:
+    state = [v for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v)]
+    return [t.detach().clone() for t in [*engine.module.parameters(), *state]]
+
+
+@contextlib.contextmanager
+def no_host_reads():
+    """Every way of reading a tensor's value on the host raises (a sync on a GPU)."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("host read of a tensor during the step")
+
+    with contextlib.ExitStack() as stack:
+        for name in ("item", "tolist", "numpy", "__bool__", "__float__", "__int__"):
+            stack.enter_context(mock.patch.object(torch.Tensor, name, refuse))
+        yield
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_device_side_skip_leaves_weights_and_state_untouched(precision):
+    engine, optimizer = fused_engine(precision)
+    stepper = Stepper(engine, max_consecutive_skips=3)
+    assert stepper.device_skip is optimizer
+    x = torch.randn(2, 4)
+
+    def loss():
+        return engine(x.to(stepper.dtype)).float().pow(2).mean()
+
+    stepper(loss, 0.1)  # creates the optimizer state
+    before = snapshot(engine, optimizer)
+    # A NaN loss with finite gradients: DeepSpeed's own overflow check cannot see it.
+    with no_host_reads() if precision == "fp32" else contextlib.nullcontext():
+        outcome = stepper(lambda: loss() + float("nan"), 0.1)
+    assert outcome.loss.isnan() and outcome.skipped
+    # And one whose gradients are NaN too.
+    stepper(lambda: loss() * float("nan"), 0.1)
+    after = snapshot(engine, optimizer)
+    assert all(torch.equal(a, b) for a, b in zip(before, after))
+    assert stepper.check() == 2
+    outcome = stepper(loss, 0.1)
+    assert not outcome.skipped and torch.isfinite(outcome.grad_norm)
+    assert not torch.equal(before[0], engine.module.weight)  # a finite step applies again
+
+
+def test_device_side_skip_covers_the_accumulated_step():
+    engine, optimizer = fused_engine(grad_accum=2)
+    stepper = Stepper(engine)
+    x = torch.randn(2, 4)
+
+    def loss():
+        return engine(x).pow(2).mean()
+
+    stepper(loss, 0.1), stepper(loss, 0.1)
+    before = snapshot(engine, optimizer)
+    stepper(lambda: loss() * float("nan"), 0.1)  # poisons the accumulated gradients
+    stepper(loss, 0.1)  # the boundary: skipped with it
+    assert all(torch.equal(a, b) for a, b in zip(before, snapshot(engine, optimizer)))
+    stepper(loss, 0.1), stepper(loss, 0.1)
+    assert not torch.equal(before[0], engine.module.weight)
+
+
+def test_a_run_of_skips_aborts_at_the_next_check_even_if_it_ended():
+    engine, _ = fused_engine()
+    stepper = Stepper(engine, max_consecutive_skips=2)
+    x = torch.randn(2, 4)
+    stepper(lambda: engine(x).sum() * float("nan"), 0.1)
+    assert stepper.check() == 1
+    stepper(lambda: engine(x).sum() * float("nan"), 0.1)
+    stepper(lambda: engine(x).sum(), 0.1)  # the run is over before anyone looks
+    with pytest.raises(NonFiniteLossError, match="2 consecutive steps"):
+        stepper.check()

@@ -1,0 +1,301 @@
+"""Faults as an operator meets them, on CPU: truncated shards, a disk too small up front, a disk
+that fills during a save, a kill during export, and SIGTERM preemption of a 2-rank run — each
+stops with one console line and its documented exit code, and resumes where it applies."""
+import errno
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections import namedtuple
+from pathlib import Path
+
+import psutil
+import pytest
+from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+from conftest import tiny_overrides
+from s4d_dist import atomic
+from s4d_dist.data.catalog import open_catalog
+from s4d_dist.train import checkpoint, cli
+from s4d_dist.train.faults import (EXIT_DATA, EXIT_DIVERGED, EXIT_PREEMPTED, EXIT_STORAGE,
+                                   EXIT_USAGE)
+from test_train import ExplodingTask, _launch, scalars
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _args(shards, out, *extra):
+    return ["--config", "demo", *tiny_overrides(shards, out, "pretrain")[1:], "optim.epochs=1",
+            *extra]
+
+
+def _stop(capsys, args) -> tuple[int, list[str], str]:
+    """Exit code, console lines of ours, and all of stderr of a run that stops."""
+    with pytest.raises(SystemExit) as stop:
+        cli.main("pretrain", args)
+    err = capsys.readouterr().err
+    return stop.value.code, [line for line in err.splitlines() if line.startswith("[s4d]")], err
+
+
+def test_truncated_shard_stops_with_one_line_or_trains_on_the_rest(synthetic_shards, tmp_path,
+                                                                    capsys):
+    shards = tmp_path / "shards"
+    shutil.copytree(synthetic_shards, shards)
+    tar = shards / "image" / "train" / "shard-000000.tar"
+    os.truncate(tar, int(tar.stat().st_size * 0.6))  # a copy cut short
+    lost = open_catalog([str(tar)], skip_truncated=True).truncated[str(tar)]
+    assert lost > 0
+
+    code, lines, err = _stop(capsys, _args(shards, tmp_path))
+    assert code == EXIT_DATA
+    assert len(lines) == 1 and f"{tar} ({lost} samples)" in lines[0], err
+    assert "data.skip_truncated=true" in lines[0] and "Traceback" not in err
+    log = tmp_path / "tiny" / "logs" / "rank0.log"
+    assert "TruncatedShardError" in log.read_text()  # the traceback went to the run's log
+
+    final = cli.main("pretrain", _args(shards, tmp_path, "data.skip_truncated=true"))
+    assert f"training without {lost} samples" in capsys.readouterr().out
+    assert final["truncated_samples"] == lost
+    assert json.loads((tmp_path / "tiny" / "metrics.json").read_text())["truncated_samples"] == lost
+    assert all(v == v for _, v in scalars(tmp_path / "tiny")["loss/image"])  # finite losses
+
+
+def test_a_refused_resume_and_a_diverging_run_stop_with_one_line(synthetic_shards, tmp_path,
+                                                                  capsys, monkeypatch):
+    args = _args(synthetic_shards, tmp_path)
+    cli.main("pretrain", args)
+    capsys.readouterr()
+    code, lines, err = _stop(capsys, args)
+    assert code == EXIT_USAGE and len(lines) == 1, err
+    assert lines[0].startswith(f"[s4d] error: {tmp_path / 'tiny'} holds a finished run; pick")
+
+    monkeypatch.setattr(cli, "make_task", lambda cfg: ExplodingTask(cfg, start=1))
+    code, lines, err = _stop(capsys, _args(synthetic_shards, tmp_path, "run_name=nan",
+                                           "optim.max_nonfinite_steps=2"))
+    assert code == EXIT_DIVERGED and len(lines) == 1, err
+    assert "error: 2 consecutive steps had a non-finite loss; the run is diverging" in lines[0]
+    assert "Traceback" not in err
+    assert "NonFiniteLossError" in (tmp_path / "nan" / "logs" / "rank0.log").read_text()
+
+
+def test_too_small_a_disk_is_refused_before_training(synthetic_shards, tmp_path, capsys,
+                                                     monkeypatch):
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(checkpoint.shutil, "disk_usage", lambda path: usage(10**6, 10**6 - 1000, 1000))
+    code, lines, err = _stop(capsys, _args(synthetic_shards, tmp_path))
+    assert code == EXIT_STORAGE
+    assert len(lines) == 1, err
+    assert f"not enough space for checkpoints in {tmp_path / 'tiny' / 'checkpoints'}" in lines[0]
+    assert "1 KB free" in lines[0]
+    assert not (tmp_path / "tiny" / "tb").exists() or "loss/image" not in scalars(tmp_path / "tiny")
+
+
+def test_disk_full_during_a_save_keeps_the_previous_checkpoint(synthetic_shards, tmp_path,
+                                                              capsys, monkeypatch):
+    """The second step checkpoint fails part-way with ENOSPC (DeepSpeed's writer), as on a full
+    disk: one line, the first checkpoint intact and resumable, the partial one gone."""
+    real_save, tags = TorchCheckpointEngine.save, []
+
+    def fills_up(self, state_dict, path):
+        tag = Path(path).parent.name
+        tags.append(tag) if tag not in tags else None
+        if len(tags) > 1:
+            Path(path).write_bytes(b"partial")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_save(self, state_dict, path)
+
+    monkeypatch.setattr(TorchCheckpointEngine, "save", fills_up)
+    args = _args(synthetic_shards, tmp_path, "checkpoint.every_steps=1")
+    code, lines, err = _stop(capsys, args)
+    ckpt = tmp_path / "tiny" / "checkpoints"
+    assert code == EXIT_STORAGE
+    assert len(lines) == 1, err
+    assert lines[0].startswith(f"[s4d] error: could not write checkpoint {tags[1]} to {ckpt} "
+                               f"(disk full): it needs about ")
+    assert f"the previous checkpoint {tags[0]} is intact" in lines[0]
+    assert (ckpt / "latest_complete").read_text() == tags[0]
+    assert not (ckpt / tags[1]).exists()
+
+    monkeypatch.setattr(TorchCheckpointEngine, "save", real_save)
+    (ckpt / "step000000999").mkdir()  # as if killed while saving: newer than the pointer
+    cli.main("pretrain", args)
+    out = capsys.readouterr().out
+    assert (f"ignoring incomplete checkpoint step000000999 in {ckpt} (its save was cut short); "
+            f"resuming from {tags[0]}") in out
+    assert f"from checkpoint {tags[0]}" in out
+    assert (tmp_path / "tiny" / "finished.json").is_file()
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 2.6 MB tmpfs (room for one tiny checkpoint of ~1.7 MB, not two), where mounting works."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2600k", "tmpfs", str(disk)],
+                      capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        yield disk
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=True)
+
+
+def test_a_real_full_disk_is_named_and_resumable_after_freeing_space(synthetic_shards, small_disk,
+                                                                      capsys):
+    args = _args(synthetic_shards, small_disk, "checkpoint.every_steps=1", "checkpoint.keep=1")
+    code, lines, err = _stop(capsys, args)
+    ckpt = small_disk / "tiny" / "checkpoints"
+    assert code == EXIT_STORAGE, err
+    assert len(lines) == 1 and "(disk full): it needs about 1.6" in lines[0], err
+    first = (ckpt / "latest_complete").read_text()
+    assert f"the previous checkpoint {first} is intact" in lines[0]
+    assert sorted(p.name for p in ckpt.glob("step*")) == [first]  # the partial one removed
+
+    subprocess.run(["mount", "-o", "remount,size=8m", str(small_disk)], check=True)  # space freed
+    cli.main("pretrain", args)
+    assert f"from checkpoint {first}" in capsys.readouterr().out
+    assert (small_disk / "tiny" / "finished.json").is_file()
+
+
+def test_atomic_writes_leave_no_truncated_file(tmp_path):
+    target = tmp_path / "weights_fp32.pt"
+    target.write_bytes(b"old and complete")
+    with pytest.raises(OSError):
+        with atomic.replacing(target) as tmp:
+            tmp.write_bytes(b"half")
+            raise OSError(errno.ENOSPC, "No space left on device")
+    assert target.read_bytes() == b"old and complete" and os.listdir(tmp_path) == [target.name]
+
+    fresh = tmp_path / "metrics.json"
+    writer = subprocess.Popen([sys.executable, "-c", f"""
+import sys, time
+from s4d_dist import atomic
+with atomic.replacing({str(fresh)!r}) as tmp:
+    with open(tmp, "wb") as f:
+        f.write(b"x" * 100_000)
+        f.flush()
+        print("writing", flush=True)
+        time.sleep(60)
+"""], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    assert writer.stdout.readline().strip() == "writing"
+    writer.kill()  # kill -9 in the middle of the export
+    writer.wait()
+    assert not fresh.exists()  # only a hidden temporary name holds the partial bytes
+
+
+NODE = """
+import sys
+import torch.distributed as dist
+from s4d_dist.train.faults import StorageError
+from s4d_dist.train.storage import check_shared
+dist.init_process_group("gloo")
+try:
+    check_shared(sys.argv[1], sys.argv[2:])
+except StorageError as error:
+    print(error)
+"""
+
+
+def test_a_rank_that_sees_another_run_folder_or_other_shards_is_refused(synthetic_shards,
+                                                                         tmp_path):
+    """Two ranks as two "nodes": rank 1's view of the run folder (or of a shard) differs."""
+    shards = sorted(str(p) for p in (synthetic_shards / "image" / "train").glob("*.tar"))
+
+    def nodes(folders, shard_views, port):
+        env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+               "WORLD_SIZE": "2"}
+        procs = [subprocess.Popen([sys.executable, "-c", NODE, str(folders[r]), *shard_views[r]],
+                                  cwd=REPO, env={**env, "RANK": str(r)}, stdout=subprocess.PIPE,
+                                  text=True) for r in (0, 1)]
+        return [p.communicate(timeout=120)[0].strip() for p in procs]
+
+    shared, local = tmp_path / "run", tmp_path / "node1_local_disk" / "run"
+    shared.mkdir()
+    local.mkdir(parents=True)
+    assert nodes([shared, shared], [shards, shards], 29771) == ["", ""]
+    said = nodes([shared, local], [shards, shards], 29772)
+    assert said[0] == said[1]
+    assert said[0].startswith(f"rank 1 on {os.uname().nodename}: the run folder {local} is not "
+                              f"the one rank 0 writes to: output_dir must be storage shared")
+    elsewhere = tmp_path / "node1_shard.tar"
+    elsewhere.write_bytes(b"x")
+    said = nodes([shared, shared], [shards, [str(elsewhere)] + shards[1:]], 29773)
+    assert said[0] == said[1] and f"{elsewhere} is 1 bytes here" in said[0]
+    assert not (shared / ".shared_storage_check").exists()
+
+
+def _rank_process(launcher: subprocess.Popen, rank: int) -> psutil.Process:
+    for child in psutil.Process(launcher.pid).children(recursive=True):
+        if f"--local_rank={rank}" in " ".join(child.cmdline()):
+            return child
+    raise AssertionError(f"rank {rank} not found")
+
+
+def test_sigterm_checkpoints_exits_75_and_resumes_the_same_curve(synthetic_shards, tmp_path):
+    """Two ranks under the deepspeed launcher; only rank 1 receives SIGTERM (twice): both agree,
+    save at the next step, exit 75; the rerun resumes and logs the uninterrupted run's losses."""
+    def launch(run_name, log):
+        args = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2",
+                "--master_port", str(29750 + len(run_name)), "launch/pretrain.py", "--config",
+                "demo", *tiny_overrides(synthetic_shards, tmp_path, "pretrain")[1:],
+                f"run_name={run_name}", "optim.epochs=3", "checkpoint.every_steps=2",
+                "deepspeed.zero_stage=1"]
+        return _launch(args, {}, log)
+
+    with open(tmp_path / "whole.txt", "w") as log:
+        assert launch("whole", log).wait(timeout=600) == 0
+    ckpt = tmp_path / "preempted" / "checkpoints" / "latest_complete"
+    with open(tmp_path / "preempted.txt", "w") as log:
+        proc = launch("preempted", log)
+        deadline = time.time() + 300
+        while time.time() < deadline and not ckpt.is_file():
+            time.sleep(0.05)
+        rank1 = _rank_process(proc, 1)
+        rank1.send_signal(signal.SIGTERM)
+        time.sleep(0.05)
+        rank1.send_signal(signal.SIGTERM)  # a second signal, likely during the save
+        assert proc.wait(timeout=300) == EXIT_PREEMPTED
+    console = (tmp_path / "preempted.txt").read_text()
+    said = [line for line in console.splitlines() if "[s4d] preempted" in line]
+    assert len(said) == 1 and "preempted (SIGTERM): checkpoint step" in said[0], console[-3000:]
+    tag = ckpt.read_text()
+    assert f"checkpoint {tag} (step {int(tag[4:])})" in said[0]
+    assert not (tmp_path / "preempted" / "finished.json").exists()
+
+    with open(tmp_path / "resumed.txt", "w") as log:
+        assert launch("preempted", log).wait(timeout=600) == 0
+    assert f"from checkpoint {tag}" in (tmp_path / "resumed.txt").read_text()
+
+    def curve(run):
+        logged = scalars(tmp_path / run)
+        return sorted(logged["loss/image"] + logged["loss/video"])
+
+    whole, resumed = curve("whole"), curve("preempted")
+    assert [s for s, _ in resumed] == [s for s, _ in whole]  # every step logged once
+    assert [v for _, v in resumed] == pytest.approx([v for _, v in whole], rel=1e-5)
+
+
+@pytest.mark.parametrize("make_error", [
+    lambda: RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Connection closed "
+                         "by peer [127.0.0.1]:29513"),
+    lambda: __import__("torch").distributed.DistNetworkError("Timed out after 1800 seconds "
+                                                             "waiting for clients. 1/2 clients joined."),
+])
+@pytest.mark.parametrize("rank", [0, 1])
+def test_a_lost_peer_is_one_line_from_every_rank(make_error, rank, tmp_path, capsys):
+    """A dead or hung rank surfaces on the others as a gloo/NCCL error or timeout: every rank
+    that meets it says so in one line (rank 0 may be the one that died), exit 69."""
+    from s4d_dist.train.faults import EXIT_PEERS
+
+    log = tmp_path / f"rank{rank}.log"
+    try:
+        raise make_error()
+    except Exception as error:  # noqa: BLE001 - what cli.main catches
+        code = cli.report(error, rank, log)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == EXIT_PEERS and len(err) == 1
+    assert err[0].startswith(f"[s4d] rank {rank} lost the other ranks (") and "exit 69" in err[0]
+    assert "Traceback" in log.read_text()
