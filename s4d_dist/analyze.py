@@ -174,7 +174,8 @@ def figures(report: dict[str, Any], out: Path) -> list[str]:
         axes[0].bar(x - 0.2, t["image_recall"], width=0.4, label="image head, image test")
         axes[0].bar(x + 0.2, t["video_recall"], width=0.4, label="video head, video test")
         axes[0].set_xticks(x, t["classes"], rotation=45, ha="right")
-        axes[0].set_title(f"per-class recall (r = {t['correlation']})")
+        r = "n/a" if t["correlation"] is None else f"{t['correlation']:.2f}"
+        axes[0].set_title(f"per-class recall (r = {r})")
         axes[0].legend(fontsize=7)
         for ax, modality in zip(axes[1:], ("image", "video")):
             confusion = np.array(report["metrics"][modality]["confusion"])

@@ -364,6 +364,9 @@ def validate(cfg: DictConfig) -> None:
     _require(cfg.deepspeed.precision in ("bf16", "fp16", "fp32"),
              f"deepspeed.precision must be bf16, fp16 or fp32, got '{cfg.deepspeed.precision}'")
     _require(len(cfg.optim.betas) == 2, "optim.betas must hold two numbers")
+    _require(cfg.checkpoint.signal_check_every >= 1,
+             f"checkpoint.signal_check_every must be >= 1 (steps between the ranks' checks for a "
+             f"preemption signal), got {cfg.checkpoint.signal_check_every}")
     _require(cfg.optim.min_lr_batch_divisor is None or cfg.optim.min_lr_batch_divisor > 0,
              f"optim.min_lr_batch_divisor must be > 0 (or null), got {cfg.optim.min_lr_batch_divisor}")
     _require(cfg.resume in ("auto", "never"), f"resume must be auto or never, got '{cfg.resume}'")

@@ -6,7 +6,9 @@ Re-running the same command after an interruption resumes; re-running it after s
 only checks and prints the summary.
 
 ``python -m s4d_dist.shards --help`` lists the datasets; ``... <dataset> --help`` shows that
-dataset's options.
+dataset's options. ``python -m s4d_dist.shards inspect OUT`` describes a built dataset (counts,
+codec, clip lengths, a preview PNG); ``... verify OUT`` checks every shard's checksum, every
+index and every sample's decoding (exit 1 when something differs from the build).
 
 Exit status: 0 built; 1 the dataset or a previous build is not as expected (the message
 names the file and, where there is one, the line); 2 bad command line or dataset option;
@@ -17,6 +19,7 @@ from __future__ import annotations
 import argparse
 import inspect
 import sys
+from pathlib import Path
 from typing import Any, Callable
 
 PROG = "python -m s4d_dist.shards"
@@ -120,8 +123,62 @@ def _error(message: str, status: int = 1) -> int:
     return status
 
 
+def tools_main(argv: list[str]) -> int:
+    """``inspect OUT`` and ``verify OUT`` (s4d_dist/data/dataset_tools.py)."""
+    import json
+
+    parser = argparse.ArgumentParser(prog=f"{PROG} {argv[0]}")
+    parser.add_argument("out", help="a built dataset (the folder holding dataset.json)")
+    if argv[0] == "inspect":
+        parser.description = "What a built dataset holds, and a preview grid of its samples."
+        parser.add_argument("--preview", help="PNG to write (default OUT/preview.png); '' for none")
+        parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    else:
+        parser.description = ("Every shard's checksum, every index and every sample decoded; "
+                              "exit 1 when anything differs from the build.")
+        parser.add_argument("--no-decode", action="store_true", help="checksums and indexes only")
+    args = parser.parse_args(argv[1:])
+    from s4d_dist.data import dataset_tools
+
+    try:
+        if argv[0] == "verify":
+            report = dataset_tools.verify_dataset(args.out, decode=not args.no_decode)
+            for split, entry in report["splits"].items():
+                problems = entry["shards"] + entry["samples"]
+                print(f"{split}: {entry['shards_checked']} shards, {entry['samples_decoded']} "
+                      f"samples decoded, {len(problems)} problems")
+                for problem in problems:
+                    print(f"  {problem}")
+            print("ok: the dataset is as built" if report["ok"] else "FAILED")
+            return 0 if report["ok"] else 1
+        report = dataset_tools.inspect_dataset(args.out)
+        preview = Path(args.out) / "preview.png" if args.preview is None else args.preview
+        if preview:
+            report["preview"] = str(dataset_tools.preview(args.out, preview))
+    except (FileNotFoundError, ValueError) as error:
+        return _error(str(error).splitlines()[0], 2)
+    if args.json:
+        print(json.dumps(report, indent=1))
+        return 0
+    print(f"{report['dataset']} ({report['modality']}), classes: {', '.join(report['class_names'])}")
+    for split, entry in report["splits"].items():
+        extra = f", frames {entry['frames']}" if "frames" in entry else ""
+        print(f"  {split}: {entry['samples']} samples in {entry['shards']} shards "
+              f"({entry['bytes'] / 2**20:.1f} MiB), {entry['media']}, sizes "
+              f"{', '.join(entry['frame_sizes'])}{extra}, skipped inputs {entry['skipped_inputs']}")
+        print(f"    per class: {entry['per_class']}")
+    if "preview" in report:
+        print(f"  preview: {report['preview']}")
+    return 0
+
+
+TOOLS = ("inspect", "verify")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in TOOLS:
+        return tools_main(argv)
     help_asked = "-h" in argv or "--help" in argv  # answered before parsing: no --root needed
     parser = make_parser()
     if not help_asked:

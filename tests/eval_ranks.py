@@ -1,8 +1,9 @@
-"""Evaluate a seeded tiny classifier on the test split of `shards` with however many ranks this
-was launched with (torchrun, or one plain process) and write, from rank 0, the metrics and the
-merged per-sample probabilities to `out` (npz). Used by test_evaluate_ranks.py.
+"""Evaluate seeded tiny classifiers (without and with MoAE) on the test split of `shards` with
+however many ranks this was launched with (torchrun, or one plain process) and write, from rank
+0, the metrics and the merged per-sample probabilities to OUT/<variant>.npz. Used by
+test_evaluate_ranks.py.
 
-    torchrun --standalone --nproc_per_node 2 tests/eval_ranks.py SHARDS OUT [key=value ...]
+    torchrun --standalone --nproc_per_node 2 tests/eval_ranks.py SHARDS OUT
 """
 import json
 import sys
@@ -23,8 +24,16 @@ TINY = ["model.embed_dim=32", "model.depth=2", "model.num_heads=2", "model.moae.
         "model.moae.num_experts=2", "model.moae.top_k=1", "data.eval_batch_size=5"]
 
 
-def main(shards: Path, out: Path, overrides: list[str]) -> None:
+VARIANTS = {"plain": ["model.moae.enabled=false"], "moae": []}
+
+
+def main(shards: Path, out: Path) -> None:
     distributed.init()
+    for variant, overrides in VARIANTS.items():
+        evaluate_variant(shards, out / f"{variant}.npz", overrides)
+
+
+def evaluate_variant(shards: Path, out: Path, overrides: list[str]) -> None:
     paths = {"image": shards / "image", "video": shards / "video"}
     cfg = ds.make_cfg(paths, "finetune", *TINY, *overrides)
     torch.manual_seed(0)
@@ -41,4 +50,4 @@ def main(shards: Path, out: Path, overrides: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3:])
+    main(Path(sys.argv[1]), Path(sys.argv[2]))

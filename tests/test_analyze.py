@@ -93,3 +93,21 @@ def test_refuses_what_is_not_a_run(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_:
         main([str(tmp_path)])
     assert exit_.value.code == 2 and "not a finished run folder" in capsys.readouterr().err
+
+
+def test_tensorboard_is_one_run_with_labelled_figures(runs):
+    """What a person opening TensorBoard sees: one run per training run (no sub-runs for each
+    expert or for hparams), confusion matrices and recall bars as images, expert load as
+    scalars and a bar chart per layer."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tb = runs[0] / "tb"
+    assert [p for p in tb.iterdir() if p.is_dir()] == []
+    events = EventAccumulator(str(tb), size_guidance={"images": 0, "scalars": 0}).Reload()
+    images = set(events.Tags()["images"])
+    assert {"test_last/confusion", "test_last/recall", "val/confusion", "val/recall",
+            "moae/layer1/load"} <= images
+    scalars = set(events.Tags()["scalars"])
+    assert {"moae/layer1/load_e0", "moae/layer1/load_e1", "hparam/war"} <= scalars
+    confusion = events.Images("test_last/confusion")[-1]
+    assert confusion.width > 7 * 34 and confusion.height > 7 * 34  # 7 labelled rows of cells

@@ -165,6 +165,7 @@ def test_eval_views_identify_rows(paths, world):
                     row = (int(b["index"][i]), int(b["view"][i]))
                     rows.append(row)
                     by_row[row] = b["pixels"][i]
+                    assert int(b["label"][i]) == ds.builder_label(b["key"][i])  # the builder's rule
                 else:
                     assert b["index"][i] == -1 and b["key"][i] == ""
     n = loaders[0].num_samples

@@ -196,6 +196,17 @@ def test_source_order_matches_official_and_ranks():
     assert not torch.equal(mixing.source_order([37, 5], 0), mixing.source_order([37, 5], 1))
 
 
+def test_source_order_frozen_values():
+    # Frozen outputs of the transcribed official ConcatIterator (6 video batches, 4 image
+    # batches at rate 0.5): a change of the order — or of torch's seeded randperm that both the
+    # official code and ours rely on — shows up here even if both implementations move together.
+    frozen = {0: [0, 0, 1, 0, 0, 0, 0, 1], 1: [0, 0, 0, 1, 1, 0, 0, 0], 2: [0, 0, 1, 0, 1, 0, 0, 0]}
+    counts = mixing.step_counts([6, 4], [1.0, 0.5])
+    assert counts == [6, 2]
+    for epoch, order in frozen.items():
+        assert mixing.source_order(counts, epoch).tolist() == order
+
+
 # ------------------------------------------------------------------------------------- masks
 def test_masks_exact_counts():
     mask = random_masks(64, 800, 0.95, torch.Generator().manual_seed(0))

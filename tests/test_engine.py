@@ -5,6 +5,7 @@ skips. DeepSpeed runs on its CPU accelerator; where a GPU is needed it is said w
 from __future__ import annotations
 
 import contextlib
+import os
 from types import SimpleNamespace
 from unittest import mock
 
@@ -151,3 +152,28 @@ def test_a_run_of_skips_aborts_at_the_next_check_even_if_it_ended():
     stepper(lambda: engine(x).sum(), 0.1)  # the run is over before anyone looks
     with pytest.raises(NonFiniteLossError, match="2 consecutive steps"):
         stepper.check()
+
+
+def test_solo_init_retries_a_port_taken_between_choice_and_bind(monkeypatch):
+    """A plain `python` run picks its own rendezvous port; if another process binds it first,
+    init picks another instead of failing with EADDRINUSE. The refusal is simulated — the one
+    stand-in — so that the test does not depend on a real port race."""
+    import deepspeed
+    import torch.distributed as dist
+
+    from s4d_dist.train import distributed
+
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    ports = []
+
+    def init_distributed(dist_backend=None):
+        ports.append(os.environ["MASTER_PORT"])
+        if len(ports) == 1:
+            raise dist.DistNetworkError("The server socket has failed to listen on any local "
+                                        "network address. code: -98, name: EADDRINUSE")
+
+    monkeypatch.setattr(deepspeed, "init_distributed", init_distributed)
+    distributed.init()
+    assert len(ports) == 2 and ports[0] != ports[1]

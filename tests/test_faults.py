@@ -299,3 +299,10 @@ def test_a_lost_peer_is_one_line_from_every_rank(make_error, rank, tmp_path, cap
     assert code == EXIT_PEERS and len(err) == 1
     assert err[0].startswith(f"[s4d] rank {rank} lost the other ranks (") and "exit 69" in err[0]
     assert "Traceback" in log.read_text()
+
+
+def test_signal_check_interval_must_be_positive():
+    from s4d_dist import config
+
+    with pytest.raises(config.ConfigError, match="signal_check_every must be >= 1"):
+        config.load("demo", ["checkpoint.signal_check_every=0"])

@@ -30,7 +30,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
 def free_ports(n: int) -> list[int]:
     sockets = [socket.socket() for _ in range(n)]
     for s in sockets:
-        s.bind(("127.0.0.1", 0))
+        s.bind(("", 0))  # free on every interface, as Ray binds them (distributed.free_port)
     ports = [s.getsockname()[1] for s in sockets]
     for s in sockets:
         s.close()

@@ -3,7 +3,6 @@ exports, refusals, the NaN guard and TensorBoard tags read back from the event f
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,6 +16,7 @@ from conftest import tiny_overrides
 from s4d_dist import config
 from s4d_dist.models import official
 from s4d_dist.models.build import build_classifier, build_mae
+from s4d_dist.train import distributed
 from s4d_dist.train.checkpoint import ResumeError
 from s4d_dist.train.engine import NonFiniteLossError
 from s4d_dist.train.finetune import FinetuneTask
@@ -162,23 +162,17 @@ def _launch(args, env_extra, log):
                             start_new_session=True)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_two_ranks(args: list[str], log_path: Path, tries: int = 3, expect_code: int = 0,
                   env: dict | None = None) -> None:
     """`deepspeed --num_gpus 2` on a port the OS just handed out; the port is chosen before the
     launcher binds it, so a run that lost it to another process is retried on a fresh one."""
     for _ in range(tries):
         launcher = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2",
-                    "--master_port", str(free_port())]
+                    "--master_port", str(distributed.free_port())]
         with open(log_path, "w") as log:
             code = _launch(launcher + args, env or {}, log).wait(timeout=600)
         text = log_path.read_text()
-        if code == expect_code or "Address already in use" not in text:
+        if code == expect_code or "address already in use" not in text.lower():  # EADDRINUSE
             break
     assert code == expect_code, text[-3000:]
 

@@ -64,13 +64,6 @@ class Context:
         return result
 
 
-def free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def target(value: float | None, goal: float, higher_is_better: bool = True) -> dict:
     met = None if value is None else (value >= goal if higher_is_better else value <= goal)
     return {"value": value, "target": goal, "met": met}
@@ -190,9 +183,10 @@ def moae_backends(ctx: Context) -> dict:
 def end_to_end(ctx: Context) -> dict:
     """`deepspeed launch/finetune.py` (bf16, ZeRO-1) and `launch/pretrain.py` with DALI mixed, on
     small demo-sized shards; the run folders must hold what the README promises."""
-    from s4d_dist.shards.synthetic import build_synthetic
-
     import shutil
+
+    from s4d_dist.shards.synthetic import build_synthetic
+    from s4d_dist.train import distributed
     root = ctx.scratch / "e2e"
     shutil.rmtree(root / "runs", ignore_errors=True)  # a finished run folder is refused
     data = {m: root / m for m in ("image", "video")}
@@ -210,7 +204,7 @@ def end_to_end(ctx: Context) -> dict:
     # The `deepspeed` command is DeepSpeed's runner module; called as a module it needs no
     # console script on PATH (pip --target installs none where run.sh can see it).
     deepspeed = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "1",
-                 "--master_port", str(free_port())]  # not 29500: another job may hold it
+                 "--master_port", str(distributed.free_port())]  # 29500 may be taken
     runs = {
         "pretrain": [sys.executable, str(REPO / "launch/pretrain.py"), "--config", "demo",
                      "run_name=pretrain", *common],

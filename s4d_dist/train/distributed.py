@@ -16,9 +16,12 @@ import torch
 import torch.distributed as dist
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port free on every interface. The rendezvous store listens on all of them, so a
+    port free on 127.0.0.1 alone can still be taken on another address (a local Ray cluster
+    holds many), and the store's bind then fails with EADDRINUSE."""
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind(("", 0))
         return s.getsockname()[1]
 
 
@@ -31,18 +34,28 @@ def init(backend: str | None = None) -> None:
     """
     import deepspeed
 
-    if "RANK" not in os.environ:
+    solo = "RANK" not in os.environ
+    if solo:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0",
-                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     if torch.cuda.is_available():
         local_rank, visible = int(os.environ.get("LOCAL_RANK", 0)), torch.cuda.device_count()
         if local_rank >= visible:
             raise RuntimeError(f"LOCAL_RANK {local_rank} but this process sees {visible} GPU(s): "
                                "start at most one rank per visible GPU")
         torch.cuda.set_device(local_rank)
-    if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend=backend or ("nccl" if torch.cuda.is_available()
-                                                            else "gloo"))
+    attempts = 0 if dist.is_initialized() else 3 if solo else 1
+    for attempt in range(attempts):
+        try:
+            deepspeed.init_distributed(dist_backend=backend or (
+                "nccl" if torch.cuda.is_available() else "gloo"))
+            break
+        except dist.DistNetworkError as error:
+            # Alone, the port is ours to choose; another process may have taken the free one
+            # between the choice and the bind. Launchers choose theirs: nothing to retry then.
+            if "EADDRINUSE" not in str(error) or attempt == attempts - 1:
+                raise
+            os.environ["MASTER_PORT"] = str(free_port())
 
 
 def rank() -> int:

@@ -11,6 +11,7 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from s4d_dist.train import distributed
 from s4d_dist.train.metrics import classification_metrics, merge_views
@@ -26,7 +27,9 @@ def predict(model: nn.Module, loader, dtype: torch.dtype,
     model.eval()
     device = next(model.parameters()).device
     rows: dict[str, list] = {"index": [], "view": [], "probs": [], "label": []}
-    for batch in loader.batches():
+    batches = tqdm(loader.batches(), total=len(loader), desc=f"eval {loader.modality}",
+                   disable=not distributed.is_main(), leave=False, dynamic_ncols=True)
+    for batch in batches:
         logits = model(batch["pixels"].to(device, dtype, non_blocking=True), loader.modality)
         if on_batch is not None:
             on_batch(batch)

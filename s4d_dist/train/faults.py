@@ -67,6 +67,8 @@ def peer_failure(error: BaseException) -> bool:
     """Whether `error` is a collective failing because of the other ranks."""
     import torch.distributed as dist
 
+    if "EADDRINUSE" in str(error):  # a port taken on this machine: no peer involved
+        return False
     return isinstance(error, dist.DistError) or (
         isinstance(error, RuntimeError) and any(m in str(error) for m in _PEER_MESSAGES))
 

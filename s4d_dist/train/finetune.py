@@ -10,7 +10,7 @@ multi-view protocol. § numbers refer to docs/method.md.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -21,6 +21,7 @@ from s4d_dist.models import official
 from s4d_dist.models.build import build_classifier
 from s4d_dist.train import distributed
 from s4d_dist.train.evaluate import evaluate
+from s4d_dist.train.exports import class_names
 from s4d_dist.train.flops import classifier_step_flops
 from s4d_dist.train.loop import Run
 from s4d_dist.train.mixup import mix_batch, soft_target_cross_entropy
@@ -38,6 +39,10 @@ class FinetuneTask:
                 print(f"[s4d] initialised from {self.cfg.init_checkpoint}: {report['carried']} "
                       f"keys carried, {report['fresh']} fresh", flush=True)
         return model
+
+    def class_names(self) -> Optional[list[str]]:
+        """The video classes' names, as the shards were built with them (for the figures)."""
+        return class_names(self.cfg.data.video_shards)
 
     def num_classes(self, modality: str) -> int:
         m = self.cfg.model
@@ -95,7 +100,7 @@ class FinetuneTask:
         run.logger.scalars({f"{split}/{k}": v for k, v in metrics.items()
                             if isinstance(v, float)}, run.state["global_step"])
         run.logger.confusion(f"{split}/confusion", np.array(metrics["confusion"]),
-                             run.state["global_step"])
+                             run.state["global_step"], self.class_names())
         history = run.state["task"].setdefault(f"{split}_war_by_epoch", [])
         history.append(metrics["war"])
         best = run.state["task"].get(f"best_{split}_war", -1.0)
@@ -126,7 +131,8 @@ class FinetuneTask:
                 metrics = results[name]
                 run.logger.scalars({f"test_{name}/{k}": v for k, v in metrics.items()
                                     if isinstance(v, float)}, step)
-                run.logger.confusion(f"test_{name}/confusion", np.array(metrics["confusion"]), step)
+                run.logger.confusion(f"test_{name}/confusion", np.array(metrics["confusion"]), step,
+                                     self.class_names())
         headline = results.get("best", results["last"])
         run.logger.hparams(_hparams(self.cfg), {"war": headline["war"], "uar": headline["uar"]})
         return results

@@ -1,12 +1,13 @@
 """TensorBoard on rank 0: scalars, reconstruction grids, expert load, confusion matrices, hparams.
 
 Every rank may call these methods; only rank 0 writes, so the loops need no `if rank == 0`.
-Figures are drawn with NumPy into image tensors (no plotting library needed).
+Figures are drawn with Pillow into image tensors (no plotting library needed); everything goes
+into the one run folder, so a training run is one run in TensorBoard's list.
 """
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -25,12 +26,57 @@ def _grid(rows: list[torch.Tensor], pad: int = 2) -> np.ndarray:
     return canvas
 
 
-def confusion_image(cm: np.ndarray, cell: int = 24) -> np.ndarray:
-    """Row-normalised confusion matrix as a (3, H, W) heat map: white = 0, dark blue = 1."""
+def _text_canvas(width: int, height: int):
+    from PIL import Image, ImageDraw, ImageFont
+
+    image = Image.new("RGB", (width, height), "white")
+    return image, ImageDraw.Draw(image), ImageFont.load_default()
+
+
+def _chw(image) -> np.ndarray:
+    return np.asarray(image, dtype=np.float32).transpose(2, 0, 1) / 255.0
+
+
+def confusion_image(cm: np.ndarray, names: Optional[list[str]] = None, cell: int = 34) -> np.ndarray:
+    """The confusion matrix as a (3, H, W) image people read: rows are true classes, each cell
+    its count on a blue scaled by the row-normalised fraction, class names on both axes."""
+    cm = np.asarray(cm)
+    k = len(cm)
+    names = list(names) if names and len(names) == k else [str(i) for i in range(k)]
     rows = cm.sum(1, keepdims=True)
     frac = np.divide(cm, rows, out=np.zeros(cm.shape, dtype=np.float64), where=rows > 0)
-    colour = np.stack([1 - frac, 1 - 0.6 * frac, 1 - 0.2 * frac]).astype(np.float32)
-    return colour.repeat(cell, axis=1).repeat(cell, axis=2)
+    label = 7 * max(len(n) for n in names) + 8
+    image, draw, font = _text_canvas(label + k * cell + 4, 14 + k * cell + 4 + label)
+    draw.text((2, 0), "rows: true, columns: predicted",
+              fill="black", font=font)
+    for i in range(k):
+        y = 14 + i * cell
+        draw.text((2, y + cell // 2 - 5), names[i], fill="black", font=font)
+        for j in range(k):
+            x = label + j * cell
+            shade = tuple(int(255 * c) for c in (1 - frac[i, j], 1 - 0.6 * frac[i, j],
+                                                  1 - 0.2 * frac[i, j]))
+            draw.rectangle([x, y, x + cell - 1, y + cell - 1], fill=shade, outline="#cccccc")
+            draw.text((x + 4, y + cell // 2 - 5), str(int(cm[i, j])),
+                      fill="white" if frac[i, j] > 0.5 else "black", font=font)
+    for j, name in enumerate(names):  # column names, written downwards one character a line
+        for n, char in enumerate(name[:8]):
+            draw.text((label + j * cell + cell // 2 - 3, 14 + k * cell + 4 + 10 * n), char,
+                      fill="black", font=font)
+    return _chw(image)
+
+
+def bar_image(values: list[float], names: list[str], title: str, height: int = 120,
+              bar: int = 28) -> np.ndarray:
+    """Bars of values in [0, 1] with their names and values, as a (3, H, W) image."""
+    image, draw, font = _text_canvas(len(values) * (bar + 8) + 16, height + 44)
+    draw.text((4, 0), title, fill="black", font=font)
+    for i, (value, name) in enumerate(zip(values, names)):
+        x, top = 8 + i * (bar + 8), 14 + int(height * (1 - min(max(value, 0.0), 1.0)))
+        draw.rectangle([x, top, x + bar, 14 + height], fill="#1f77b4")
+        draw.text((x, 16 + height), name[:5], fill="black", font=font)
+        draw.text((x, 28 + height), f"{value:.2f}", fill="black", font=font)
+    return _chw(image)
 
 
 class RunLogger:
@@ -59,33 +105,53 @@ class RunLogger:
         self.writer.add_image(tag, _grid(rows), step)
 
     def expert_load(self, layers: dict[int, dict[str, torch.Tensor]], step: int) -> None:
-        """Share of routed tokens per expert, drop rate and router entropy per MoAE layer."""
+        """Share of routed tokens per expert (scalars and one bar chart per layer), drop rate
+        and router entropy per MoAE layer — all in this run: `add_scalars` would make a
+        separate TensorBoard run of every expert of every layer."""
         if not self.writer:
             return
         for i, stats in layers.items():
             load = stats["tokens_per_expert"].float()
             share = (load / load.sum().clamp(min=1)).cpu().numpy()
-            self.writer.add_scalars(f"moae/layer{i}/load", {f"e{e}": float(s) for e, s in
-                                                             enumerate(share)}, step)
+            for e, value in enumerate(share):
+                self.writer.add_scalar(f"moae/layer{i}/load_e{e}", float(value), step)
+            self.writer.add_image(f"moae/layer{i}/load", bar_image(
+                share.tolist(), [f"e{e}" for e in range(len(share))],
+                f"layer {i}: share of routed tokens"), step)
             self.writer.add_scalar(f"moae/layer{i}/drop_fraction",
                                    float(stats["drop_fraction"]), step)
             self.writer.add_scalar(f"moae/layer{i}/router_entropy",
                                    float(stats["router_entropy"]), step)
 
-    def confusion(self, tag: str, cm: np.ndarray, step: int) -> None:
-        if self.writer:
-            self.writer.add_image(tag, confusion_image(np.asarray(cm)), step)
+    def confusion(self, tag: str, cm: np.ndarray, step: int,
+                  names: Optional[list[str]] = None) -> None:
+        """The labelled confusion matrix under `tag`, and the per-class recall beside it."""
+        if not self.writer:
+            return
+        cm = np.asarray(cm)
+        self.writer.add_image(tag, confusion_image(cm, names), step)
+        totals = cm.sum(1)
+        recall = np.divide(np.diag(cm), totals, out=np.zeros(len(cm)), where=totals > 0)
+        labels = list(names) if names and len(names) == len(cm) else [str(i) for i in range(len(cm))]
+        self.writer.add_image(tag.rsplit("/", 1)[0] + "/recall", bar_image(
+            recall.tolist(), labels, "per-class recall"), step)
 
     def text(self, tag: str, text: str, step: int) -> None:
         if self.writer:
             self.writer.add_text(tag, text, step)
 
     def hparams(self, params: dict[str, Any], metrics: dict[str, float]) -> None:
+        """Hyper-parameters and final metrics, in this run (`add_hparams` would open another)."""
         if self.writer:
+            from torch.utils.tensorboard.summary import hparams
+
             clean = {k: v if isinstance(v, (int, float, str, bool)) else str(v)
                      for k, v in params.items()}
-            self.writer.add_hparams(clean, {f"hparam/{k}": v for k, v in metrics.items()},
-                                    run_name="hparams")
+            values = {f"hparam/{k}": v for k, v in metrics.items()}
+            for summary in hparams(clean, values):
+                self.writer.file_writer.add_summary(summary)
+            for tag, value in values.items():
+                self.writer.add_scalar(tag, value)
 
     def close(self) -> None:
         if self.writer:
