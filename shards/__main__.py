@@ -74,7 +74,9 @@ def general_help(readers: dict[str, Callable[..., Any]]) -> str:
     width = max(map(len, readers))
     lines = [f"  {name:<{width}}  {_summary(reader)}" for name, reader in sorted(readers.items())]
     return (make_parser().format_help() + "\ndatasets (their options: " + PROG
-            + " <dataset> --help):\n" + "\n".join(lines) + "\n")
+            + " <dataset> --help):\n" + "\n".join(lines) + "\n\nbuilt datasets:\n"
+            + f"  {PROG} inspect OUT   counts, codec, clip lengths, a preview PNG\n"
+            + f"  {PROG} verify OUT    checksums, indexes, every sample decoded\n")
 
 
 def dataset_help(name: str, reader: Callable[..., Any]) -> str:
