@@ -25,6 +25,8 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
+from s4d_dist.train.metrics import per_class_recall
+
 # Dataset class names → one canonical name, so that heads trained on different datasets can be
 # compared class by class (AffectNet-7 and DFEW use the nouns, FERV39K the adjectives; MAFW's
 # extra classes — contempt, anxiety, helplessness, disappointment — have no image counterpart).
@@ -74,17 +76,10 @@ class RoutingCounter:
         return out
 
 
-def recall(confusion: np.ndarray) -> np.ndarray:
-    """Per-class recall (rows are true classes); NaN for a class absent from the split."""
-    totals = confusion.sum(1)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(totals > 0, np.diag(confusion) / totals, np.nan)
-
-
 def transfer(image: dict, video: dict, names: dict[str, list[str]]) -> dict[str, Any]:
     """Per-class recall of both heads on the classes they share (by canonical name)."""
-    image_recall = dict(zip(map(canonical, names["image"]), recall(np.array(image["confusion"]))))
-    video_recall = dict(zip(map(canonical, names["video"]), recall(np.array(video["confusion"]))))
+    image_recall = dict(zip(map(canonical, names["image"]), per_class_recall(image["confusion"])))
+    video_recall = dict(zip(map(canonical, names["video"]), per_class_recall(video["confusion"])))
     shared = [c for c in video_recall if c in image_recall]
     a = np.array([image_recall[c] for c in shared])
     b = np.array([video_recall[c] for c in shared])
@@ -138,7 +133,7 @@ def compare(folders: list[Path]) -> dict[str, Any]:
                                 "std": float(np.std([r[k] for r in rows])),
                                 "runs": [r[k] for r in rows]}
                             for k in ("war", "uar", "f1_weighted", "f1_macro")}
-    recalls = [recall(np.array(m["last"]["confusion"])) for m in metrics]
+    recalls = [per_class_recall(m["last"]["confusion"]) for m in metrics]
     table["recall_vs_first_last"] = [(r - recalls[0]).tolist() for r in recalls[1:]]
     table["runs"] = [str(f) for f in folders]
     return table

@@ -57,7 +57,8 @@ def independent_shares(folder, modality: str) -> np.ndarray:
 
 
 def test_report_of_one_run(runs):
-    from s4d_dist.analyze import main, recall
+    from s4d_dist.analyze import main
+    from s4d_dist.train.metrics import per_class_recall
 
     assert main([str(runs[0])]) == 0
     out = runs[0] / "analysis"
@@ -72,7 +73,7 @@ def test_report_of_one_run(runs):
             assert 0.0 <= entry["drop_rate"] <= 1.0 and entry["router_entropy"] > 0
     video = report["metrics"]["video"]
     np.testing.assert_allclose(report["transfer"]["video_recall"],
-                               recall(np.array(video["confusion"])), equal_nan=True)
+                               per_class_recall(np.array(video["confusion"])), equal_nan=True)
     assert report["transfer"]["classes"] == [c.lower() for c in report["classes"]["video"]]
 
 

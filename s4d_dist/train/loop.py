@@ -35,7 +35,7 @@ from s4d_dist import atomic
 from s4d_dist import config as config_module
 from s4d_dist.data.loaders import TrainLoader, train_loader
 from s4d_dist.models import official
-from s4d_dist.train import distributed
+from s4d_dist.train import distributed, exports
 from s4d_dist.train.checkpoint import Checkpoints, export_fp32
 from s4d_dist.train.engine import Stepper, build_engine
 from s4d_dist.train.faults import DataError, Preempted, Preemption
@@ -296,7 +296,6 @@ def _train(run: Run, task: Task, loader: TrainLoader, resume_tag: Optional[str],
                 torch.save(weights, tmp)
             with atomic.replacing(folder / "weights_official.pth") as tmp:
                 official.save(weights, tmp, epoch=cfg.optim.epochs)
-            from s4d_dist.train import exports
             exports.write(folder, cfg, weights, final)
         final["corrupt_samples"] = loader.corrupt.count
         truncated = sum(truncated_samples(loader).values())

@@ -23,6 +23,13 @@ def _f1_per_class(cm: np.ndarray) -> np.ndarray:
     return np.divide(2 * tp, denom, out=np.zeros_like(tp), where=denom > 0)
 
 
+def per_class_recall(cm: np.ndarray) -> np.ndarray:
+    """Recall of each true class (rows of `cm`); NaN for a class absent from the labels."""
+    cm = np.asarray(cm)
+    support = cm.sum(1)
+    return np.divide(np.diag(cm), support, out=np.full(len(cm), np.nan), where=support > 0)
+
+
 def classification_metrics(labels: np.ndarray, preds: np.ndarray,
                            num_classes: int) -> dict[str, float | list]:
     """WAR (accuracy), UAR (mean recall over classes present), weighted and macro F1, in %.
@@ -33,7 +40,7 @@ def classification_metrics(labels: np.ndarray, preds: np.ndarray,
     cm = confusion_matrix(labels, preds, num_classes)
     support = cm.sum(1)
     present = support > 0
-    recall = np.divide(np.diag(cm), support, out=np.zeros(num_classes), where=present)
+    recall = per_class_recall(cm)
     f1 = _f1_per_class(cm)
     return {
         "war": 100.0 * np.trace(cm) / max(1, cm.sum()),

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from s4d_dist.train import distributed
+from s4d_dist.train.metrics import per_class_recall
 
 
 def _grid(rows: list[torch.Tensor], pad: int = 2) -> np.ndarray:
@@ -130,8 +131,7 @@ class RunLogger:
             return
         cm = np.asarray(cm)
         self.writer.add_image(tag, confusion_image(cm, names), step)
-        totals = cm.sum(1)
-        recall = np.divide(np.diag(cm), totals, out=np.zeros(len(cm)), where=totals > 0)
+        recall = np.nan_to_num(per_class_recall(cm))  # a class absent from the split: no bar
         labels = list(names) if names and len(names) == len(cm) else [str(i) for i in range(len(cm))]
         self.writer.add_image(tag.rsplit("/", 1)[0] + "/recall", bar_image(
             recall.tolist(), labels, "per-class recall"), step)
