@@ -1,6 +1,7 @@
 """Faults as an operator meets them, on CPU: truncated shards, a disk too small up front, a disk
 that fills during a save, a kill during export, and SIGTERM preemption of a 2-rank run — each
 stops with one console line and its documented exit code, and resumes where it applies."""
+import contextlib
 import errno
 import json
 import os
@@ -256,7 +257,8 @@ def test_sigterm_checkpoints_exits_75_and_resumes_the_same_curve(synthetic_shard
         rank1 = _rank_process(proc, 1)
         rank1.send_signal(signal.SIGTERM)
         time.sleep(0.05)
-        rank1.send_signal(signal.SIGTERM)  # a second signal, likely during the save
+        with contextlib.suppress(psutil.NoSuchProcess):  # it may already have exited 75
+            rank1.send_signal(signal.SIGTERM)  # a second signal: during the save, or after it
         assert proc.wait(timeout=300) == EXIT_PREEMPTED
     console = (tmp_path / "preempted.txt").read_text()
     said = [line for line in console.splitlines() if "[s4d] preempted" in line]
@@ -306,3 +308,26 @@ def test_signal_check_interval_must_be_positive():
 
     with pytest.raises(config.ConfigError, match="signal_check_every must be >= 1"):
         config.load("demo", ["checkpoint.signal_check_every=0"])
+
+
+def test_a_repeated_signal_after_the_stop_does_not_kill_the_exiting_process():
+    """Once a preemption is noted the process is on its way to exit 75; a scheduler that repeats
+    SIGTERM after the loop has stopped must not turn that into a death by signal (the default
+    handler), so leaving the context keeps the noting handler."""
+    from s4d_dist.train.faults import Preemption
+
+    before = signal.getsignal(signal.SIGTERM)
+    try:
+        with Preemption() as preemption:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.01)
+        assert preemption.received == signal.SIGTERM
+        os.kill(os.getpid(), signal.SIGTERM)  # would end this test process under SIG_DFL
+        time.sleep(0.01)
+        assert signal.getsignal(signal.SIGTERM) == preemption._note
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+    with Preemption():  # no signal: the previous handlers come back
+        pass
+    assert signal.getsignal(signal.SIGTERM) == before

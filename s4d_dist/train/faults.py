@@ -115,6 +115,8 @@ class Preemption:
 
     def __exit__(self, kind: Optional[type], error: Optional[BaseException],
                  trace: Optional[TracebackType]) -> None:
+        if self.received:  # the process is on its way out (exit 75): a repeated signal must not
+            return         # turn that clean exit into a kill, so the noting handler stays
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
 
