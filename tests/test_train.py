@@ -2,11 +2,13 @@
 exports, refusals, the NaN guard and TensorBoard tags read back from the event files."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -14,14 +16,16 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from conftest import tiny_overrides
 from s4d_dist import config
+from s4d_dist.data.loaders import eval_loader
 from s4d_dist.models import official
 from s4d_dist.models.build import build_classifier, build_mae
 from s4d_dist.train import distributed
 from s4d_dist.train.checkpoint import ResumeError
 from s4d_dist.train.engine import NonFiniteLossError
 from s4d_dist.train.finetune import FinetuneTask
-from s4d_dist.train.loop import train
+from s4d_dist.train.loop import Run, train
 from s4d_dist.train.pretrain import PretrainTask
+from s4d_dist.train.tracking import RunLogger
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -118,6 +122,73 @@ def test_finetune_from_pretrain_evaluates_last_and_best(synthetic_shards, tmp_pa
     assert results["best_val_war"] == pytest.approx(max(val_war))
     model = build_classifier(cfg)
     model.load_state_dict(torch.load(tmp_path / "ft" / "weights_fp32.pt", weights_only=True))
+    # Multi-task: the image head is scored on the image test split too, for the last epoch and
+    # for the epoch chosen on the video metric; the last one matches an independent scoring of
+    # the exported (last-epoch) weights with scikit-learn.
+    image = json.loads((tmp_path / "ft" / "metrics.json").read_text())["image"]
+    assert set(image) == {"last", "best"}
+    assert results["image"] == image
+    assert image["last"]["samples"] == image["best"]["samples"] == 7  # 1 image per class
+    expected = sklearn_scores(model, cfg, "image")
+    assert image["last"]["confusion"] == expected.pop("confusion")
+    for key, value in expected.items():
+        assert image["last"][key] == pytest.approx(value), key
+    assert {f"image_test_{e}/{k}" for e in ("last", "best") for k in ("war", "uar", "f1_weighted")
+            } | {"hparam/war", "hparam/image_war"} <= set(logged)
+    assert logged["hparam/image_war"][0][1] == pytest.approx(image["best"]["war"])
+    events = EventAccumulator(str(tmp_path / "ft" / "tb"), size_guidance={"images": 0})
+    events.Reload()
+    assert {f"{p}_{e}/{v}" for p in ("test", "image_test") for e in ("last", "best")
+            for v in ("confusion", "recall")} <= set(events.Tags()["images"])
+
+
+def sklearn_scores(model, cfg, modality: str) -> dict:
+    """WAR, UAR, weighted F1 (in %), confusion matrix and count of `model` on the test split of
+    `modality`, one view per sample, scored by scikit-learn instead of train/evaluate.py."""
+    from sklearn import metrics as sk
+
+    loader = eval_loader(cfg, "test", modality, backend="torch")
+    labels, preds = [], []
+    model.eval()
+    with torch.no_grad():
+        for batch in loader.batches():
+            valid = batch["valid"].bool()
+            assert not batch["view"][valid].any()  # one view per sample
+            preds += model(batch["pixels"].float(), modality).argmax(1)[valid].tolist()
+            labels += batch["label"][valid].tolist()
+    loader.close()
+    classes = list(range(FinetuneTask(cfg).num_classes(modality)))
+    return {"war": 100 * sk.accuracy_score(labels, preds),
+            "uar": 100 * sk.balanced_accuracy_score(labels, preds),
+            "f1_weighted": 100 * sk.f1_score(labels, preds, average="weighted", zero_division=0),
+            "confusion": sk.confusion_matrix(labels, preds, labels=classes).tolist(),
+            "samples": len(labels)}
+
+
+@pytest.mark.parametrize("images", ["none", "without test split"])
+def test_finetune_without_image_test_data_scores_the_video_head_alone(synthetic_shards, tmp_path,
+                                                                     capsys, images):
+    """A DFER-only run, or one whose image dataset has no test split, ends as before: results
+    and TensorBoard views of the video head only (the latter says why)."""
+    if images == "none":
+        image_shards = ""
+    else:
+        shutil.copytree(synthetic_shards / "image", tmp_path / "image",
+                        ignore=shutil.ignore_patterns("test"))
+        image_shards = tmp_path / "image" / "train"
+    cfg = tiny(synthetic_shards, tmp_path, "finetune", f"data.image_shards={image_shards}")
+    torch.manual_seed(0)
+    run = Run(cfg, tmp_path, RunLogger(tmp_path), checkpoints=None,
+              engine=SimpleNamespace(module=build_classifier(cfg)),
+              state={"global_step": 0, "task": {}})
+    results = FinetuneTask(cfg).finish(run)
+    run.logger.close()
+    assert set(results) == {"task", "fold", "last"}
+    assert results["last"]["samples"] == 7
+    tags = set(scalars(tmp_path))
+    assert "test_last/war" in tags and not any(t.startswith("image") for t in tags)
+    said = "image head not scored, no image test split" in capsys.readouterr().out
+    assert said == (images != "none")
 
 
 def test_resume_rules(synthetic_shards, tmp_path):
@@ -185,6 +256,7 @@ def test_two_ranks_under_the_deepspeed_launcher(synthetic_shards, tmp_path, stag
     run_two_ranks(args, tmp_path / "log.txt")
     results = json.loads((tmp_path / "tiny" / "metrics.json").read_text())
     assert results["last"]["samples"] == 7  # every test clip once across both ranks
+    assert results["image"]["last"]["samples"] == 7  # and every test image
     ckpt = tmp_path / "tiny" / "checkpoints"
     tag = (ckpt / "latest_complete").read_text()
     assert {f"trainer_rank{r}.pt" for r in (0, 1)} <= {p.name for p in (ckpt / tag).iterdir()}

@@ -7,6 +7,21 @@ from train, not on the test set (official_quirks restores the official choice: t
 split, best epoch by test WAR, labelled `best_selected_on: test` in metrics.json); at the end
 the test split is scored for both the last and the best epoch with the deterministic
 multi-view protocol. § numbers refer to docs/method.md.
+
+A multi-task run (data.image_shards set) also scores the image (SFER) head on the image
+dataset's test split, one view per image, with the same metrics and the same gathering across
+ranks, for the last epoch and for the best one — the epoch chosen on the video (DFER) metric as
+in a DFER-only run. metrics.json keeps the video results where they always were and adds a
+sibling section:
+
+    {"task": "finetune", "fold": ..., "last": {war, uar, f1_weighted, f1_macro, confusion,
+     samples}, "best": {...}, "best_epoch": ..., "best_selected_on": ..., ...,  # video (DFER)
+     "image": {"last": {war, uar, f1_weighted, f1_macro, confusion, samples}, "best": {...}}}
+
+TensorBoard: the video test views under test_last/ and test_best/ (war, uar, ..., confusion,
+recall), the image ones under image_test_last/ and image_test_best/. A DFER-only run — or one
+whose image dataset has no test split (said on the console) — has no "image" section and no
+image_test_* tags.
 """
 from __future__ import annotations
 
@@ -16,20 +31,21 @@ import numpy as np
 import torch
 from torch import nn
 
-from s4d_dist.data.loaders import eval_loader
+from s4d_dist.data.loaders import eval_catalog, eval_loader
 from s4d_dist.models import official
 from s4d_dist.models.build import build_classifier
 from s4d_dist.train import distributed
 from s4d_dist.train.evaluate import evaluate
 from s4d_dist.train.exports import class_names
 from s4d_dist.train.flops import classifier_step_flops
-from s4d_dist.train.loop import Run
+from s4d_dist.train.loop import Run, say
 from s4d_dist.train.mixup import mix_batch, soft_target_cross_entropy
 
 
 class FinetuneTask:
     def __init__(self, cfg) -> None:
         self.cfg = cfg
+        self._image_test: bool | None = None  # decided at the first test (_scores_images)
 
     def build_model(self, run: Run, resuming: bool) -> nn.Module:
         model = build_classifier(self.cfg)
@@ -72,14 +88,42 @@ class FinetuneTask:
         layers = {i: layer.stats for i, layer in run.engine.module.moae_layers().items()}
         run.logger.expert_load(layers, step)
 
-    def _evaluate(self, run: Run, split: str) -> dict:
-        loader = eval_loader(self.cfg, split, "video", distributed.rank(),
+    def _evaluate(self, run: Run, split: str, modality: str = "video") -> dict:
+        loader = eval_loader(self.cfg, split, modality, distributed.rank(),
                              distributed.world_size())
         try:
-            return evaluate(run.engine.module, loader, self.cfg.model.num_video_classes,
-                            run.dtype)
+            return evaluate(run.engine.module, loader, self.num_classes(modality), run.dtype)
         finally:
             loader.close()
+
+    def _test(self, run: Run) -> dict[str, dict]:
+        """Test metrics of the weights the engine holds now: the video head's, and in a
+        multi-task run the image head's."""
+        scores = {"video": self._evaluate(run, "test")}
+        if self._scores_images():
+            scores["image"] = self._evaluate(run, "test", "image")
+        return scores
+
+    def _scores_images(self) -> bool:
+        """Whether the image head is scored: a multi-task run whose image dataset has a test
+        split. Without one the run ends as before, scoring the video head only, and says so."""
+        if self._image_test is None:
+            self._image_test = bool(self.cfg.data.image_shards)
+            if self._image_test:
+                try:
+                    eval_catalog(self.cfg, "test", "image")
+                except FileNotFoundError as missing:
+                    say(f"image head not scored, no image test split: {missing}")
+                    self._image_test = False
+        return self._image_test
+
+    def _log_scores(self, run: Run, prefix: str, metrics: dict, names: list[str] | None) -> None:
+        """The scalar metrics as `<prefix>/<name>`, the confusion matrix and per-class recall as
+        `<prefix>/confusion` and `<prefix>/recall`."""
+        step = run.state["global_step"]
+        run.logger.scalars({f"{prefix}/{k}": v for k, v in metrics.items()
+                            if isinstance(v, float)}, step)
+        run.logger.confusion(f"{prefix}/confusion", np.array(metrics["confusion"]), step, names)
 
     def selection_split(self) -> str | None:
         """Where the best epoch is chosen: "val" (held out from train, or data.val_shards),
@@ -97,10 +141,7 @@ class FinetuneTask:
         if split is None:
             return {}
         metrics = self._evaluate(run, split)
-        run.logger.scalars({f"{split}/{k}": v for k, v in metrics.items()
-                            if isinstance(v, float)}, run.state["global_step"])
-        run.logger.confusion(f"{split}/confusion", np.array(metrics["confusion"]),
-                             run.state["global_step"], self.class_names())
+        self._log_scores(run, split, metrics, self.class_names())
         history = run.state["task"].setdefault(f"{split}_war_by_epoch", [])
         history.append(metrics["war"])
         best = run.state["task"].get(f"best_{split}_war", -1.0)
@@ -110,14 +151,18 @@ class FinetuneTask:
         return {f"{split}_war": metrics["war"], f"{split}_uar": metrics["uar"]}
 
     def finish(self, run: Run) -> dict[str, Any]:
-        step = run.state["global_step"]
+        last = self._test(run)
         results: dict[str, Any] = {"task": "finetune", "fold": self.cfg.data.fold,
-                                   "last": self._evaluate(run, "test")}
+                                   "last": last["video"]}
+        image = {"last": last["image"]} if "image" in last else None
         best_epoch = run.state["task"].get("best_epoch")
         if best_epoch is not None:
             last_state = dict(run.state)
             run.checkpoints.load(run.engine, "best", module_only=True)
-            results["best"] = self._evaluate(run, "test")
+            best = self._test(run)
+            results["best"] = best["video"]
+            if image is not None:
+                image["best"] = best["image"]  # the epoch chosen on the video metric
             results["best_epoch"] = best_epoch
             split = self.selection_split()
             results["best_selected_on"] = split
@@ -126,15 +171,20 @@ class FinetuneTask:
             run.state = last_state
             # Exports are of the last epoch: put its weights back.
             run.checkpoints.load(run.engine, run.checkpoints.latest(), module_only=True)
-        for name in ("last", "best"):
-            if name in results:
-                metrics = results[name]
-                run.logger.scalars({f"test_{name}/{k}": v for k, v in metrics.items()
-                                    if isinstance(v, float)}, step)
-                run.logger.confusion(f"test_{name}/confusion", np.array(metrics["confusion"]), step,
-                                     self.class_names())
+        views = [("test", results, self.class_names())]
+        if image is not None:
+            results["image"] = image
+            views.append(("image_test", image, class_names(self.cfg.data.image_shards)))
+        for prefix, section, names in views:
+            for name in ("last", "best"):
+                if name in section:
+                    self._log_scores(run, f"{prefix}_{name}", section[name], names)
         headline = results.get("best", results["last"])
-        run.logger.hparams(_hparams(self.cfg), {"war": headline["war"], "uar": headline["uar"]})
+        final = {"war": headline["war"], "uar": headline["uar"]}
+        if image is not None:
+            image_headline = image.get("best", image["last"])
+            final.update(image_war=image_headline["war"], image_uar=image_headline["uar"])
+        run.logger.hparams(_hparams(self.cfg), final)
         return results
 
 
