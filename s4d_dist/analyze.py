@@ -218,7 +218,10 @@ def main(argv: Optional[list[str]] = None) -> int:
                                      description=__doc__.splitlines()[0])
     parser.add_argument("runs", nargs="+", type=Path, help="finished fine-tuning run folders")
     parser.add_argument("--out", type=Path, help="default: RUN_DIR/analysis (one run)")
-    parser.add_argument("--split", default="test")
+    parser.add_argument("--split", default="test", choices=("test", "val"),
+                        help="the split scored: test (default), or val, the clips that chose "
+                             "the best epoch (data.val_shards, or the part of train that "
+                             "data.val_fraction holds out)")
     args = parser.parse_args(argv)
     for folder in args.runs:
         if not (folder / "metrics.json").is_file():

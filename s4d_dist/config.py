@@ -187,7 +187,9 @@ class RayConfig:
     address: str = ""  # empty: RAY_ADDRESS, else start a local cluster
     num_workers: int = 1  # ranks per run (per trial in a sweep)
     cpus_per_worker: int = 1
-    gpus_per_worker: float = 0.0
+    # null: one GPU per worker where the cluster has GPUs, none where it has not (decided on
+    # joining it, orchestrate/cluster.py); 0 trains on CPUs on purpose
+    gpus_per_worker: Optional[float] = None
     max_failures: int = 3  # restarts after a worker or node dies; each resumes from the last checkpoint
     check_resources: bool = True  # refuse up front what the cluster cannot hold; false on autoscaling clusters
     local_cpus: int = 0  # CPUs of a cluster started here; 0 = all of this machine's
@@ -379,8 +381,8 @@ def validate(cfg: DictConfig) -> None:
              f"data.dali_device must be auto, cpu or mixed, got '{cfg.data.dali_device}'")
     ray = cfg.ray
     _require(ray.num_workers >= 1, f"ray.num_workers must be >= 1, got {ray.num_workers}")
-    _require(ray.cpus_per_worker >= 1 and ray.gpus_per_worker >= 0,
-             "ray.cpus_per_worker must be >= 1 and ray.gpus_per_worker >= 0")
+    _require(ray.cpus_per_worker >= 1 and (ray.gpus_per_worker is None or ray.gpus_per_worker >= 0),
+             "ray.cpus_per_worker must be >= 1 and ray.gpus_per_worker >= 0 (or null)")
     _require(ray.max_failures >= -1, "ray.max_failures must be >= 0 (or -1: restart forever)")
     sweep = cfg.sweep
     _require(sweep.mode in ("max", "min"), f"sweep.mode must be max or min, got '{sweep.mode}'")

@@ -52,7 +52,8 @@ def stage(preset: str, overrides: list[str], task_type) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m s4d_dist.demo",
+                                     description=__doc__.splitlines()[0])
     parser.add_argument("--output", default="runs/demo", help="folder for data, runs and logs")
     parser.add_argument("overrides", nargs="*", help="config overrides for both stages")
     args = parser.parse_args(argv)

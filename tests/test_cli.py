@@ -1,5 +1,7 @@
 """Command lines: overrides anywhere among the flags, --print-config, --help listing presets and
 datasets with their options, ds_config's help; run as a user would, in subprocesses."""
+import argparse
+import importlib
 import subprocess
 import sys
 from pathlib import Path
@@ -73,6 +75,42 @@ def test_ds_config_help_and_errors_without_traceback():
     bad = run("-m", "s4d_dist.train.ds_config", "no_such_preset")
     assert bad.returncode == 2 and "unknown preset 'no_such_preset'" in bad.stderr
     assert "Traceback" not in bad.stderr
+
+
+class _Parsing(Exception):
+    """Raised where a module's `main` starts parsing, with the parser it built."""
+
+
+def module_parser(module: str, monkeypatch) -> argparse.ArgumentParser:
+    """The parser `python -m module` builds: its make_parser(), or the one its main() parses with."""
+    package = module in ("s4d_dist.predict", "s4d_dist.shards")  # their __main__.py
+    entry = importlib.import_module(f"{module}.__main__" if package else module)
+    if hasattr(entry, "make_parser"):
+        return entry.make_parser()
+
+    def stop(parser, *args, **kwargs):
+        raise _Parsing(parser)
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_known_args", stop)
+    with pytest.raises(_Parsing) as parsing:
+        entry.main(["--help"])
+    return parsing.value.args[0]
+
+
+@pytest.mark.parametrize("module", ["s4d_dist.demo", "s4d_dist.analyze", "s4d_dist.predict",
+                                    "s4d_dist.shards", "s4d_dist.train.ds_config"])
+def test_module_entry_points_name_themselves_and_explain_every_option(module, monkeypatch):
+    """`python -m X --help` says `usage: python -m X` — not the file's name, which `-m` puts in
+    sys.argv[0] (`demo.py`, `__main__.py`) — and has a line of help for every option."""
+    parser = module_parser(module, monkeypatch)
+    assert parser.prog == f"python -m {module}"
+    assert [a.dest for a in parser._actions if not a.help] == []
+
+
+def test_training_as_a_module_names_itself():
+    helped = run("-m", "s4d_dist.train", "finetune", "--help")
+    assert helped.returncode == 0 and helped.stdout.startswith("usage: python -m s4d_dist.train finetune ")
+    assert run("launch/finetune.py", "--help").stdout.startswith("usage: launch/finetune.py ")
 
 
 @pytest.mark.parametrize("command, args, expected", [

@@ -1,6 +1,7 @@
 """Ray orchestration without a cluster: search spaces checked before any trial, the cluster
 launcher YAMLs against Ray's own schema, resource packing, and the command line's refusals."""
 import copy
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -100,6 +101,23 @@ def test_absolute_paths_resolve_against_the_driver_folder(tmp_path, monkeypatch)
     assert cfg.data.val_shards == ""  # unset paths stay unset
 
 
+def test_relative_paths_are_named_when_joining_a_running_cluster(tmp_path, monkeypatch, capsys):
+    """`ray submit` runs the driver from the head's home folder: relative paths resolve there."""
+    monkeypatch.chdir(tmp_path)
+    runs.absolute_paths(load("output_dir=runs"))
+    assert capsys.readouterr().err == ""  # a cluster started here: this folder is the user's
+    cfg = runs.absolute_paths(load("ray.address=auto", "output_dir=runs", "data.video_shards=/v",
+                                   "data.image_shards=shards/i", "init_checkpoint=~/w.pt"))
+    assert cfg.output_dir == str(tmp_path / "runs")  # resolved all the same
+    note = capsys.readouterr().err
+    assert note.count("\n") == 1 and note.startswith("[s4d] note: relative output_dir=runs, ")
+    assert "data.image_shards=shards/i resolved against the driver's folder " + str(tmp_path) in note
+    assert "/v" not in note and "w.pt" not in note  # absolute, and the user's home, are kept
+    runs.absolute_paths(load("ray.address=auto", "output_dir=/runs", "data.video_shards=/v",
+                             "data.image_shards=/i", "init_checkpoint=/w.pt"))
+    assert capsys.readouterr().err == ""
+
+
 @pytest.mark.parametrize("nodes, bundle, fits", [
     ([{"CPU": 2.0}], {"CPU": 1.0}, 2),
     ([{"CPU": 1.0}, {"CPU": 1.0}], {"CPU": 1.0}, 2),
@@ -111,14 +129,67 @@ def test_worker_bundles_are_packed_per_node(nodes, bundle, fits):
     assert cluster._workers_fitting(nodes, bundle) == fits
 
 
-@pytest.mark.parametrize("path", ["launch/sweep.yaml", "launch/sweep_local.yaml"])
-def test_cluster_yamls_validate_against_rays_schema(path):
-    """What `ray up` does with the file before touching a cloud or a machine."""
+# No GPU exists on this machine: the cluster's resources are given as ray.cluster_resources()
+# would report them on a GPU cluster, or on a CPU one.
+GPU_CLUSTER = {"CPU": 64.0, "GPU": 8.0, "memory": 2.0**38}
+CPU_CLUSTER = {"CPU": 2.0, "memory": 2.0**33}
+
+
+@pytest.mark.parametrize("overrides, resources, gpus", [
+    ([], GPU_CLUSTER, 1.0),  # unset (null): a GPU cluster trains on its GPUs
+    ([], CPU_CLUSTER, 0.0),
+    (["ray.gpus_per_worker=0"], GPU_CLUSTER, 0.0),  # CPUs on purpose
+    (["ray.gpus_per_worker=2"], CPU_CLUSTER, 2.0),  # as asked: runs_at_once refuses what is missing
+    (["ray.gpus_per_worker=1", "ray.check_resources=false"], {}, 1.0),
+])
+def test_gpus_per_worker_follow_the_cluster_unless_set(overrides, resources, gpus):
+    assert load().ray.gpus_per_worker is None
+    assert cluster.gpus_per_worker(load(*overrides), resources) == gpus
+
+
+def test_unset_gpus_are_refused_where_the_cluster_is_not_asked():
+    """An autoscaling cluster (ray.check_resources=false) may have no GPU node yet: null would
+    silently train on the head's CPUs, so it is refused, naming the setting — before joining."""
+    cfg = load("ray.check_resources=false")
+    with pytest.raises(cluster.ClusterError, match=r"set ray.gpus_per_worker=1 to train on GPUs, or 0"):
+        cluster.gpus_per_worker(cfg, GPU_CLUSTER)
+    with pytest.raises(cluster.ClusterError, match="ray.gpus_per_worker is null"):
+        cluster.connect(cfg)  # would start a local Ray cluster if it got that far
+
+
+def test_connect_decides_unset_gpus_from_the_cluster(monkeypatch, capsys):
+    monkeypatch.setattr(cluster.ray, "is_initialized", lambda: True)  # a session already open
+    monkeypatch.setattr(cluster.ray, "cluster_resources", lambda: dict(GPU_CLUSTER))
+    resolved = cluster.connect(load("ray.num_workers=2"))
+    assert resolved.ray.gpus_per_worker == 1.0
+    assert cluster.worker_bundle(resolved) == {"CPU": 1.0, "GPU": 1.0}
+    assert "the cluster has 8 GPUs, so each worker takes 1" in capsys.readouterr().out
+    monkeypatch.setattr(cluster.ray, "cluster_resources", lambda: dict(CPU_CLUSTER))
+    assert cluster.connect(load()).ray.gpus_per_worker == 0.0
+    assert capsys.readouterr().out == ""
+    explicit = load("ray.gpus_per_worker=0")
+    assert cluster.connect(explicit) is explicit
+
+
+@pytest.mark.parametrize("path, head, workers", [
+    ("launch/sweep.yaml", "setup_node.sh cpu", "setup_node.sh gpu"),  # CPU head, GPU workers
+    ("launch/sweep_local.yaml", "setup_node.sh auto", "setup_node.sh auto"),  # any machines
+])
+def test_cluster_yamls_validate_against_rays_schema(path, head, workers):
+    """What `ray up` does with the file before touching a cloud or a machine. Each kind of node
+    installs the project as launch/setup_node.sh does (test_node_setup_*)."""
     raw = yaml.safe_load((REPO / path).read_text())
     prepared = prepare_config(raw)
     validate_config(prepared)
-    commands = " ".join(raw["setup_commands"])
-    assert 'pip install -c constraints.txt -e ".[dev,dali]"' in commands  # like the README
+    # Ray has put setup_commands (every node) in front of both.
+    head_commands = " ; ".join(prepared["head_setup_commands"])
+    worker_commands = " ; ".join(prepared["worker_setup_commands"])
+    assert head in head_commands and head_commands.count("setup_node.sh") == 1
+    assert workers in worker_commands and worker_commands.count("setup_node.sh") == 1
+    for commands in (head_commands, worker_commands):  # the venv, then its activation
+        assert commands.index("setup_node.sh") < commands.index(".venv/bin/activate' >> ~/.bashrc")
+    if prepared["provider"]["type"] == "aws":  # Ray's default head setup is replaced: keep boto3
+        assert "boto3" in head_commands
     assert "--dashboard-host=127.0.0.1" in " ".join(raw["head_start_ray_commands"])
     assert raw["file_mounts"] == {"~/s4d_dist": "."}
     broken = copy.deepcopy(prepared)
@@ -132,6 +203,71 @@ def test_aws_yaml_has_gpu_worker_types():
     types = raw["available_node_types"]
     workers = [t for name, t in types.items() if name != raw["head_node_type"]]
     assert workers and all(t["node_config"]["InstanceType"].startswith(("p4d", "g5")) for t in workers)
+    # Not Ray's default image (Ubuntu 18.04, Python 3.6): Ubuntu 24.04 everywhere, so one Python
+    # (3.12) on every node; the workers' image brings the NVIDIA driver.
+    images = {name: t["node_config"]["ImageId"] for name, t in types.items()}
+    assert all(i.startswith("resolve:ssm:/aws/service/") and "24.04" in i for i in images.values())
+    assert all("nvidia-driver-gpu" in images[name] for name in types if name != raw["head_node_type"])
+
+
+NVIDIA_SMI = "| NVIDIA-SMI 595.91.07    Driver Version: 595.91.07    CUDA Version: {} |"
+
+
+def setup_node(kind, tmp_path, driver_cuda=None, **env):
+    """launch/setup_node.sh's commands (dry run) on a node whose nvidia-smi reports
+    `driver_cuda`, or fails (None: no GPU, as on this machine)."""
+    smi = tmp_path / "bin" / "nvidia-smi"
+    smi.parent.mkdir(exist_ok=True)
+    smi.write_text("#!/bin/sh\n" + (f"echo '{NVIDIA_SMI.format(driver_cuda)}'\n" if driver_cuda
+                                     else "echo 'NVIDIA-SMI has failed' >&2; exit 9\n"))
+    smi.chmod(0o755)
+    done = subprocess.run(["bash", "launch/setup_node.sh", kind], cwd=REPO, capture_output=True,
+                          text=True, timeout=60,
+                          env={"PATH": f"{smi.parent}:/usr/bin:/bin", "S4D_SETUP_DRY_RUN": "1", **env})
+    lines = [line.removeprefix("+ ") for line in done.stdout.splitlines()]
+    return done.returncode, lines, done.stderr
+
+
+def readme_pip_lines(constraints):
+    """The README's install commands with `constraints`, unquoted as the shell passes them."""
+    found = re.findall(rf'pip install -c {re.escape(constraints)} -e "([^"]+)"',
+                       (REPO / "README.md").read_text())
+    return {f"pip install -c {constraints} -e {extras}" for extras in found}
+
+
+def test_node_setup_installs_a_cpu_node_like_the_readme(tmp_path):
+    code, lines, _ = setup_node("cpu", tmp_path)
+    assert code == 0
+    pip = [line.removeprefix(".venv/bin/python -m ") for line in lines if " pip " in line]
+    assert pip == ["pip install -c constraints.txt -e .[dev,dali]"]
+    assert set(pip) <= readme_pip_lines("constraints.txt")
+    assert setup_node("auto", tmp_path)[1] == lines  # no GPU answers: a CPU node
+
+
+@pytest.mark.parametrize("driver_cuda, wheels, dali", [("13.2", "cu130", "dali-cu13"),
+                                                       ("12.4", "cu128", "dali-cu12")])
+def test_node_setup_installs_a_gpu_node_like_the_readme(tmp_path, driver_cuda, wheels, dali):
+    """GPU nodes: torch's CUDA build for the driver first, then constraints-gpu.txt (which leaves
+    torch alone) and the DALI wheel of torch's CUDA major; the node fails unless torch sees a GPU."""
+    for kind in ("gpu", "auto"):
+        code, lines, _ = setup_node(kind, tmp_path, driver_cuda)
+        assert code == 0
+        pip = [line.removeprefix(".venv/bin/python -m ") for line in lines if " pip " in line]
+        assert pip == [f"pip install torch --index-url https://download.pytorch.org/whl/{wheels}",
+                       f"pip install -c constraints-gpu.txt -e .[dev,{dali}]"]
+        assert pip[1] in readme_pip_lines("constraints-gpu.txt")
+        assert "torch.cuda.is_available()" in lines[-1]
+    code, lines, _ = setup_node("gpu", tmp_path, driver_cuda,
+                                S4D_TORCH_INDEX="https://example.org/whl/cu129")
+    assert code == 0 and "constraints-gpu.txt -e .[dev,dali-cu12]" in " ".join(lines)
+
+
+def test_node_setup_refuses_a_gpu_node_without_a_usable_driver(tmp_path):
+    code, lines, err = setup_node("gpu", tmp_path)
+    assert code == 1 and not lines and "no NVIDIA GPU answers nvidia-smi" in err
+    code, lines, err = setup_node("gpu", tmp_path, "11.8")
+    assert code == 1 and not lines and "DALI's wheels need CUDA 12 or 13" in err
+    assert setup_node("tpu", tmp_path)[0] == 2
 
 
 def _sweep_cli(*args):

@@ -1,6 +1,6 @@
 """Ray orchestration: the training loops of s4d_dist.train launched on a Ray cluster.
 
-    cluster.py    join or start a cluster; refuse up front what it cannot hold
+    cluster.py    join or start a cluster; GPUs per worker from it; refuse up front what it cannot hold
     runs.py       a run's config made ready for Ray (absolute paths) and checked before launch
     ray_train.py  one run = one Ray Train TorchTrainer (DeepSpeed inside each worker)
     space.py      the search space written in the config (sweep.space), validated

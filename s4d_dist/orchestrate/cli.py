@@ -4,8 +4,9 @@
     python launch/sweep.py --config finetune_dfew --mode sweep \\
         sweep.space.optim.base_lr.loguniform=[1e-5,1e-3] sweep.space.model.moae.top_k.choice=[1,2]
     python launch/sweep.py --config finetune_mafw --mode kfold
-    ray submit launch/sweep.yaml launch/sweep.py -- --config finetune_dfew --mode kfold ray.address=auto
-    ray job submit --address http://127.0.0.1:8265 --working-dir . -- python launch/sweep.py ...
+    ray job submit --address http://127.0.0.1:8265 --working-dir . -- \\
+        python launch/sweep.py ... output_dir=$PWD/runs     # Ray runs the driver elsewhere
+    ray submit launch/sweep.yaml launch/sweep.py -- ...     # a cloud cluster: docs/reproducing.md
 
 The cluster: `ray.address` from the command line, else RAY_ADDRESS (what `ray job submit` gives
 its drivers), else the preset's `ray.address`, else a local cluster started here with its

@@ -1,4 +1,5 @@
-"""Joining a Ray cluster, and refusing up front the work it cannot hold.
+"""Joining a Ray cluster, deciding what the config leaves to it, and refusing up front the work
+it cannot hold.
 
 Ray queues a TorchTrainer whose workers do not fit and waits for them indefinitely (an
 autoscaler might add nodes); on a fixed cluster that is a silent hang. So before anything is
@@ -9,28 +10,59 @@ trials run at once.
 from __future__ import annotations
 
 import ray
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
+
+from s4d_dist import config
 
 
 class ClusterError(RuntimeError):
     """The cluster cannot run what the config asks for."""
 
 
-def connect(cfg: DictConfig) -> None:
+def connect(cfg: DictConfig) -> DictConfig:
     """Join `ray.address` ("auto": the cluster `ray start` / `ray up` runs on this machine;
     "host:port"; "ray://host:10001"), or start a local cluster whose dashboard listens on
-    `ray.dashboard_host` only. A session already open in this process is kept.
+    `ray.dashboard_host` only. A session already open in this process is kept. Returns `cfg`
+    with what it leaves to the cluster decided: `ray.gpus_per_worker` (see gpus_per_worker).
 
     A local cluster always has its dashboard: trials need its state API (require_state_api).
     """
-    if ray.is_initialized():
-        return
     r = cfg.ray
-    if r.address:
-        ray.init(address=r.address)
-        return
-    ray.init(address="local", num_cpus=r.local_cpus or None, include_dashboard=True,
-             dashboard_host=r.dashboard_host, dashboard_port=r.dashboard_port)
+    if not r.check_resources:
+        gpus_per_worker(cfg, {})  # refuses a null it could not decide, before joining
+    if not ray.is_initialized():
+        if r.address:
+            ray.init(address=r.address)
+        else:
+            ray.init(address="local", num_cpus=r.local_cpus or None, include_dashboard=True,
+                     dashboard_host=r.dashboard_host, dashboard_port=r.dashboard_port)
+    if r.gpus_per_worker is not None:
+        return cfg
+    resources = ray.cluster_resources()
+    gpus = gpus_per_worker(cfg, resources)
+    if gpus:
+        print(f"[s4d] ray.gpus_per_worker: the cluster has {resources['GPU']:g} GPUs, so each "
+              f"worker takes {gpus:g} (ray.gpus_per_worker=0 trains on CPUs)", flush=True)
+    return config.from_values(("resolved config", OmegaConf.to_container(cfg, resolve=True)),
+                              ("the cluster's GPUs", {"ray": {"gpus_per_worker": gpus}}))
+
+
+def gpus_per_worker(cfg: DictConfig, resources: dict[str, float]) -> float:
+    """GPUs per training worker: `ray.gpus_per_worker` where set; where null (the default), one
+    if the cluster's total resources (ray.cluster_resources()) hold a GPU, else none, so that a
+    GPU cluster never trains on its CPUs unasked.
+
+    With `ray.check_resources=false` (an autoscaling cluster, whose GPU nodes may not exist
+    yet) the cluster says nothing reliable, so null is refused there rather than taken as 0.
+    """
+    if cfg.ray.gpus_per_worker is not None:
+        return float(cfg.ray.gpus_per_worker)
+    if not cfg.ray.check_resources:
+        raise ClusterError(
+            "ray.gpus_per_worker is null (one GPU per worker if the cluster has GPUs), but with "
+            "ray.check_resources=false the cluster is not asked (an autoscaling cluster may have "
+            "no GPU node yet): set ray.gpus_per_worker=1 to train on GPUs, or 0 to train on CPUs")
+    return 1.0 if resources.get("GPU", 0.0) > 0 else 0.0
 
 
 def require_state_api() -> None:

@@ -16,7 +16,7 @@ from omegaconf import DictConfig
 from ray import tune
 
 from s4d_dist import config
-from s4d_dist.orchestrate import cluster, runs, trials
+from s4d_dist.orchestrate import runs, trials
 from s4d_dist.train.loop import run_dir
 from s4d_dist.train.metrics import mean_std
 
@@ -60,7 +60,6 @@ def kfold(cfg: DictConfig) -> dict[str, Any]:
     for fold_cfg in folds.values():
         runs.check_folder(fold_cfg)
         runs.check_data(fold_cfg)
-    cluster.connect(cfg)
     folder = Path(cfg.output_dir) / cfg.run_name
     grid = trials.run(cfg, {"data": {"fold": tune.grid_search(list(folds))}}, folder)
     results, failed = {}, {}

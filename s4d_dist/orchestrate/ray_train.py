@@ -76,7 +76,7 @@ def fit(cfg: DictConfig) -> dict[str, Any]:
     cfg = runs.absolute_paths(cfg)
     runs.check_folder(cfg)
     runs.check_data(cfg)
-    cluster.connect(cfg)
+    cfg = cluster.connect(cfg)
     cluster.runs_at_once(cfg)  # refuses a run the cluster can never hold
     trainer(cfg).fit()
     return json.loads((Path(run_dir(cfg)) / "metrics.json").read_text())

@@ -6,6 +6,7 @@ worker validates exactly what the driver resolved.
 from __future__ import annotations
 
 import os
+import sys
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
@@ -46,10 +47,20 @@ def absolute_paths(cfg: DictConfig) -> DictConfig:
 
     Ray workers do not run in the driver's folder (a Tune trial runs in its own), so a relative
     data or output path would point somewhere else there; on several nodes the absolute paths
-    must name shared storage.
+    must name shared storage. A driver joining a running cluster (`ray.address`) may itself run
+    elsewhere than where the command was typed — `ray submit` starts it in the head node's home
+    folder, `ray job submit` in a copy of its working dir — so there the relative paths it
+    resolved are named in one line on stderr.
     """
-    paths = {key: os.path.abspath(os.path.expanduser(OmegaConf.select(cfg, key)))
+    given = {key: os.path.expanduser(OmegaConf.select(cfg, key))
              for key in PATH_KEYS if OmegaConf.select(cfg, key)}
+    relative = [key for key, path in given.items() if not os.path.isabs(path)]
+    if cfg.ray.address and relative:
+        print(f"[s4d] note: relative {', '.join(f'{k}={given[k]}' for k in relative)} resolved "
+              f"against the driver's folder {os.getcwd()} (ray submit: the head's home; ray job "
+              f"submit: a copy of --working-dir); give absolute paths on storage every node "
+              f"shares", file=sys.stderr, flush=True)
+    paths = {key: os.path.abspath(path) for key, path in given.items()}
     return with_values(cfg, "absolute paths", nested(paths))
 
 

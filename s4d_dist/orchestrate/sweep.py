@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from ray.tune.schedulers import ASHAScheduler
 
 from s4d_dist import config
-from s4d_dist.orchestrate import cluster, runs, space, trials
+from s4d_dist.orchestrate import runs, space, trials
 from s4d_dist.train.loop import run_dir
 
 
@@ -137,7 +137,6 @@ def sweep(cfg: DictConfig) -> list[dict[str, Any]]:
     dims = check(cfg)
     folder = Path(cfg.output_dir) / cfg.run_name
     folder.mkdir(parents=True, exist_ok=True)
-    cluster.connect(cfg)
     grid = trials.run(cfg, space.param_space(dims), folder, trials_dir=folder,
                       scheduler=_scheduler(cfg), num_samples=cfg.sweep.num_samples)
     rows = _ranked([_row(result, cfg, dims, folder) for result in grid], cfg)

@@ -41,7 +41,9 @@ def _trial(values: dict[str, Any], base: dict[str, Any], trials_dir: Optional[st
 def run(cfg: DictConfig, param_space: dict[str, Any], folder: Path, *,
         trials_dir: Optional[Path] = None, scheduler: Optional[TrialScheduler] = None,
         num_samples: int = 1) -> tune.ResultGrid:
-    """Run the trials of `param_space` (Tune's own records under `<folder>/tune`)."""
+    """Run the trials of `param_space` (Tune's own records under `<folder>/tune`), on the
+    cluster of `cfg` (joined here, where no session is open) with its GPUs per worker decided."""
+    cfg = cluster.connect(cfg)
     cluster.require_state_api()
     trainable = tune.with_parameters(_trial, base=runs.as_dict(cfg),
                                      trials_dir=str(trials_dir) if trials_dir else None)

@@ -60,7 +60,9 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=32, help="rows per forward pass")
     parser.add_argument("--workers", type=int, default=2, help="decoding threads")
     parser.add_argument("--device", default="auto", help="auto (cuda if present), cpu, cuda:N")
-    parser.add_argument("--format", choices=("jsonl", "csv"), default="jsonl")
+    parser.add_argument("--format", choices=("jsonl", "csv"), default="jsonl",
+                        help="one JSON object per input (default), or CSV with a prob_<class> "
+                             "column per class")
     parser.add_argument("--out", help="output file (default: standard output)")
     return parser
 

@@ -19,4 +19,4 @@ if __name__ == "__main__":
               "[KEY=VALUE ...] (--help after the task for more)", file=sys.stderr)
         sys.exit(2)
     argv.remove(task)
-    main(task, argv)
+    main(task, argv, prog=f"python -m s4d_dist.train {task}")

@@ -27,8 +27,9 @@ from typing import Iterator, Optional
 from s4d_dist import config
 
 
-def parse(task: str, argv: list[str] | None = None):
-    """The resolved config of the command line; `--print-config` prints it and exits."""
+def parse(task: str, argv: list[str] | None = None, prog: str | None = None):
+    """The resolved config of the command line; `--print-config` prints it and exits. `prog`:
+    the command as typed, in usage and errors (default: the launch script)."""
     demo, full = {"pretrain": ("demo", "pretrain_vit_base"),
                   "finetune": ("demo_finetune", "finetune_dfew data.fold=3")}[task]
     examples = (f"  python launch/{task}.py --config {demo} optim.epochs=1 --print-config\n"
@@ -36,7 +37,7 @@ def parse(task: str, argv: list[str] | None = None):
                 f"  torchrun --nproc_per_node 8 -m s4d_dist.train {task} --config {full}\n"
                 f"  s4d-{task} --config my_run.yaml output_dir=/runs seed=1")
     parser = argparse.ArgumentParser(
-        prog=f"launch/{task}.py", description=f"S4D {task} under DeepSpeed (also torchrun, python)",
+        prog=prog or f"launch/{task}.py", description=f"S4D {task} under DeepSpeed (also torchrun, python)",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=f"presets:\n{config.describe_presets()}\n\nexamples:\n{examples}")
     parser.add_argument("--config", required=True, help="preset name (below) or YAML file")
@@ -56,9 +57,9 @@ def parse(task: str, argv: list[str] | None = None):
     return cfg
 
 
-def main(task: str, argv: list[str] | None = None) -> dict:
+def main(task: str, argv: list[str] | None = None, prog: str | None = None) -> dict:
     """Train; on a stop, one line on the console and SystemExit with the documented code."""
-    cfg = parse(task, argv)
+    cfg = parse(task, argv, prog)
     rank = int(os.environ.get("RANK", "0"))
     from s4d_dist.train.loop import run_dir, train  # heavy imports after argument errors are reported
 
