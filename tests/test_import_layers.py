@@ -2,9 +2,17 @@
 imports inside functions and `importlib.import_module("...")` / `__import__("...")` calls with a
 literal name are imports too.
 
-Intended direction: `s4d_dist.models` may import `s4d_dist.kernels` (the MoAE model imports
-the backend contract, `kernels/moae_contract.py`, and loads the Triton backend lazily);
-nothing under `kernels/` imports `s4d_dist.models`.
+Intended directions (the lower layer never imports the upper one):
+
+- `s4d_dist.models` → `s4d_dist.kernels`: the MoAE model imports the backend contract
+  (`kernels/moae_contract.py`) and loads the Triton backend lazily; nothing under `kernels/`
+  imports `s4d_dist.models`.
+- `s4d_dist.data` → `s4d_dist.shards`: data loading reads the shard format of
+  `shards/layout.py` and decodes with `shards/media.py`; nothing under `shards/` imports
+  `s4d_dist.data`, except the command line `shards/__main__.py`, which dispatches
+  `inspect` / `verify` to `s4d_dist.data.dataset_tools`. No module imports a `__main__`, so
+  that import cannot close a cycle; `test_no_cycle_between_layers` checks that on the whole
+  import graph.
 """
 import ast
 from pathlib import Path
@@ -64,9 +72,72 @@ def imports_between(folder: str, forbidden: str) -> dict[str, list[str]]:
     return hits
 
 
-@pytest.mark.parametrize("folder, forbidden", [("kernels", "s4d_dist.models")])
-def test_no_import_against_the_layer_direction(folder, forbidden):
-    assert imports_between(folder, forbidden) == {}
+# (lower folder, the upper package it must not import, command-line modules exempted)
+LAYERS = [("kernels", "s4d_dist.models", ()),
+          ("shards", "s4d_dist.data", ("shards/__main__.py",))]
+
+
+@pytest.mark.parametrize("folder, forbidden, entry_points", LAYERS)
+def test_no_import_against_the_layer_direction(folder, forbidden, entry_points):
+    hits = imports_between(folder, forbidden)
+    assert {path: bad for path, bad in hits.items() if path not in entry_points} == {}
+
+
+def import_graph() -> dict[str, set[str]]:
+    """module → the modules it imports (eagerly or lazily), the packages above them included:
+    importing a.b.c runs a/__init__.py and a/b/__init__.py first."""
+    files = {module_name(path): path for folder in PACKAGES
+             for path in (REPO / folder).rglob("*.py")}
+    graph = {}
+    for name, path in files.items():
+        targets = set()
+        for module in imported_modules(path):
+            parts = module.split(".")
+            targets |= {".".join(parts[:i]) for i in range(1, len(parts) + 1)}
+        graph[name] = (targets & files.keys()) - {name}
+    return graph
+
+
+def cycles(graph: dict[str, set[str]]) -> list[set[str]]:
+    """The strongly connected components with more than one module (Tarjan)."""
+    index, low, stack, on_stack, found = {}, {}, [], set(), []
+
+    def visit(node):
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        on_stack.add(node)
+        for succ in graph[node]:
+            if succ not in index:
+                visit(succ)
+                low[node] = min(low[node], low[succ])
+            elif succ in on_stack:
+                low[node] = min(low[node], index[succ])
+        if low[node] == index[node]:
+            component = set()
+            while True:
+                member = stack.pop()
+                on_stack.discard(member)
+                component.add(member)
+                if member == node:
+                    break
+            if len(component) > 1:
+                found.append(component)
+
+    for node in sorted(graph):
+        if node not in index:
+            visit(node)
+    return found
+
+
+@pytest.mark.parametrize("lower, upper", [("s4d_dist.kernels", "s4d_dist.models"),
+                                          ("s4d_dist.shards", "s4d_dist.data")])
+def test_no_cycle_between_layers(lower, upper):
+    def inside(module, package):
+        return module == package or module.startswith(package + ".")
+
+    spanning = [sorted(c) for c in cycles(import_graph())
+                if any(inside(m, lower) for m in c) and any(inside(m, upper) for m in c)]
+    assert spanning == []
 
 
 def test_the_reader_sees_lazy_imports():

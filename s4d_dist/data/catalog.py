@@ -72,11 +72,11 @@ class _Members:
 
 
 def _parse_index(idx_path: str, exts: list[str]) -> tuple[list[str], np.ndarray]:
-    """Keys and an (n, len(exts), 2) array of (offset, size) from a v1.2 DALI index."""
+    """Keys and an (n, len(exts), 2) array of (offset, size) from a DALI index (v1.2)."""
     with open(idx_path) as f:
         header = f.readline().split()
-        if len(header) != 2 or header[0] != "v1.2":
-            raise ValueError(f"{idx_path}: not a v1.2 DALI index (header {header})")
+        if len(header) != 2 or header[0] != layout.INDEX_VERSION:
+            raise ValueError(f"{idx_path}: not a {layout.INDEX_VERSION} DALI index (header {header})")
         keys, spans = [], []
         for line_no, line in enumerate(f, start=2):
             tokens = line.split()
@@ -147,7 +147,7 @@ class Catalog:
         return self._labels
 
     def _label(self, sample: int) -> int:
-        return struct.unpack("<i", self._pread(sample, self.members.label[sample]))[0]
+        return struct.unpack(layout.LABEL_STRUCT, self._pread(sample, self.members.label[sample]))[0]
 
     def where(self, sample: int) -> str:
         """`<tar>:<key>`, for messages."""
@@ -222,8 +222,8 @@ def open_catalog(tars: list[str], skip_truncated: bool = False) -> Catalog:
         raise TruncatedShardError(f"truncated shards, samples beyond the end of the tar: {lost}; recopy "
                                   f"or rebuild them, or set data.skip_truncated=true to train on the rest")
     span = np.concatenate(spans) if spans else np.zeros((0, len(exts), 2), np.int64)
-    members = _Members(np.concatenate(shard_ids), span[:, exts.index(media_ext)], span[:, exts.index("json")],
-                       span[:, exts.index("label")] if "label" in exts else None)
+    members = _Members(np.concatenate(shard_ids), span[:, exts.index(media_ext)], span[:, exts.index(layout.META_MEMBER)],
+                       span[:, exts.index(layout.LABEL_MEMBER)] if layout.LABEL_MEMBER in exts else None)
     if not keys:
         raise ValueError(f"shards {tars[0]} ... hold no samples")
     return Catalog(list(tars), first["dataset"], first["modality"], media_ext, list(first["class_names"]),
