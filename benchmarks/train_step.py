@@ -95,6 +95,7 @@ def worker(args: argparse.Namespace) -> None:
     from s4d_dist.train import distributed
     from s4d_dist.train.engine import DTYPES, Stepper, build_engine
     from s4d_dist.train.flops import classifier_step_flops, peak_flops
+    from s4d_dist.tubelets import model_tokens
 
     distributed.init()
     rank, device = distributed.rank(), distributed.device()
@@ -159,7 +160,7 @@ def worker(args: argparse.Namespace) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
     elapsed = time.perf_counter() - start
-    tokens = (m.img_size // m.patch) ** 2 * m.num_frames // m.tubelet
+    tokens = model_tokens(m, "video")
     peak = peak_flops(device, args.peak_tflops)
     result = {"rank": rank, "samples_per_s": args.steps * batch / elapsed,
               "step_s": elapsed / args.steps, "optimizer_and_grad_bytes": max(held),

@@ -27,22 +27,23 @@ import re
 import zlib
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Iterator, Optional, Union
+from typing import Any, Iterator, Optional
 
 import numpy as np
 import torch
 from omegaconf import DictConfig
 
+from s4d_dist import seeds
 from s4d_dist.shards import layout
+from s4d_dist.tubelets import model_tokens
 
 from . import mixing
 from .catalog import Catalog, open_catalog, shard_paths
 from .corrupt import CorruptionLog
 from .masking import random_masks
 from .recipes import Recipe, recipe_from_config
-from .sources import EvalSource, TrainSource, batch_generator
+from .sources import EvalSource, Source, TrainSource
 
-Source = Union[TrainSource, EvalSource]
 MODALITIES = {"pretrain": ("image", "video"), "finetune": ("video", "image")}  # official source ids (§1.6, §2.7)
 
 
@@ -155,7 +156,7 @@ class _Stream:
             raise ValueError(f"{catalog.tars[0]} ...: {catalog.dataset} has {len(catalog.class_names)} classes "
                              f"{catalog.class_names}, model.num_{modality}_classes is {classes}")
         self.source = TrainSource(catalog, self.recipe, batch, cfg.seed, rank, world, balanced)
-        self.runner = make_runner(cfg, self.source, backend, cfg.seed * 1000 + rank)
+        self.runner = make_runner(cfg, self.source, backend, seeds.dali_seed(cfg.seed, rank))
 
 
 class TrainLoader:
@@ -240,10 +241,9 @@ class EpochIterator:
         if cfg.task == "finetune":
             out["label"] = pinned(batch["label"])
             return out
-        m = cfg.model
-        tokens = (m.img_size // m.patch) ** 2 * (m.num_frames // m.tubelet if stream.modality == "video" else 1)
+        tokens = model_tokens(cfg.model, stream.modality)
         ratio = cfg.mask.video_ratio if stream.modality == "video" else cfg.mask.image_ratio
-        generator = batch_generator((11, cfg.seed, self.epoch, self.step, self.loader.rank))
+        generator = seeds.mae_masks(cfg.seed, self.epoch, self.step, self.loader.rank)
         mask = random_masks(len(out["pixels"]), tokens, ratio, generator)  # on the CPU: same on any machine
         out["mask"] = pinned(mask).to(pixels.device, non_blocking=True)
         return out
@@ -263,7 +263,7 @@ class EvalLoader:
         self.modality, self.recipe = modality, recipe
         self.corrupt = CorruptionLog()
         self.source = EvalSource(catalog, recipe, cfg.data.eval_batch_size, rank, world_size)
-        self.runner = make_runner(cfg, self.source, backend or choose_backend(cfg), cfg.seed * 1000 + rank)
+        self.runner = make_runner(cfg, self.source, backend or choose_backend(cfg), seeds.dali_seed(cfg.seed, rank))
 
     @property
     def class_names(self) -> list[str]:

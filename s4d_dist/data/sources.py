@@ -10,7 +10,7 @@ request.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Union
 
 import numpy as np
 import torch
@@ -102,6 +102,9 @@ class EvalSource:
         return eval_batch(self.catalog, self.recipe, self.rows[request[0]], load, known_bad, filler)
 
 
+Source = Union[TrainSource, EvalSource]
+
+
 def spec_fields(spec: BatchSpec) -> dict[str, Any]:
     """The non-pixel part of a batch: which sample and view fills each row."""
     slots = spec.slots
@@ -113,10 +116,3 @@ def spec_fields(spec: BatchSpec) -> dict[str, Any]:
         "key": [s.key for s in slots],
         "corrupt": list(spec.corrupt),
     }
-
-
-def batch_generator(seed_key: tuple[int, ...]) -> torch.Generator:
-    """A torch generator for a batch's non-parameter randomness (masks, erasing noise)."""
-    generator = torch.Generator()
-    generator.manual_seed(int(np.random.SeedSequence(list(seed_key)).generate_state(1, np.uint64)[0]) & (2**63 - 1))
-    return generator

@@ -31,7 +31,7 @@ from omegaconf import DictConfig
 from torch import nn
 from tqdm import tqdm
 
-from s4d_dist import atomic
+from s4d_dist import atomic, seeds
 from s4d_dist import config as config_module
 from s4d_dist.data.loaders import TrainLoader, train_loader
 from s4d_dist.models import official
@@ -43,6 +43,7 @@ from s4d_dist.train.flops import peak_flops
 from s4d_dist.train.schedule import Schedule
 from s4d_dist.train.storage import check_shared, shard_files
 from s4d_dist.train.tracking import RunLogger
+from s4d_dist.tubelets import model_tokens
 
 log = logging.getLogger(__name__)
 
@@ -140,16 +141,8 @@ def finite_or_none(value: Optional[torch.Tensor]) -> Optional[float]:
     return number if number is not None and math.isfinite(number) else None
 
 
-def step_rng(seed: int, step: int, rank: int) -> np.random.Generator:
-    """Per-step randomness (mixup) that a resumed run draws identically."""
-    return np.random.default_rng([seed, step, rank])
-
-
 def _tokens(batch: dict, cfg: DictConfig) -> int:
-    m = cfg.model
-    per_frame = (m.img_size // m.patch) ** 2
-    slots = m.num_frames // m.tubelet if batch["modality"] == "video" else 1
-    return len(batch["pixels"]) * per_frame * slots
+    return len(batch["pixels"]) * model_tokens(cfg.model, batch["modality"])
 
 
 def say(line: str) -> None:
@@ -195,8 +188,7 @@ def train(cfg: DictConfig, task: Task, on_epoch_end: Optional[EpochHook] = None)
     distributed.init()
     with Preemption(cfg.checkpoint.signal_check_every) as preemption:
         rank, world = distributed.rank(), distributed.world_size()
-        torch.manual_seed(cfg.seed + rank)
-        np.random.seed(cfg.seed + rank)
+        seeds.seed_process(cfg.seed, rank)
         folder = run_dir(cfg)
         checkpoints = Checkpoints(folder, cfg, keep=cfg.checkpoint.keep)
         resume_tag = checkpoints.check_resumable(folder)
@@ -244,7 +236,7 @@ def _train(run: Run, task: Task, loader: TrainLoader, resume_tag: Optional[str],
                 started = time.perf_counter()
                 step = run.state["global_step"]
                 lr = schedule(step)
-                outcome = stepper(lambda: task.loss(run, batch, step_rng(cfg.seed, step, rank)), lr)
+                outcome = stepper(lambda: task.loss(run, batch, seeds.step_rng(cfg.seed, step, rank)), lr)
                 meter.add(batch["modality"], outcome.loss, len(batch["pixels"]), _tokens(batch, cfg),
                           task.step_flops(batch), started - waited)
                 epoch_losses.append(outcome.loss)
