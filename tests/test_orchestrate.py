@@ -82,7 +82,8 @@ def test_sweep_metric_must_be_one_the_task_reports(tmp_path):
 
 
 def test_new_config_fields_are_validated():
-    with pytest.raises(config.ConfigError, match="sweep.mode must be max or min"):
+    with pytest.raises(config.ConfigError,
+                       match=r"'sweep.mode': Invalid value 'best', expected one of \['max', 'min'\]"):
         load("sweep.mode=best")
     with pytest.raises(config.ConfigError, match="ray.cpus_per_worker must be >= 1"):
         load("ray.cpus_per_worker=0")

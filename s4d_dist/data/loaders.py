@@ -27,7 +27,7 @@ import re
 import zlib
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator, Literal, Optional
 
 import numpy as np
 import torch
@@ -71,15 +71,14 @@ def pinned(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
-def make_runner(cfg: DictConfig, source: Source, backend: str, seed: int):
-    """The object that turns the source's requests into pixel batches."""
+def make_runner(cfg: DictConfig, source: Source, backend: Literal["dali", "torch"], seed: int):
+    """The object that turns the source's requests into pixel batches (`backend` as
+    `choose_backend` resolves it; the config's type admits no other value)."""
     if backend == "dali":
         from .dali_backend import DaliRunner  # DALI is optional
         return DaliRunner(source, dali_decode_device(cfg), cfg.data.workers, cfg.data.prefetch, seed)
-    if backend == "torch":
-        from .torch_backend import TorchRunner
-        return TorchRunner(source, cfg.data.workers, cfg.data.prefetch)
-    raise ValueError(f"data.backend must be auto, dali or torch, got {backend!r}")
+    from .torch_backend import TorchRunner
+    return TorchRunner(source, cfg.data.workers, cfg.data.prefetch)
 
 
 def clip_of(key: str) -> str:
@@ -165,8 +164,6 @@ class TrainLoader:
     A modality whose shards are not configured is left out (single-modality runs)."""
 
     def __init__(self, cfg: DictConfig, rank: int = 0, world_size: int = 1, backend: Optional[str] = None) -> None:
-        if cfg.task not in MODALITIES:
-            raise ValueError(f"no training loader for task {cfg.task!r}")
         self.cfg, self.rank, self.world = cfg, rank, world_size
         self.backend = backend or choose_backend(cfg)
         self.corrupt = CorruptionLog()
