@@ -26,8 +26,8 @@ import tempfile
 import time
 import traceback
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -236,7 +236,7 @@ def main() -> None:
                          "optimizer_and_grad_mib_per_rank": held / 2**20,
                          f"memory_vs_{first}": held / base, "ranks": ranks}
         mfu = min((r["mfu"] for r in ranks if "mfu" in r), default=float("nan"))
-        peak = max((r.get("peak_allocated_bytes", 0) for r in ranks)) / 2**30
+        peak = max(r.get("peak_allocated_bytes", 0) for r in ranks) / 2**30
         print(f"{name:8s} {speed:10.2f} {speed / base_speed:9.2f} {held / 2**20:18.1f} "
               f"{held / base:9.2f} {mfu:6.1%} {peak:9.2f}")
     tag = "cpu" if device == "cpu" else device.replace(" ", "_")

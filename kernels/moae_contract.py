@@ -7,7 +7,8 @@ models import it and lazily load the kernels, and the kernels never import the m
 """
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F

@@ -3,15 +3,16 @@
 The schema is a set of dataclasses (OmegaConf structured configs), so a typo in a preset or on
 the command line is an error that names the key and suggests the closest valid one, instead of
 a silently ignored setting; a field with a fixed set of values is a `Literal`, so a value
-outside it is an error that names the key and the values allowed. Presets are YAML files in `s4d_dist/presets/`; a preset may start
-from another with `inherit: <name>`. Section numbers (§n.m) in this file refer to docs/method.md.
+outside it is an error that names the key and the values allowed. Presets are YAML files in
+`s4d_dist/presets/`; a preset may start from another with `inherit: <name>`. Section numbers
+(§n.m) in this file refer to docs/method.md.
 """
 from __future__ import annotations
 
 import difflib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal
 
 import yaml
 from omegaconf import DictConfig, OmegaConf
@@ -80,7 +81,7 @@ class DataConfig:
     video_shards: str = ""  # folder of a video shard split (VoxCeleb2 / DFEW / ...)
     val_shards: str = ""
     test_shards: str = ""
-    fold: Optional[int] = None  # k-fold datasets: which fold's parts form train and test
+    fold: int | None = None  # k-fold datasets: which fold's parts form train and test
     image_batch_size: int = 192  # per rank
     video_batch_size: int = 192  # per rank, clips (after repeated augmentation)
     video_repeats: int = 4  # pre-training repeated augmentation (§1.6)
@@ -94,7 +95,6 @@ class DataConfig:
     eval_batch_size: int = 24
     test_temporal_views: int = 2
     test_spatial_crops: int = 2
-    # Added with the loaders (s4d_dist/data):
     resize_ratio: float = 1.2  # side before random crops / crop side: 192 for 160 (§1.8 ShortSideScale, §2.10 Resize)
     eval_short_side: int = 0  # test frames' short side before the spatial crops; 0 = model.img_size (official scale)
     dali_device: DaliDevice = "auto"  # auto: mixed on a GPU machine, else cpu
@@ -117,7 +117,7 @@ class AugmentConfig:
     mix_prob: float = 1.0
     switch_prob: float = 0.5
     label_smoothing: float = 0.1
-    # Added with the loaders (s4d_dist/data/recipes.py), the official timm strings (§2.10):
+    # RandAugment, the official timm strings (§2.10; parsed by s4d_dist/data/randaug.py):
     video_rand_augment: str = "rand-m7-n4-mstd0.5-inc1"
     image_rand_augment: str = "rand-m9-n2-mstd0.5-inc1"
     erase_prob: float = 0.25  # RandomErasing probability, images and videos
@@ -138,7 +138,7 @@ class OptimConfig:
     lr_batch_divisor: int = 512
     min_lr: float = 0.0
     # Set: min_lr is scaled by global batch / this, like base_lr (official fine-tuning: 256).
-    min_lr_batch_divisor: Optional[int] = None
+    min_lr_batch_divisor: int | None = None
     warmup_epochs: float = 5.0
     warmup_start_lr: float = 1e-6
     epochs: int = 100
@@ -146,7 +146,7 @@ class OptimConfig:
     eps: float = 1e-8
     weight_decay: float = 0.05
     layer_decay: float = 1.0  # 1.0 = off; 0.75 for fine-tuning (§2.9)
-    clip_grad: Optional[float] = None
+    clip_grad: float | None = None
     max_nonfinite_steps: int = 20  # abort after this many NaN/inf losses in a row
 
 
@@ -183,7 +183,7 @@ class LoggingConfig:
     log_every: int = 10
     image_every: int = 200
     # The GPU's dense bf16 peak for MFU; null: looked up from the device name (train/flops.py).
-    peak_tflops: Optional[float] = None
+    peak_tflops: float | None = None
 
 
 @dataclass

@@ -16,9 +16,9 @@ import multiprocessing
 import os
 import re
 import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
 
 import av
 import PIL

@@ -9,8 +9,9 @@ writer, layout, manifests, DALI indices, chunking, resumption and fingerprints.
 `read_synthetic` is also a dataset reader, so that once it is registered as
 `READERS["synthetic"]` (shards/sources/registry.py),
 `python -m s4d_dist.shards synthetic --root RAW --out O --modality video --splits train=8,test=2`
-works (RAW receives the rendered raw files); `build_synthetic` is the one-call Python API. Everything is deterministic: sample i of a
-split is a pure function of (seed, split, modality, i), whatever the number of workers.
+works (RAW receives the rendered raw files); `build_synthetic` is the one-call Python API.
+Everything is deterministic: sample i of a split is a pure function of (seed, split, modality,
+i), whatever the number of workers.
 """
 from __future__ import annotations
 

@@ -20,9 +20,9 @@ import re
 import struct
 import tarfile
 from collections import Counter
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
 
 from .layout import (INDEX_VERSION, LABEL_MEMBER, LABEL_STRUCT, META_MEMBER, SHARD_PATTERN,
                      index_path, member_exts)

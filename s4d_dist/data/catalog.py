@@ -21,7 +21,7 @@ import os
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 
@@ -43,7 +43,7 @@ class RawSample:
     meta: dict[str, Any]
 
 
-def shard_paths(location: str, split: str = "train", fold: Optional[int] = None) -> list[str]:
+def shard_paths(location: str, split: str = "train", fold: int | None = None) -> list[str]:
     """The tars of a split folder (`<out>/<split>`, holding manifest.json), or of `split` of a
     built dataset (`<out>`, holding dataset.json) — for a k-fold dataset with `fold` set, the
     union of the parts that form that fold's `split`."""
@@ -68,7 +68,7 @@ class _Members:
     shard: np.ndarray  # (N,) int32, index into Catalog.tars
     media: np.ndarray  # (N, 2) int64
     meta: np.ndarray   # (N, 2) int64
-    label: Optional[np.ndarray]  # (N, 2) int64, None when unlabelled
+    label: np.ndarray | None  # (N, 2) int64, None when unlabelled
 
 
 def _parse_index(idx_path: str, exts: list[str]) -> tuple[list[str], np.ndarray]:
@@ -105,7 +105,7 @@ class Catalog:
     members: _Members
     truncated: dict[str, int] = field(default_factory=dict)  # tar → samples left out (beyond its end)
     _files: dict[int, int] = field(default_factory=dict, repr=False)
-    _labels: Optional[np.ndarray] = field(default=None, repr=False)
+    _labels: np.ndarray | None = field(default=None, repr=False)
 
     def __len__(self) -> int:
         return len(self.keys)

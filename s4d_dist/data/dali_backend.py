@@ -37,7 +37,8 @@ from __future__ import annotations
 import logging
 import math
 from collections import deque
-from typing import Any, Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 
 import numpy as np
 import torch

@@ -25,9 +25,10 @@ from __future__ import annotations
 import importlib.util
 import re
 import zlib
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Iterator, Literal, Optional
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -163,7 +164,7 @@ class TrainLoader:
 
     A modality whose shards are not configured is left out (single-modality runs)."""
 
-    def __init__(self, cfg: DictConfig, rank: int = 0, world_size: int = 1, backend: Optional[str] = None) -> None:
+    def __init__(self, cfg: DictConfig, rank: int = 0, world_size: int = 1, backend: str | None = None) -> None:
         self.cfg, self.rank, self.world = cfg, rank, world_size
         self.backend = backend or choose_backend(cfg)
         self.corrupt = CorruptionLog()
@@ -251,8 +252,8 @@ class EvalLoader:
     view) row once across ranks, padding marked invalid, the same batch count on every rank."""
 
     def __init__(self, cfg: DictConfig, catalog: Catalog, modality: str, rank: int = 0, world_size: int = 1,
-                 backend: Optional[str] = None, temporal_views: Optional[int] = None,
-                 spatial_crops: Optional[int] = None) -> None:
+                 backend: str | None = None, temporal_views: int | None = None,
+                 spatial_crops: int | None = None) -> None:
         recipe = recipe_from_config(cfg, "eval", modality)
         if temporal_views is not None or spatial_crops is not None:
             recipe = replace(recipe, temporal_views=temporal_views or recipe.temporal_views,
@@ -284,14 +285,14 @@ class EvalLoader:
         self.runner.close()
 
 
-def train_loader(cfg: DictConfig, rank: int = 0, world_size: int = 1, backend: Optional[str] = None) -> TrainLoader:
+def train_loader(cfg: DictConfig, rank: int = 0, world_size: int = 1, backend: str | None = None) -> TrainLoader:
     """Training epochs for cfg.task."""
     return TrainLoader(cfg, rank, world_size, backend)
 
 
 def eval_loader(cfg: DictConfig, split: str, modality: str, rank: int = 0, world_size: int = 1,
-                backend: Optional[str] = None, temporal_views: Optional[int] = None,
-                spatial_crops: Optional[int] = None) -> EvalLoader:
+                backend: str | None = None, temporal_views: int | None = None,
+                spatial_crops: int | None = None) -> EvalLoader:
     """Evaluation of `split` ("val" | "test") of a modality; views default to
     data.test_temporal_views × data.test_spatial_crops (videos; images have one view)."""
     return EvalLoader(cfg, eval_catalog(cfg, split, modality), modality, rank, world_size, backend,

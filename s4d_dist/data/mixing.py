@@ -9,7 +9,7 @@ graphs never interleave).
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 

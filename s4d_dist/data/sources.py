@@ -10,7 +10,7 @@ request.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Union
+from typing import Any
 
 import numpy as np
 import torch
@@ -39,7 +39,8 @@ class TrainSource:
 
     def __post_init__(self) -> None:
         if self.catalog.labelled and self.recipe.kind == "finetune":
-            self.catalog.labels  # read and range-checked now (fail before step 0); workers get them pickled
+            # read and range-checked now (fail before step 0); workers get them pickled
+            self.catalog.labels  # noqa: B018
         if self.batches_per_pass == 0:
             raise ValueError(f"{self.catalog.tars[0]} ...: {len(self.catalog)} samples give no full batch of "
                              f"{self.batch_size} on each of {self.world} ranks; lower the batch size")
@@ -102,7 +103,7 @@ class EvalSource:
         return eval_batch(self.catalog, self.recipe, self.rows[request[0]], load, known_bad, filler)
 
 
-Source = Union[TrainSource, EvalSource]
+Source = TrainSource | EvalSource
 
 
 def spec_fields(spec: BatchSpec) -> dict[str, Any]:

@@ -13,9 +13,10 @@ earlier, nor on which worker or backend builds the batch.
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from itertools import chain
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 

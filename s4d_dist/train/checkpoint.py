@@ -23,8 +23,9 @@ from __future__ import annotations
 import logging
 import random
 import shutil
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch

@@ -17,13 +17,15 @@ Exports are written whole or not at all (atomic.py).
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import math
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional, Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -135,7 +137,7 @@ def mean_losses(losses: dict[str, list[torch.Tensor]]) -> dict[str, float]:
     return dict(zip(kept, means))
 
 
-def finite_or_none(value: Optional[torch.Tensor]) -> Optional[float]:
+def finite_or_none(value: torch.Tensor | None) -> float | None:
     """A device scalar read back, or None if absent or not finite (a skipped step's norm)."""
     number = None if value is None else float(value)
     return number if number is not None and math.isfinite(number) else None
@@ -177,7 +179,7 @@ def truncated_samples(loader: TrainLoader) -> dict[str, int]:
 EpochHook = Callable[[int, dict[str, float]], None]
 
 
-def train(cfg: DictConfig, task: Task, on_epoch_end: Optional[EpochHook] = None) -> dict[str, Any]:
+def train(cfg: DictConfig, task: Task, on_epoch_end: EpochHook | None = None) -> dict[str, Any]:
     """Train `task` under `cfg` to the end (resuming when allowed) and return its final metrics.
 
     `on_epoch_end(epochs_done, metrics)` runs on every rank once each epoch's checkpoint is
@@ -205,8 +207,8 @@ def train(cfg: DictConfig, task: Task, on_epoch_end: Optional[EpochHook] = None)
             loader.close()
 
 
-def _train(run: Run, task: Task, loader: TrainLoader, resume_tag: Optional[str],
-           preemption: Preemption, on_epoch_end: Optional[EpochHook]) -> dict[str, Any]:
+def _train(run: Run, task: Task, loader: TrainLoader, resume_tag: str | None,
+           preemption: Preemption, on_epoch_end: EpochHook | None) -> dict[str, Any]:
     cfg, folder, checkpoints = run.cfg, run.dir, run.checkpoints
     rank, world = distributed.rank(), distributed.world_size()
     check_shared(folder, shard_files(loader))
@@ -236,7 +238,8 @@ def _train(run: Run, task: Task, loader: TrainLoader, resume_tag: Optional[str],
                 started = time.perf_counter()
                 step = run.state["global_step"]
                 lr = schedule(step)
-                outcome = stepper(lambda: task.loss(run, batch, seeds.step_rng(cfg.seed, step, rank)), lr)
+                rng = seeds.step_rng(cfg.seed, step, rank)
+                outcome = stepper(functools.partial(task.loss, run, batch, rng), lr)
                 meter.add(batch["modality"], outcome.loss, len(batch["pixels"]), _tokens(batch, cfg),
                           task.step_flops(batch), started - waited)
                 epoch_losses.append(outcome.loss)
