@@ -70,11 +70,12 @@ def loop_backend(x: torch.Tensor, logits: torch.Tensor, noise_std: torch.Tensor,
     return RoutingResult(out, noisy, topk_idx, gates, kept)
 
 
-def torch_backend(x: torch.Tensor, logits: torch.Tensor, noise_std: torch.Tensor,
-                  noise: torch.Tensor | None, w1: torch.Tensor, b1: torch.Tensor,
-                  w2: torch.Tensor, b2: torch.Tensor, top_k: int,
-                  capacity: int) -> RoutingResult:
-    """Vectorised dispatch with static shapes: no loop over experts, no host synchronisation.
+def vectorised_backend(x: torch.Tensor, logits: torch.Tensor, noise_std: torch.Tensor,
+                       noise: torch.Tensor | None, w1: torch.Tensor, b1: torch.Tensor,
+                       w2: torch.Tensor, b2: torch.Tensor, top_k: int,
+                       capacity: int) -> RoutingResult:
+    """The `torch` backend: vectorised dispatch with static shapes, no loop over experts, no
+    host synchronisation.
 
     Every buffer has a size known from shapes alone, so the dispatch can be captured by CUDA
     graphs / torch.compile (no graph breaks) and never stalls the GPU stream. Empty buffer slots
@@ -109,7 +110,7 @@ def torch_backend(x: torch.Tensor, logits: torch.Tensor, noise_std: torch.Tensor
     return RoutingResult(out, noisy, topk_idx, gates, kept)
 
 
-BACKENDS: dict[str, Backend] = {"loop": loop_backend, "torch": torch_backend}
+BACKENDS: dict[str, Backend] = {"loop": loop_backend, "torch": vectorised_backend}
 BACKEND_NAMES = (*BACKENDS, "triton")
 
 
@@ -135,7 +136,7 @@ def load_triton_backend() -> tuple[Backend | None, str]:
 def get_backend(name: str) -> Backend:
     """The dispatch function for a backend name; 'triton' degrades to 'torch' with a warning."""
     if name == "triton":
-        return load_triton_backend()[0] or torch_backend
+        return load_triton_backend()[0] or vectorised_backend
     if name not in BACKENDS:
         raise ValueError(f"unknown MoAE backend {name!r}; valid: {', '.join(BACKEND_NAMES)}")
     return BACKENDS[name]
