@@ -15,6 +15,7 @@ of their key.
     step_rng           per-step randomness of the loss (mixup / cutmix)
     seed_process       torch's and numpy's global generators (model initialisation)
     dali_seed          the DALI pipeline's own seed
+    dataloader         the torch backend DataLoader's base seed (draws nothing that matters)
 """
 from __future__ import annotations
 
@@ -90,3 +91,11 @@ def seed_process(seed: int, rank: int) -> None:
 def dali_seed(seed: int, rank: int) -> int:
     """The seed of a rank's DALI pipeline."""
     return seed * 1000 + rank
+
+
+def dataloader() -> torch.Generator:
+    """The torch backend DataLoader's own generator. Without one, every epoch's iterator draws
+    its base seed from the global torch RNG, which the MoAE router noise also draws from, so a
+    run resumed mid-epoch would not repeat the uninterrupted run. The workers' seeds it gives
+    matter nothing: every random draw of a batch comes from the streams above."""
+    return torch.Generator().manual_seed(0)

@@ -120,14 +120,11 @@ class TorchRunner:
             context = multiprocessing.get_context("forkserver")
             context.set_forkserver_preload([__name__])  # workers fork with torch and this module loaded
             extra = dict(persistent_workers=True, prefetch_factor=max(prefetch, 1), multiprocessing_context=context)
-        # A generator of its own: without one, every epoch's iterator draws its base seed from
-        # the global torch RNG, which the MoAE router noise also draws from, so a run resumed
-        # mid-epoch (the draw at another point) would not repeat the uninterrupted run. The
-        # workers' seeds matter nothing here: every random draw comes from s4d_dist.seeds.
+        # A generator of its own (seeds.dataloader says why).
         self.loader = torch.utils.data.DataLoader(
             BatchDataset(source), sampler=self.requests, batch_size=None, num_workers=workers,
             collate_fn=_identity, pin_memory=torch.cuda.is_available(),
-            generator=torch.Generator().manual_seed(0), **extra)
+            generator=seeds.dataloader(), **extra)
 
     def run(self, requests: Iterable[Request]) -> Iterator[dict[str, Any]]:
         self.requests.items = list(requests)
