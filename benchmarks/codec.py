@@ -123,7 +123,7 @@ class Variant:
         encode_ms = []
         self.encoded: list[bytes] = []
         for clip in clips:
-            encode_ms.append(_cpu_ms(lambda: self.encoded.append(encode_clip(clip, FPS, options))))
+            encode_ms.append(_cpu_ms(lambda: self.encoded.append(encode_clip(clip, FPS, options))))  # noqa: B023
         decoded = [decode_clip(b) for b in self.encoded]
         self.starts = starts
         self.blobs = [np.frombuffer(b, np.uint8) for b in self.encoded]

@@ -201,7 +201,7 @@ def main(argv: list[str] | None = None) -> None:
         # DataLoader workers fork: start every forking pipeline before any DALI pipeline runs
         # threads (forking a process with live DALI threads is unsafe).
         flat = [(name, batches) for named in pipelines.values() for name, batches in named.items()]
-        for name, batches in sorted(flat, key=lambda item: item[0].startswith("dali")):
+        for _name, batches in sorted(flat, key=lambda item: item[0].startswith("dali")):
             next(batches)
         rates: dict[str, dict[str, list[float]]] = {m: {k: [] for k in p} for m, p in pipelines.items()}
         for round_ in range(args.rounds):

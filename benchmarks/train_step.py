@@ -26,8 +26,8 @@ import tempfile
 import time
 import traceback
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -95,6 +95,7 @@ def worker(args: argparse.Namespace) -> None:
     from s4d_dist.train import distributed
     from s4d_dist.train.engine import DTYPES, Stepper, build_engine
     from s4d_dist.train.flops import classifier_step_flops, peak_flops
+    from s4d_dist.tubelets import model_tokens
 
     distributed.init()
     rank, device = distributed.rank(), distributed.device()
@@ -159,7 +160,7 @@ def worker(args: argparse.Namespace) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
     elapsed = time.perf_counter() - start
-    tokens = (m.img_size // m.patch) ** 2 * m.num_frames // m.tubelet
+    tokens = model_tokens(m, "video")
     peak = peak_flops(device, args.peak_tflops)
     result = {"rank": rank, "samples_per_s": args.steps * batch / elapsed,
               "step_s": elapsed / args.steps, "optimizer_and_grad_bytes": max(held),
@@ -235,7 +236,7 @@ def main() -> None:
                          "optimizer_and_grad_mib_per_rank": held / 2**20,
                          f"memory_vs_{first}": held / base, "ranks": ranks}
         mfu = min((r["mfu"] for r in ranks if "mfu" in r), default=float("nan"))
-        peak = max((r.get("peak_allocated_bytes", 0) for r in ranks)) / 2**30
+        peak = max(r.get("peak_allocated_bytes", 0) for r in ranks) / 2**30
         print(f"{name:8s} {speed:10.2f} {speed / base_speed:9.2f} {held / 2**20:18.1f} "
               f"{held / base:9.2f} {mfu:6.1%} {peak:9.2f}")
     tag = "cpu" if device == "cpu" else device.replace(" ", "_")

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from s4d_dist.models.moae import RoutingResult, batched_experts
+from s4d_dist.kernels.moae_contract import RoutingResult, batched_experts
 
 try:
     from s4d_dist.kernels import moae_routing as routing
@@ -103,7 +103,8 @@ def triton_backend(x: torch.Tensor, logits: torch.Tensor, noise_std: torch.Tenso
                    noise: torch.Tensor | None, w1: torch.Tensor, b1: torch.Tensor,
                    w2: torch.Tensor, b2: torch.Tensor, top_k: int,
                    capacity: int) -> RoutingResult:
-    """The MoAE backend contract of `s4d_dist.models.moae` (the `loop` backend is the reference)."""
+    """The MoAE backend contract (`moae_contract`); the `loop` backend of
+    `s4d_dist.models.moae` is the reference."""
     num_tokens = x.shape[0]
     num_experts = w1.shape[0]
     if not 1 <= top_k <= num_experts:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 import torch
@@ -188,7 +188,7 @@ def figures(report: dict[str, Any], out: Path) -> list[str]:
     return written
 
 
-def markdown(reports: list[dict[str, Any]], comparison: Optional[dict], images: list[str]) -> str:
+def markdown(reports: list[dict[str, Any]], comparison: dict | None, images: list[str]) -> str:
     lines = ["# S4D analysis", ""]
     for report in reports:
         lines += [f"## {report['run']} ({report['split']} splits)", ""]
@@ -213,7 +213,7 @@ def markdown(reports: list[dict[str, Any]], comparison: Optional[dict], images: 
     return "\n".join(lines) + "\n"
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m s4d_dist.analyze",
                                      description=__doc__.splitlines()[0])
     parser.add_argument("runs", nargs="+", type=Path, help="finished fine-tuning run folders")

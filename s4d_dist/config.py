@@ -2,21 +2,32 @@
 
 The schema is a set of dataclasses (OmegaConf structured configs), so a typo in a preset or on
 the command line is an error that names the key and suggests the closest valid one, instead of
-a silently ignored setting. Presets are YAML files in `s4d_dist/presets/`; a preset may start
-from another with `inherit: <name>`. Section numbers (§n.m) in this file refer to docs/method.md.
+a silently ignored setting; a field with a fixed set of values is a `Literal`, so a value
+outside it is an error that names the key and the values allowed. Presets are YAML files in
+`s4d_dist/presets/`; a preset may start from another with `inherit: <name>`. Section numbers
+(§n.m) in this file refer to docs/method.md.
 """
 from __future__ import annotations
 
 import difflib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Literal
 
 import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, ValidationError
 
 PRESET_DIR = Path(__file__).parent / "presets"
+
+Task = Literal["pretrain", "finetune"]
+MoAEBackend = Literal["loop", "torch", "triton"]
+DataBackend = Literal["auto", "dali", "torch"]
+DaliDevice = Literal["auto", "cpu", "mixed"]  # mixed: DALI decodes on the GPU (nvJPEG / NVDEC)
+Precision = Literal["bf16", "fp16", "fp32"]
+Resume = Literal["auto", "never"]  # auto: continue this run folder after a crash
+SweepMode = Literal["max", "min"]
+SweepScheduler = Literal["asha", "fifo"]  # asha: early stopping; fifo: every trial to the end
 
 
 @dataclass
@@ -30,7 +41,7 @@ class MoAEConfig:
     hidden_ratio: float = 0.25  # adapter width = int(embed_dim · hidden_ratio) = 192 for ViT-B
     capacity_factor: float = 1.0
     aux_loss_coeff: float = 1e-3
-    backend: str = "torch"  # loop | torch | triton
+    backend: MoAEBackend = "torch"
 
 
 @dataclass
@@ -70,7 +81,7 @@ class DataConfig:
     video_shards: str = ""  # folder of a video shard split (VoxCeleb2 / DFEW / ...)
     val_shards: str = ""
     test_shards: str = ""
-    fold: Optional[int] = None  # k-fold datasets: which fold's parts form train and test
+    fold: int | None = None  # k-fold datasets: which fold's parts form train and test
     image_batch_size: int = 192  # per rank
     video_batch_size: int = 192  # per rank, clips (after repeated augmentation)
     video_repeats: int = 4  # pre-training repeated augmentation (§1.6)
@@ -79,15 +90,14 @@ class DataConfig:
     video_rate: float = 0.25  # fraction of the video loader consumed per epoch
     balance_images: bool = False  # class-balanced image sampling (fine-tuning AffectNet)
     val_fraction: float = 0.1  # held-out split carved from train to choose the best epoch
-    backend: str = "auto"  # auto | dali | torch
+    backend: DataBackend = "auto"  # auto: DALI when it imports, else torch
     workers: int = 2
     eval_batch_size: int = 24
     test_temporal_views: int = 2
     test_spatial_crops: int = 2
-    # Added with the loaders (s4d_dist/data):
     resize_ratio: float = 1.2  # side before random crops / crop side: 192 for 160 (§1.8 ShortSideScale, §2.10 Resize)
     eval_short_side: int = 0  # test frames' short side before the spatial crops; 0 = model.img_size (official scale)
-    dali_device: str = "auto"  # auto | cpu | mixed: DALI decodes on the GPU (nvJPEG / NVDEC) with mixed
+    dali_device: DaliDevice = "auto"  # auto: mixed on a GPU machine, else cpu
     prefetch: int = 2  # batches decoded ahead (DALI queue depth; DataLoader prefetch_factor)
     skip_truncated: bool = False  # shards shorter than their index: stop (false) or train on the readable samples
     # Pre-training clips: fixed [y0, x0, y1, x1] cut from every frame before augmentation; the
@@ -107,7 +117,7 @@ class AugmentConfig:
     mix_prob: float = 1.0
     switch_prob: float = 0.5
     label_smoothing: float = 0.1
-    # Added with the loaders (s4d_dist/data/recipes.py), the official timm strings (§2.10):
+    # RandAugment, the official timm strings (§2.10; parsed by s4d_dist/data/randaug.py):
     video_rand_augment: str = "rand-m7-n4-mstd0.5-inc1"
     image_rand_augment: str = "rand-m9-n2-mstd0.5-inc1"
     erase_prob: float = 0.25  # RandomErasing probability, images and videos
@@ -128,7 +138,7 @@ class OptimConfig:
     lr_batch_divisor: int = 512
     min_lr: float = 0.0
     # Set: min_lr is scaled by global batch / this, like base_lr (official fine-tuning: 256).
-    min_lr_batch_divisor: Optional[int] = None
+    min_lr_batch_divisor: int | None = None
     warmup_epochs: float = 5.0
     warmup_start_lr: float = 1e-6
     epochs: int = 100
@@ -136,7 +146,7 @@ class OptimConfig:
     eps: float = 1e-8
     weight_decay: float = 0.05
     layer_decay: float = 1.0  # 1.0 = off; 0.75 for fine-tuning (§2.9)
-    clip_grad: Optional[float] = None
+    clip_grad: float | None = None
     max_nonfinite_steps: int = 20  # abort after this many NaN/inf losses in a row
 
 
@@ -154,7 +164,7 @@ class DeepSpeedConfig:
     """What the generated DeepSpeed config contains (never edited by hand at run time)."""
 
     zero_stage: int = 1
-    precision: str = "bf16"  # bf16 | fp16 | fp32
+    precision: Precision = "bf16"
     grad_accum: int = 1
     activation_checkpointing: bool = False
     compile: bool = False
@@ -173,7 +183,7 @@ class LoggingConfig:
     log_every: int = 10
     image_every: int = 200
     # The GPU's dense bf16 peak for MFU; null: looked up from the device name (train/flops.py).
-    peak_tflops: Optional[float] = None
+    peak_tflops: float | None = None
 
 
 @dataclass
@@ -209,8 +219,8 @@ class SweepConfig:
     space: dict[str, Any] = field(default_factory=dict)
     num_samples: int = 1  # trials drawn from the space (grid: repeats of the grid)
     metric: str = "val_war"  # reported per epoch by the fine-tuning loop
-    mode: str = "max"  # max | min
-    scheduler: str = "asha"  # asha (early stopping) | fifo (every trial to the end)
+    mode: SweepMode = "max"
+    scheduler: SweepScheduler = "asha"
     grace_period: int = 1  # epochs before ASHA may stop a trial
     reduction_factor: float = 2.0  # ASHA keeps the best 1/reduction_factor at each rung
     max_concurrent_trials: int = 0  # 0: as many as the cluster holds at once
@@ -221,13 +231,13 @@ class SweepConfig:
 class S4DConfig:
     """The whole run. `task` picks the loop; `official_quirks` reproduces §3 bugs."""
 
-    task: str = "pretrain"  # pretrain | finetune
+    task: Task = "pretrain"
     run_name: str = "run"
     output_dir: str = "runs"
     seed: int = 0
     official_quirks: bool = False
     init_checkpoint: str = ""  # fine-tuning: MAE checkpoint (ours or official)
-    resume: str = "auto"  # auto: continue this run folder after a crash | never
+    resume: Resume = "auto"
     model: ModelConfig = field(default_factory=ModelConfig)
     mask: MaskConfig = field(default_factory=MaskConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -338,7 +348,6 @@ def _require(ok: bool, message: str) -> None:
 def validate(cfg: DictConfig) -> None:
     """Cross-field checks that types alone cannot express; each message names the keys."""
     m = cfg.model
-    _require(cfg.task in ("pretrain", "finetune"), f"task must be pretrain or finetune, got '{cfg.task}'")
     _require(m.img_size % m.patch == 0, f"model.img_size {m.img_size} must divide by model.patch {m.patch}")
     _require(m.num_frames % m.tubelet == 0,
              f"model.num_frames {m.num_frames} must divide by model.tubelet {m.tubelet}")
@@ -351,8 +360,6 @@ def validate(cfg: DictConfig) -> None:
              f"model.moae.top_k {moae.top_k} must be in 1..model.moae.num_experts ({moae.num_experts})")
     _require(all(0 <= i < m.depth for i in moae.layers),
              f"model.moae.layers {list(moae.layers)} must index blocks 0..{m.depth - 1}")
-    _require(moae.backend in ("loop", "torch", "triton"),
-             f"model.moae.backend must be loop, torch or triton, got '{moae.backend}'")
     _require(moae.capacity_factor > 0, "model.moae.capacity_factor must be > 0")
     for name in ("image_ratio", "video_ratio"):
         ratio = cfg.mask[name]
@@ -363,31 +370,21 @@ def validate(cfg: DictConfig) -> None:
     _require(cfg.deepspeed.reduce_bucket_size > 0 and cfg.deepspeed.allgather_bucket_size > 0,
              "deepspeed.reduce_bucket_size and deepspeed.allgather_bucket_size must be > 0 "
              "(elements)")
-    _require(cfg.deepspeed.precision in ("bf16", "fp16", "fp32"),
-             f"deepspeed.precision must be bf16, fp16 or fp32, got '{cfg.deepspeed.precision}'")
     _require(len(cfg.optim.betas) == 2, "optim.betas must hold two numbers")
     _require(cfg.checkpoint.signal_check_every >= 1,
              f"checkpoint.signal_check_every must be >= 1 (steps between the ranks' checks for a "
              f"preemption signal), got {cfg.checkpoint.signal_check_every}")
     _require(cfg.optim.min_lr_batch_divisor is None or cfg.optim.min_lr_batch_divisor > 0,
              f"optim.min_lr_batch_divisor must be > 0 (or null), got {cfg.optim.min_lr_batch_divisor}")
-    _require(cfg.resume in ("auto", "never"), f"resume must be auto or never, got '{cfg.resume}'")
     _require(not cfg.data.video_source_crop or len(cfg.data.video_source_frame) == 2,
              "data.video_source_crop needs data.video_source_frame, the [height, width] of the "
              "frames it is cut from (VoxCeleb2: [224, 224])")
-    _require(cfg.data.backend in ("auto", "dali", "torch"),
-             f"data.backend must be auto, dali or torch, got '{cfg.data.backend}'")
-    _require(cfg.data.dali_device in ("auto", "cpu", "mixed"),
-             f"data.dali_device must be auto, cpu or mixed, got '{cfg.data.dali_device}'")
     ray = cfg.ray
     _require(ray.num_workers >= 1, f"ray.num_workers must be >= 1, got {ray.num_workers}")
     _require(ray.cpus_per_worker >= 1 and (ray.gpus_per_worker is None or ray.gpus_per_worker >= 0),
              "ray.cpus_per_worker must be >= 1 and ray.gpus_per_worker >= 0 (or null)")
     _require(ray.max_failures >= -1, "ray.max_failures must be >= 0 (or -1: restart forever)")
     sweep = cfg.sweep
-    _require(sweep.mode in ("max", "min"), f"sweep.mode must be max or min, got '{sweep.mode}'")
-    _require(sweep.scheduler in ("asha", "fifo"),
-             f"sweep.scheduler must be asha or fifo, got '{sweep.scheduler}'")
     _require(sweep.num_samples >= 1 and sweep.grace_period >= 1 and sweep.reduction_factor > 1,
              "sweep.num_samples and sweep.grace_period must be >= 1, sweep.reduction_factor > 1")
 

@@ -10,7 +10,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _constant(values: tuple[float, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """`values` on `device`, made once per process: copying a Python list to a GPU is a
     synchronous transfer, which the MAE loss would otherwise pay at every step. Made outside

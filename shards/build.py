@@ -16,15 +16,15 @@ import multiprocessing
 import os
 import re
 import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
 
 import av
 import PIL
 from tqdm import tqdm
 
-from .layout import DATASET_JSON, FORMAT_VERSION, BuildError, write_json_atomic
+from .layout import DATASET_JSON, FORMAT_VERSION, BuildError, member_exts, write_json_atomic
 from .manifest import SplitManifest
 from .media import IMAGE_EXT, VIDEO_CODECS, EncodeOptions, MediaError
 from .samples import BUILDER_META, Sample, chunk_key, encode_record, record_path
@@ -120,7 +120,7 @@ def _split_header(source: DatasetSource, split: str, options: BuildOptions) -> d
     return {
         "dataset": source.name, "modality": source.modality, "split": split,
         "class_names": source.class_names,
-        "extensions": [ext, "label", "json"] if source.class_names else [ext, "json"],
+        "extensions": member_exts(ext, bool(source.class_names)),
         "media": {"ext": ext, "codec": "jpeg" if ext == IMAGE_EXT else options.encode.video_codec},
         "build": build, "records": len(source.splits[split]),
         "fingerprint": _fingerprint(source.splits[split], build),

@@ -5,9 +5,14 @@
     <out>/<split>/shard-%06d.tar      WebDataset samples
     <out>/<split>/shard-%06d.idx      DALI index of that tar
 
+Each sample is stored as the tar members ``<key>.<media ext>``, ``<key>.label`` (labelled
+datasets only: the class index, int32 little-endian) and ``<key>.json`` (its metadata), in that
+order; the index lists every member's offset and size.
+
 A k-fold dataset (DFEW, MAFW) is stored once, as its disjoint parts; a fold's train set is the
 union of the parts ``dataset.json`` lists for it, so nothing is copied per fold.
-This module reads only JSON: training code imports it without the encoders.
+This module is the shard format both sides share: the builders write it, the loaders
+(s4d_dist.data) read it. It reads only JSON: training code imports it without the encoders.
 """
 from __future__ import annotations
 
@@ -20,6 +25,15 @@ FORMAT_VERSION = 1
 DATASET_JSON = "dataset.json"
 MANIFEST_JSON = "manifest.json"
 SHARD_PATTERN = "shard-{:06d}.tar"
+INDEX_VERSION = "v1.2"  # the format of DALI's wds2idx, the first line of each .idx
+LABEL_MEMBER = "label"
+META_MEMBER = "json"
+LABEL_STRUCT = "<i"  # struct format of the label member
+
+
+def member_exts(media_ext: str, labelled: bool) -> list[str]:
+    """A sample's member extensions, in the order they are written and indexed."""
+    return [media_ext, LABEL_MEMBER, META_MEMBER] if labelled else [media_ext, META_MEMBER]
 
 
 class BuildError(Exception):

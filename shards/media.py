@@ -47,9 +47,9 @@ from __future__ import annotations
 
 import bisect
 import io
+from collections.abc import Sequence
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import Sequence
 
 import av
 import numpy as np

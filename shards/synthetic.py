@@ -1,4 +1,4 @@
-"""Synthetic shard datasets (s4d_dist.data.synthetic faces) built exactly like real ones.
+"""Synthetic shard datasets (the faces of `synthetic_faces.py`) built exactly like real ones.
 
 The tests, the demo and the benchmarks need shards, and no face dataset can be downloaded
 here. Rather than writing tars by a second route, the faces are rendered to an ordinary raw
@@ -9,8 +9,9 @@ writer, layout, manifests, DALI indices, chunking, resumption and fingerprints.
 `read_synthetic` is also a dataset reader, so that once it is registered as
 `READERS["synthetic"]` (shards/sources/registry.py),
 `python -m s4d_dist.shards synthetic --root RAW --out O --modality video --splits train=8,test=2`
-works (RAW receives the rendered raw files); `build_synthetic` is the one-call Python API. Everything is deterministic: sample i of a
-split is a pure function of (seed, split, modality, i), whatever the number of workers.
+works (RAW receives the rendered raw files); `build_synthetic` is the one-call Python API.
+Everything is deterministic: sample i of a split is a pure function of (seed, split, modality,
+i), whatever the number of workers.
 """
 from __future__ import annotations
 
@@ -21,9 +22,8 @@ from pathlib import Path
 
 from PIL import Image
 
-from s4d_dist.data.synthetic import AFFECTNET7, SyntheticSpec, render_sample
-
 from .build import BuildOptions, SplitSummary, build_dataset
+from .synthetic_faces import AFFECTNET7, SyntheticSpec, render_sample
 from .media import DEFAULT_CHUNK_FRAMES, DEFAULT_VIDEO_CODEC, EncodeOptions
 from .sources.base import DatasetSource, SourceRecord
 from .sources.options import as_choice, as_int

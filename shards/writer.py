@@ -20,14 +20,14 @@ import re
 import struct
 import tarfile
 from collections import Counter
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
 
-from .layout import SHARD_PATTERN, index_path
+from .layout import (INDEX_VERSION, LABEL_MEMBER, LABEL_STRUCT, META_MEMBER, SHARD_PATTERN,
+                     index_path, member_exts)
 from .samples import Sample
 
-INDEX_VERSION = "v1.2"  # the format of DALI's wds2idx
 _BLOCK = tarfile.BLOCKSIZE
 _KEY = re.compile(r"[^\s./\\]+")
 
@@ -77,7 +77,7 @@ class ShardWriter:
     def __init__(self, folder: str | os.PathLike, media_ext: str, labelled: bool, max_bytes: int,
                  first_shard: int = 0, on_close: Callable[[ShardInfo], None] | None = None) -> None:
         self.folder = Path(folder)
-        self.exts = (media_ext, "label", "json") if labelled else (media_ext, "json")
+        self.exts = tuple(member_exts(media_ext, labelled))
         self.labelled = labelled
         self.max_bytes = max_bytes
         self.next_shard = first_shard
@@ -103,9 +103,9 @@ class ShardWriter:
                              f"{'labelled' if self.labelled else 'unlabelled'} folder")
         check_key(sample.key, max(self.exts, key=len))
         data = {self.exts[0]: sample.media,
-                "json": json.dumps(sample.meta, sort_keys=True).encode()}
+                META_MEMBER: json.dumps(sample.meta, sort_keys=True).encode()}
         if self.labelled:
-            data["label"] = struct.pack("<i", sample.label)
+            data[LABEL_MEMBER] = struct.pack(LABEL_STRUCT, sample.label)
         return [(f"{sample.key}.{ext}", data[ext]) for ext in self.exts]
 
     def write(self, group: Sequence[Sample]) -> None:

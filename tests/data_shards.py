@@ -61,7 +61,7 @@ def corrupt_copy(src: Path, dst: Path, split: str, samples: dict[int, str]) -> d
 def builder_label(key: str) -> int:
     """The label the synthetic builder gave a sample, from its key alone (an oracle independent of
     the shards' label field): keys are "{modality}_{split}_{index:07d}" and labels cycle through
-    the 7 AffectNet classes (s4d_dist.data.synthetic.render_sample)."""
+    the 7 AffectNet classes (s4d_dist.shards.synthetic_faces.render_sample)."""
     return int(key.rsplit("_", 1)[1]) % 7
 
 

@@ -52,6 +52,9 @@ def test_overrides_apply_and_config_is_frozen():
     ("deepspeed.zero_stage=3", r"ZeRO-3"),
     ("deepspeed.reduce_bucket_size=0", r"deepspeed.reduce_bucket_size .* must be > 0"),
     ("model.num_heads=5", r"model.embed_dim 96 must divide by model.num_heads 5"),
+    ("data.backend=dalli",
+     r"invalid value for 'data.backend': .*expected one of \['auto', 'dali', 'torch'\]"),
+    ("deepspeed.precision=fp8", r"'deepspeed.precision': .*expected one of \['bf16', 'fp16', 'fp32'\]"),
 ])
 def test_bad_overrides_name_the_key(override, message):
     with pytest.raises(ConfigError, match=message):

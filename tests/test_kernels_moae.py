@@ -86,7 +86,7 @@ def assert_matches_loop(args: tuple, out_tol: float = 1e-5, grad_tol: float = 1e
     torch.testing.assert_close(got.out, ref.out, rtol=out_tol, atol=out_tol)
     for name in DIFFERENTIABLE:
         torch.testing.assert_close(got_grads[name], ref_grads[name], rtol=grad_tol,
-                                   atol=grad_tol, msg=lambda m: f"grad of {name}: {m}")
+                                   atol=grad_tol, msg=lambda m: f"grad of {name}: {m}")  # noqa: B023
 
 
 CASES = {  # name: make_inputs keyword arguments

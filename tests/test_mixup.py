@@ -58,7 +58,7 @@ def test_mixup_blends_pixels_and_targets_with_lambda():
 
 
 def test_cutmix_pastes_one_box_on_every_frame_and_corrects_lambda_to_its_area():
-    b, t, size = 2, 3, 10
+    t, size = 3, 10
     pixels = torch.stack([torch.zeros(3, t, size, size), torch.ones(3, t, size, size)])
     labels = torch.tensor([1, 0])
     # λ = 0.64 → a 6 × 6 box (side 10·√0.36); centred at (1, 8) it is clipped to rows 0..3,

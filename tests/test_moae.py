@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from s4d_dist.models import moae
 from s4d_dist.models.moae import (BACKEND_NAMES, MoAE, MoAEBlock, get_backend, loop_backend,
-                                  torch_backend)
+                                  vectorised_backend)
 
 B, L, D, E, H, K = 3, 20, 32, 4, 8, 2
 BACKENDS_UNDER_TEST = ("loop", "torch")
@@ -146,7 +146,7 @@ def test_drops_follow_flat_token_order_against_python_loops():
     expected_kept = torch.tensor(expected_kept)
     assert 0 < expected_kept.sum() < B * L * K  # some dropped, some kept
 
-    for backend in (loop_backend, torch_backend):
+    for backend in (loop_backend, vectorised_backend):
         result = backend(*args)
         assert torch.equal(result.kept, expected_kept), backend.__name__
         torch.testing.assert_close(result.out, expected_out, rtol=1e-5, atol=1e-6)
@@ -286,7 +286,7 @@ def test_torch_backend_has_static_shapes_and_no_host_sync():
     weights = (torch.randn(E, H, D, **meta), torch.randn(E, H, **meta),
                torch.randn(E, D, H, **meta), torch.randn(E, D, **meta))
     args = (x, logits, std, torch.randn(T, E, device="meta"), *weights, K, 30)
-    result = torch_backend(*args)
+    result = vectorised_backend(*args)
     result.out.sum().backward()
     assert result.out.shape == (T, D) and x.grad.shape == (T, D)
     with pytest.raises(NotImplementedError):  # sanity: the check does catch the loop's nonzero
@@ -319,8 +319,8 @@ def test_triton_falls_back_to_torch_when_kernels_missing(fresh_triton_loader, mo
     # sys.modules makes its import fail either way, simulating an install without it.
     monkeypatch.setitem(sys.modules, "s4d_dist.kernels.moae", None)
     with caplog.at_level(logging.WARNING, logger=moae.__name__):
-        assert get_backend("triton") is torch_backend
-        assert get_backend("triton") is torch_backend
+        assert get_backend("triton") is vectorised_backend
+        assert get_backend("triton") is vectorised_backend
         MoAE(D, E, K, H, backend="triton")
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1  # once per process, not once per call or layer
@@ -335,14 +335,14 @@ def test_triton_falls_back_to_torch_when_unavailable(fresh_triton_loader, monkey
     fake.triton_backend = lambda *args: pytest.fail("unavailable backend was called")
     monkeypatch.setitem(sys.modules, "s4d_dist.kernels.moae", fake)
     with caplog.at_level(logging.WARNING, logger=moae.__name__):
-        assert get_backend("triton") is torch_backend
+        assert get_backend("triton") is vectorised_backend
     assert "no CUDA device" in caplog.text
 
 
 def test_triton_used_when_available(fresh_triton_loader, monkeypatch):
     fake = types.ModuleType("s4d_dist.kernels.moae")
     fake.triton_available = lambda: (True, "ok")
-    fake.triton_backend = lambda *args: torch_backend(*args)
+    fake.triton_backend = lambda *args: vectorised_backend(*args)
     monkeypatch.setitem(sys.modules, "s4d_dist.kernels.moae", fake)
     assert get_backend("triton") is fake.triton_backend
 

@@ -13,7 +13,7 @@ from ray import tune
 from ray.autoscaler._private.util import prepare_config, validate_config
 
 from s4d_dist import config
-from s4d_dist.orchestrate import cluster, kfold, runs, space, sweep
+from s4d_dist.orchestrate import cluster, kfold_runs, runs, space, sweep
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -83,14 +83,15 @@ def test_sweep_metric_must_be_one_the_task_reports(tmp_path):
 
 
 def test_new_config_fields_are_validated():
-    with pytest.raises(config.ConfigError, match="sweep.mode must be max or min"):
+    with pytest.raises(config.ConfigError,
+                       match=r"'sweep.mode': Invalid value 'best', expected one of \['max', 'min'\]"):
         load("sweep.mode=best")
     with pytest.raises(config.ConfigError, match="ray.cpus_per_worker must be >= 1"):
         load("ray.cpus_per_worker=0")
     with pytest.raises(config.ConfigError, match="unknown config key 'sweep.grace'"):
         load("sweep.grace=2")
     with pytest.raises(config.ConfigError, match="task is 'pretrain'"):
-        kfold.fold_configs(config.load("demo"))
+        kfold_runs.fold_configs(config.load("demo"))
 
 
 def test_absolute_paths_resolve_against_the_driver_folder(tmp_path, monkeypatch):

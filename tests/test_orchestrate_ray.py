@@ -21,7 +21,7 @@ from ray.cluster_utils import Cluster
 from conftest import tiny_overrides
 from s4d_dist import config
 from s4d_dist.orchestrate import cluster as cluster_module
-from s4d_dist.orchestrate import kfold, ray_train, runs, sweep
+from s4d_dist.orchestrate import kfold_runs, ray_train, runs, sweep
 from s4d_dist.shards.synthetic import build_synthetic
 from s4d_dist.train.checkpoint import ResumeError
 
@@ -168,7 +168,7 @@ def test_asha_sweep_stops_the_bad_trials_and_writes_the_best_preset(shards, tmp_
 def test_kfold_runs_every_fold_and_summarizes_mean_and_std(shards, tmp_path, two_nodes, capsys):
     cfg = tiny(shards, tmp_path, f"data.video_shards={shards / 'folds'}", "run_name=kf",
                "optim.epochs=1", "sweep.folds=[1,3]")
-    summary = kfold.kfold(cfg)
+    summary = kfold_runs.kfold(cfg)
     per_fold = [json.loads((tmp_path / "kf" / f"fold{k}" / "metrics.json").read_text()) for k in (1, 3)]
     assert [m["fold"] for m in per_fold] == [1, 3]
     wars = [m["last"]["war"] for m in per_fold]
@@ -177,4 +177,4 @@ def test_kfold_runs_every_fold_and_summarizes_mean_and_std(shards, tmp_path, two
     assert json.loads((tmp_path / "kf" / "kfold_summary.json").read_text())["last"] == summary["last"]
     assert "k-fold summary over folds [1, 3]" in capsys.readouterr().out
     with pytest.raises(ResumeError, match="fold1 holds a finished run"):  # before any trial
-        kfold.kfold(cfg)
+        kfold_runs.kfold(cfg)

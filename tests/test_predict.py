@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from conftest import tiny_overrides
 from s4d_dist import config
 from s4d_dist.data.loaders import eval_loader
-from s4d_dist.data.synthetic import AFFECTNET7, render_clip, render_image
+from s4d_dist.shards.synthetic_faces import AFFECTNET7, render_clip, render_image
 from s4d_dist.predict import model as predict_model
 from s4d_dist.predict.__main__ import main
 from s4d_dist.predict.core import Predictor

@@ -90,7 +90,7 @@ def test_kfold_dataset_parts_and_folds(tmp_path, name, make) -> None:
             assert record.meta["video_name"] == record.key  # 5-digit string, zeros kept
             ext = ".png" if name == "mafw" else ".jpg"
             assert all(p.endswith(ext) for p in record.paths)
-    for path, reason in source.skipped:  # reasons point back into the label file
+    for _path, reason in source.skipped:  # reasons point back into the label file
         assert re.search(r"test_set_\d\.csv:\d+|test\.csv:\d+", reason), reason
 
 
@@ -129,15 +129,15 @@ def rewrite(path: str, edit) -> None:
                                         .splitlines()[1]]),
      "test_set_3.csv", r"clip 02522 is also in .*test_set_2\.csv:2; the test sets must be"),
     # train_set_1 loses one row
-    (lambda f: rewrite(f["label_files"]["train_set_1"], lambda ls: [l for l in ls
-                                                                    if l != "02522,5"]),
+    (lambda f: rewrite(f["label_files"]["train_set_1"], lambda ls: [line for line in ls
+                                                                    if line != "02522,5"]),
      "train_set_1.csv", r"missing from this train set, e\.g\. clip 02522"),
     # train_set_1 gains its own test clip
     (lambda f: rewrite(f["label_files"]["train_set_1"], lambda ls: ls + ["00001,1"]),
      "train_set_1.csv", r"clip 00001 is also in this fold's test set"),
     # train_set_2 disagrees on a label
     (lambda f: rewrite(f["label_files"]["train_set_2"],
-                       lambda ls: [("00001,3" if l == "00001,1" else l) for l in ls]),
+                       lambda ls: [("00001,3" if line == "00001,1" else line) for line in ls]),
      "train_set_2.csv", r"clip 00001 has label 3 here but 1 in"),
     # a clip listed twice in one file
     (lambda f: rewrite(f["label_files"]["test_set_1"], lambda ls: ls + ["00001,1"]),

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from s4d_dist.data import synthetic as S
+from s4d_dist.shards import synthetic_faces as S
 
 SEED = 0
 NUM_CLASSES = len(S.AFFECTNET7)

@@ -68,7 +68,10 @@ def test_attention_has_q_and_v_bias_but_no_k_bias():
     q = x @ w[:8].T + attn.q_bias
     k = x @ w[8:16].T
     v = x @ w[16:].T + attn.v_bias
-    heads = lambda t: t.view(1, 5, 2, 4).transpose(1, 2)
+
+    def heads(t):
+        return t.view(1, 5, 2, 4).transpose(1, 2)
+
     scores = heads(q) @ heads(k).transpose(-1, -2) / 2.0
     out = (scores.softmax(-1) @ heads(v)).transpose(1, 2).reshape(1, 5, 8)
     torch.testing.assert_close(attn(x), attn.proj(out))

@@ -70,7 +70,7 @@ def stress(ctx) -> dict:
     expert's gated output before the sum) the GEMM order differs too, and the error is reported."""
     import test_kernels_moae as kt
     from s4d_dist.kernels.moae import triton_backend
-    from s4d_dist.models.moae import loop_backend, torch_backend
+    from s4d_dist.models.moae import loop_backend, vectorised_backend
 
     dtypes = [torch.float32] if ctx.smoke else [torch.float32, torch.bfloat16]
     dim = 64 if ctx.smoke else 768
@@ -88,7 +88,7 @@ def stress(ctx) -> dict:
                         args[2] = torch.zeros_like(args[2])
                     cases += 1
                     runs = {name: kt.run_with_grads(backend, tuple(args)) for name, backend in
-                            (("loop", loop_backend), ("torch", torch_backend),
+                            (("loop", loop_backend), ("torch", vectorised_backend),
                              ("triton", triton_backend))}
                     (ref, _), (got, got_grads) = runs["loop"], runs["triton"]
                     routing = (torch.equal(got.topk_idx, ref.topk_idx)

@@ -21,7 +21,7 @@ import os
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 
@@ -43,7 +43,7 @@ class RawSample:
     meta: dict[str, Any]
 
 
-def shard_paths(location: str, split: str = "train", fold: Optional[int] = None) -> list[str]:
+def shard_paths(location: str, split: str = "train", fold: int | None = None) -> list[str]:
     """The tars of a split folder (`<out>/<split>`, holding manifest.json), or of `split` of a
     built dataset (`<out>`, holding dataset.json) — for a k-fold dataset with `fold` set, the
     union of the parts that form that fold's `split`."""
@@ -68,15 +68,15 @@ class _Members:
     shard: np.ndarray  # (N,) int32, index into Catalog.tars
     media: np.ndarray  # (N, 2) int64
     meta: np.ndarray   # (N, 2) int64
-    label: Optional[np.ndarray]  # (N, 2) int64, None when unlabelled
+    label: np.ndarray | None  # (N, 2) int64, None when unlabelled
 
 
 def _parse_index(idx_path: str, exts: list[str]) -> tuple[list[str], np.ndarray]:
-    """Keys and an (n, len(exts), 2) array of (offset, size) from a v1.2 DALI index."""
+    """Keys and an (n, len(exts), 2) array of (offset, size) from a DALI index (v1.2)."""
     with open(idx_path) as f:
         header = f.readline().split()
-        if len(header) != 2 or header[0] != "v1.2":
-            raise ValueError(f"{idx_path}: not a v1.2 DALI index (header {header})")
+        if len(header) != 2 or header[0] != layout.INDEX_VERSION:
+            raise ValueError(f"{idx_path}: not a {layout.INDEX_VERSION} DALI index (header {header})")
         keys, spans = [], []
         for line_no, line in enumerate(f, start=2):
             tokens = line.split()
@@ -105,7 +105,7 @@ class Catalog:
     members: _Members
     truncated: dict[str, int] = field(default_factory=dict)  # tar → samples left out (beyond its end)
     _files: dict[int, int] = field(default_factory=dict, repr=False)
-    _labels: Optional[np.ndarray] = field(default=None, repr=False)
+    _labels: np.ndarray | None = field(default=None, repr=False)
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -147,7 +147,7 @@ class Catalog:
         return self._labels
 
     def _label(self, sample: int) -> int:
-        return struct.unpack("<i", self._pread(sample, self.members.label[sample]))[0]
+        return struct.unpack(layout.LABEL_STRUCT, self._pread(sample, self.members.label[sample]))[0]
 
     def where(self, sample: int) -> str:
         """`<tar>:<key>`, for messages."""
@@ -222,8 +222,8 @@ def open_catalog(tars: list[str], skip_truncated: bool = False) -> Catalog:
         raise TruncatedShardError(f"truncated shards, samples beyond the end of the tar: {lost}; recopy "
                                   f"or rebuild them, or set data.skip_truncated=true to train on the rest")
     span = np.concatenate(spans) if spans else np.zeros((0, len(exts), 2), np.int64)
-    members = _Members(np.concatenate(shard_ids), span[:, exts.index(media_ext)], span[:, exts.index("json")],
-                       span[:, exts.index("label")] if "label" in exts else None)
+    members = _Members(np.concatenate(shard_ids), span[:, exts.index(media_ext)], span[:, exts.index(layout.META_MEMBER)],
+                       span[:, exts.index(layout.LABEL_MEMBER)] if layout.LABEL_MEMBER in exts else None)
     if not keys:
         raise ValueError(f"shards {tars[0]} ... hold no samples")
     return Catalog(list(tars), first["dataset"], first["modality"], media_ext, list(first["class_names"]),

@@ -37,7 +37,8 @@ from __future__ import annotations
 import logging
 import math
 from collections import deque
-from typing import Any, Callable, Iterable, Iterator, Union
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -54,10 +55,9 @@ from .corrupt import CorruptEvent, MediaCheck
 from .decode import CorruptSample, decode_frames, decode_image
 from .prefetch import Prefetcher
 from .recipes import Recipe, SampleParams
-from .sources import EvalSource, Request, TrainSource, spec_fields
+from .sources import Request, Source, spec_fields
 from .specs import BatchSpec
 
-Source = Union[TrainSource, EvalSource]
 log = logging.getLogger(__name__)
 # How DALI words NVDEC's refusal of a frame size below the decoder's minimum.
 NVDEC_TOO_SMALL = "Video is too small"

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 from tqdm import tqdm
@@ -54,7 +54,7 @@ def inspect_dataset(out: str | Path, meta_samples: int = 256) -> dict[str, Any]:
 
 
 def preview(out: str | Path, path: str | Path, per_class: int = 2, frames: int = 4,
-            tile: int = 96, split: Optional[str] = None) -> Path:
+            tile: int = 96, split: str | None = None) -> Path:
     """A grid PNG: a row per class, `per_class` samples each (clips: `frames` frames spread over
     the clip, side by side), every tile `tile` pixels square."""
     from PIL import Image

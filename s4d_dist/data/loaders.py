@@ -25,24 +25,26 @@ from __future__ import annotations
 import importlib.util
 import re
 import zlib
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Iterator, Optional, Union
+from typing import Any, Literal
 
 import numpy as np
 import torch
 from omegaconf import DictConfig
 
+from s4d_dist import seeds
 from s4d_dist.shards import layout
+from s4d_dist.tubelets import model_tokens
 
 from . import mixing
 from .catalog import Catalog, open_catalog, shard_paths
 from .corrupt import CorruptionLog
 from .masking import random_masks
 from .recipes import Recipe, recipe_from_config
-from .sources import EvalSource, TrainSource, batch_generator
+from .sources import EvalSource, Source, TrainSource
 
-Source = Union[TrainSource, EvalSource]
 MODALITIES = {"pretrain": ("image", "video"), "finetune": ("video", "image")}  # official source ids (§1.6, §2.7)
 
 
@@ -70,15 +72,14 @@ def pinned(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
-def make_runner(cfg: DictConfig, source: Source, backend: str, seed: int):
-    """The object that turns the source's requests into pixel batches."""
+def make_runner(cfg: DictConfig, source: Source, backend: Literal["dali", "torch"], seed: int):
+    """The object that turns the source's requests into pixel batches (`backend` as
+    `choose_backend` resolves it; the config's type admits no other value)."""
     if backend == "dali":
         from .dali_backend import DaliRunner  # DALI is optional
         return DaliRunner(source, dali_decode_device(cfg), cfg.data.workers, cfg.data.prefetch, seed)
-    if backend == "torch":
-        from .torch_backend import TorchRunner
-        return TorchRunner(source, cfg.data.workers, cfg.data.prefetch)
-    raise ValueError(f"data.backend must be auto, dali or torch, got {backend!r}")
+    from .torch_backend import TorchRunner
+    return TorchRunner(source, cfg.data.workers, cfg.data.prefetch)
 
 
 def clip_of(key: str) -> str:
@@ -155,7 +156,7 @@ class _Stream:
             raise ValueError(f"{catalog.tars[0]} ...: {catalog.dataset} has {len(catalog.class_names)} classes "
                              f"{catalog.class_names}, model.num_{modality}_classes is {classes}")
         self.source = TrainSource(catalog, self.recipe, batch, cfg.seed, rank, world, balanced)
-        self.runner = make_runner(cfg, self.source, backend, cfg.seed * 1000 + rank)
+        self.runner = make_runner(cfg, self.source, backend, seeds.dali_seed(cfg.seed, rank))
 
 
 class TrainLoader:
@@ -163,9 +164,7 @@ class TrainLoader:
 
     A modality whose shards are not configured is left out (single-modality runs)."""
 
-    def __init__(self, cfg: DictConfig, rank: int = 0, world_size: int = 1, backend: Optional[str] = None) -> None:
-        if cfg.task not in MODALITIES:
-            raise ValueError(f"no training loader for task {cfg.task!r}")
+    def __init__(self, cfg: DictConfig, rank: int = 0, world_size: int = 1, backend: str | None = None) -> None:
         self.cfg, self.rank, self.world = cfg, rank, world_size
         self.backend = backend or choose_backend(cfg)
         self.corrupt = CorruptionLog()
@@ -240,10 +239,9 @@ class EpochIterator:
         if cfg.task == "finetune":
             out["label"] = pinned(batch["label"])
             return out
-        m = cfg.model
-        tokens = (m.img_size // m.patch) ** 2 * (m.num_frames // m.tubelet if stream.modality == "video" else 1)
+        tokens = model_tokens(cfg.model, stream.modality)
         ratio = cfg.mask.video_ratio if stream.modality == "video" else cfg.mask.image_ratio
-        generator = batch_generator((11, cfg.seed, self.epoch, self.step, self.loader.rank))
+        generator = seeds.mae_masks(cfg.seed, self.epoch, self.step, self.loader.rank)
         mask = random_masks(len(out["pixels"]), tokens, ratio, generator)  # on the CPU: same on any machine
         out["mask"] = pinned(mask).to(pixels.device, non_blocking=True)
         return out
@@ -254,8 +252,8 @@ class EvalLoader:
     view) row once across ranks, padding marked invalid, the same batch count on every rank."""
 
     def __init__(self, cfg: DictConfig, catalog: Catalog, modality: str, rank: int = 0, world_size: int = 1,
-                 backend: Optional[str] = None, temporal_views: Optional[int] = None,
-                 spatial_crops: Optional[int] = None) -> None:
+                 backend: str | None = None, temporal_views: int | None = None,
+                 spatial_crops: int | None = None) -> None:
         recipe = recipe_from_config(cfg, "eval", modality)
         if temporal_views is not None or spatial_crops is not None:
             recipe = replace(recipe, temporal_views=temporal_views or recipe.temporal_views,
@@ -263,7 +261,7 @@ class EvalLoader:
         self.modality, self.recipe = modality, recipe
         self.corrupt = CorruptionLog()
         self.source = EvalSource(catalog, recipe, cfg.data.eval_batch_size, rank, world_size)
-        self.runner = make_runner(cfg, self.source, backend or choose_backend(cfg), cfg.seed * 1000 + rank)
+        self.runner = make_runner(cfg, self.source, backend or choose_backend(cfg), seeds.dali_seed(cfg.seed, rank))
 
     @property
     def class_names(self) -> list[str]:
@@ -287,14 +285,14 @@ class EvalLoader:
         self.runner.close()
 
 
-def train_loader(cfg: DictConfig, rank: int = 0, world_size: int = 1, backend: Optional[str] = None) -> TrainLoader:
+def train_loader(cfg: DictConfig, rank: int = 0, world_size: int = 1, backend: str | None = None) -> TrainLoader:
     """Training epochs for cfg.task."""
     return TrainLoader(cfg, rank, world_size, backend)
 
 
 def eval_loader(cfg: DictConfig, split: str, modality: str, rank: int = 0, world_size: int = 1,
-                backend: Optional[str] = None, temporal_views: Optional[int] = None,
-                spatial_crops: Optional[int] = None) -> EvalLoader:
+                backend: str | None = None, temporal_views: int | None = None,
+                spatial_crops: int | None = None) -> EvalLoader:
     """Evaluation of `split` ("val" | "test") of a modality; views default to
     data.test_temporal_views × data.test_spatial_crops (videos; images have one view)."""
     return EvalLoader(cfg, eval_catalog(cfg, split, modality), modality, rank, world_size, backend,

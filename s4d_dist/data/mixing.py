@@ -9,9 +9,11 @@ graphs never interleave).
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
+
+from s4d_dist import seeds
 
 
 def step_counts(loader_batches: Sequence[int], rates: Sequence[float]) -> list[int]:
@@ -24,7 +26,6 @@ def step_counts(loader_batches: Sequence[int], rates: Sequence[float]) -> list[i
 
 def source_order(counts: Sequence[int], epoch: int) -> torch.Tensor:
     """(sum(counts),) int64 source ids: randperm of [0]*c0 + [1]*c1 + ..., seeded by `epoch`."""
-    generator = torch.Generator()
-    generator.manual_seed(epoch)
+    generator = seeds.source_order(epoch)
     ids = torch.cat([torch.ones(count, dtype=torch.int64) * i for i, count in enumerate(counts)])
     return ids[torch.randperm(len(ids), generator=generator)]

@@ -14,22 +14,12 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-
-def _generator(seed: int, epoch: int, cycle: int) -> torch.Generator:
-    """DistributedSampler's generator (seed + epoch) for a loader's first pass over an epoch; a
-    further pass in the same epoch (rate > 1) gets an independent stream."""
-    generator = torch.Generator()
-    if cycle == 0:
-        generator.manual_seed(seed + epoch)
-    else:
-        state = np.random.SeedSequence([seed, epoch, cycle]).generate_state(1, np.uint64)[0]
-        generator.manual_seed(int(state) & (2**63 - 1))
-    return generator
+from s4d_dist import seeds
 
 
 def shuffled_order(num_samples: int, seed: int, epoch: int, cycle: int = 0) -> np.ndarray:
     """A permutation of all samples, as torch's DistributedSampler(shuffle=True) draws it."""
-    return torch.randperm(num_samples, generator=_generator(seed, epoch, cycle)).numpy()
+    return torch.randperm(num_samples, generator=seeds.epoch_order(seed, epoch, cycle)).numpy()
 
 
 def balanced_order(labels: np.ndarray, seed: int, epoch: int, cycle: int = 0) -> np.ndarray:
@@ -39,7 +29,7 @@ def balanced_order(labels: np.ndarray, seed: int, epoch: int, cycle: int = 0) ->
     its disjoint slice."""
     counts = np.bincount(labels)
     weights = torch.from_numpy(1.0 / counts[labels])
-    draws = torch.multinomial(weights, len(labels), replacement=True, generator=_generator(seed, epoch, cycle))
+    draws = torch.multinomial(weights, len(labels), replacement=True, generator=seeds.epoch_order(seed, epoch, cycle))
     return draws.numpy()
 
 

@@ -35,7 +35,7 @@ crops identical (§3.9).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import Literal
 
 import numpy as np
 
@@ -55,10 +55,10 @@ class SampleParams:
     for fine-tuning videos); `erase` is (top, left, h, w) on the output, h = 0 for none."""
 
     rois: np.ndarray                       # (copies, 4) float32
-    frames: Optional[np.ndarray] = None    # (T,) int64, videos
-    pre_size: Optional[np.ndarray] = None  # (2,) int64 (h, w), fine-tuning videos
-    ops: Optional[np.ndarray] = None       # (n, 3) int32 RandAugment rows, fine-tuning
-    erase: Optional[np.ndarray] = None     # (4,) int64, fine-tuning
+    frames: np.ndarray | None = None    # (T,) int64, videos
+    pre_size: np.ndarray | None = None  # (2,) int64 (h, w), fine-tuning videos
+    ops: np.ndarray | None = None       # (n, 3) int32 RandAugment rows, fine-tuning
+    erase: np.ndarray | None = None     # (4,) int64, fine-tuning
 
 
 @dataclass(frozen=True)
@@ -72,14 +72,14 @@ class Recipe:
     stride: int = 1
     repeats: int = 1
     resize_ratio: float = 1.2
-    rand_augment: Optional[randaug.RandAugmentSpec] = None
+    rand_augment: randaug.RandAugmentSpec | None = None
     erase_prob: float = 0.0
     eval_short_side: int = 0
     temporal_views: int = 1
     spatial_crops: int = 1
     squash: bool = False
-    source_crop: Optional[tuple[int, int, int, int]] = None  # pre-training clips: fixed (y0, x0, y1, x1) first
-    source_frame: Optional[tuple[int, int]] = None  # the (height, width) source_crop is meant for
+    source_crop: tuple[int, int, int, int] | None = None  # pre-training clips: fixed (y0, x0, y1, x1) first
+    source_frame: tuple[int, int] | None = None  # the (height, width) source_crop is meant for
     # RandomResizedCrop area ranges. Official: (0.2, 1) for pre-training images (CFG
     # RandomResizedCrop(scale=[0.2, 1.0], interpolation=3)); torchvision's default (0.08, 1) for
     # both video recipes.

@@ -39,7 +39,8 @@ class TrainSource:
 
     def __post_init__(self) -> None:
         if self.catalog.labelled and self.recipe.kind == "finetune":
-            self.catalog.labels  # read and range-checked now (fail before step 0); workers get them pickled
+            # read and range-checked now (fail before step 0); workers get them pickled
+            self.catalog.labels  # noqa: B018
         if self.batches_per_pass == 0:
             raise ValueError(f"{self.catalog.tars[0]} ...: {len(self.catalog)} samples give no full batch of "
                              f"{self.batch_size} on each of {self.world} ranks; lower the batch size")
@@ -102,6 +103,9 @@ class EvalSource:
         return eval_batch(self.catalog, self.recipe, self.rows[request[0]], load, known_bad, filler)
 
 
+Source = TrainSource | EvalSource
+
+
 def spec_fields(spec: BatchSpec) -> dict[str, Any]:
     """The non-pixel part of a batch: which sample and view fills each row."""
     slots = spec.slots
@@ -113,10 +117,3 @@ def spec_fields(spec: BatchSpec) -> dict[str, Any]:
         "key": [s.key for s in slots],
         "corrupt": list(spec.corrupt),
     }
-
-
-def batch_generator(seed_key: tuple[int, ...]) -> torch.Generator:
-    """A torch generator for a batch's non-parameter randomness (masks, erasing noise)."""
-    generator = torch.Generator()
-    generator.manual_seed(int(np.random.SeedSequence(list(seed_key)).generate_state(1, np.uint64)[0]) & (2**63 - 1))
-    return generator

@@ -13,11 +13,14 @@ earlier, nor on which worker or backend builds the batch.
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from itertools import chain
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
+
+from s4d_dist import seeds
 
 from .catalog import Catalog, RawSample
 from .corrupt import CorruptEvent
@@ -54,16 +57,11 @@ def _read(catalog: Catalog, index: int) -> RawSample:
         raise CorruptSample(f"unreadable metadata: {err}") from None
 
 
-def slot_seeds(seed_key: Sequence[int], count: int) -> np.ndarray:
-    """One independent seed per slot of a batch, from the batch's identity."""
-    return np.random.SeedSequence([int(k) for k in seed_key]).generate_state(count, np.uint64)
-
-
 def train_batch(catalog: Catalog, recipe: Recipe, rows: np.ndarray, later: np.ndarray,
                 seed_key: Sequence[int], load: Load, known_bad: set[int]) -> BatchSpec:
     """The slots of a training batch of sample indices `rows`; `later` are the rank's next
     planned samples, the last resort when no sample of the batch loads (read lazily)."""
-    seeds = slot_seeds(seed_key, len(rows))
+    slot_seeds = seeds.slot_seeds(seed_key, len(rows))
     rows = [int(i) for i in rows]
     slots, events = [], []
     for j, first in enumerate(rows):
@@ -72,7 +70,7 @@ def train_batch(catalog: Catalog, recipe: Recipe, rows: np.ndarray, later: np.nd
                 continue
             try:
                 raw = _read(catalog, index)
-                params = recipe.sample_params(raw.meta, np.random.default_rng([int(seeds[j]), attempt]))
+                params = recipe.sample_params(raw.meta, seeds.sample_rng(slot_seeds[j], attempt))
                 payload = load(raw, params)
             except CorruptSample as err:
                 known_bad.add(index)

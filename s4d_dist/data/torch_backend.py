@@ -13,10 +13,12 @@ from __future__ import annotations
 import contextlib
 import functools
 import multiprocessing
-from typing import Any, Iterable, Iterator, Union
+from collections.abc import Iterable, Iterator
+from typing import Any
 
 import torch
 
+from s4d_dist import seeds
 from s4d_dist.pixels import normalize
 
 from . import boxes
@@ -24,10 +26,8 @@ from .catalog import RawSample
 from .corrupt import MediaCheck
 from .decode import decode_frames, decode_image
 from .recipes import Recipe, SampleParams
-from .sources import EvalSource, Request, TrainSource, batch_generator, spec_fields
+from .sources import Request, Source, spec_fields
 from .torch_ops import erase_constant, erase_noise_, rand_augment, resample
-
-Source = Union[TrainSource, EvalSource]
 
 
 def load_decoded(check: MediaCheck, raw: RawSample, params: SampleParams) -> torch.Tensor:
@@ -79,7 +79,7 @@ class BatchDataset(torch.utils.data.Dataset):
             spec = self.source.build(request, self.load, self.known_bad)
             recipe = self.source.recipe
             frames = torch.stack([transform(recipe, s.payload, s.params) for s in spec.slots])
-            generator = batch_generator((7,) + tuple(request) + (self.source.rank,))
+            generator = seeds.erase_noise(request, self.source.rank)
             pixels = normalized(recipe, frames, spec.slots, generator)
         return {"pixels": pixels, **spec_fields(spec)}
 
@@ -120,14 +120,11 @@ class TorchRunner:
             context = multiprocessing.get_context("forkserver")
             context.set_forkserver_preload([__name__])  # workers fork with torch and this module loaded
             extra = dict(persistent_workers=True, prefetch_factor=max(prefetch, 1), multiprocessing_context=context)
-        # A generator of its own: without one, every epoch's iterator draws its base seed from
-        # the global torch RNG, which the MoAE router noise also draws from, so a run resumed
-        # mid-epoch (the draw at another point) would not repeat the uninterrupted run. The
-        # workers' seeds matter nothing here: every random draw comes from batch_generator.
+        # A generator of its own (seeds.dataloader says why).
         self.loader = torch.utils.data.DataLoader(
             BatchDataset(source), sampler=self.requests, batch_size=None, num_workers=workers,
             collate_fn=_identity, pin_memory=torch.cuda.is_available(),
-            generator=torch.Generator().manual_seed(0), **extra)
+            generator=seeds.dataloader(), **extra)
 
     def run(self, requests: Iterable[Request]) -> Iterator[dict[str, Any]]:
         self.requests.items = list(requests)

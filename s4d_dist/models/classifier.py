@@ -7,7 +7,7 @@ only in their token count and in which head reads the pooled feature.
 """
 from __future__ import annotations
 
-from typing import Literal, Optional
+from typing import Literal
 
 import torch
 from torch import nn
@@ -45,7 +45,7 @@ class S4DClassifier(ViTEncoder):
         # init overwrites the MoE's own Kaiming init (§3.5); the Conv3d keeps PyTorch's default.
         self.apply(init_linear_trunc_normal)
 
-    def forward(self, pixels: torch.Tensor, modality: Optional[Modality] = None) -> torch.Tensor:
+    def forward(self, pixels: torch.Tensor, modality: Modality | None = None) -> torch.Tensor:
         expected = "image" if pixels.ndim == 4 else "video" if pixels.ndim == 5 else None
         if expected is None or modality not in (None, expected):
             raise ValueError(f"pixels of shape {tuple(pixels.shape)} cannot be modality "
@@ -56,7 +56,7 @@ class S4DClassifier(ViTEncoder):
     def moae_layers(self) -> dict[int, MoAE]:
         return {i: b.moe_layer for i, b in enumerate(self.blocks) if isinstance(b, MoAEBlock)}
 
-    def aux_loss(self) -> Optional[torch.Tensor]:
+    def aux_loss(self) -> torch.Tensor | None:
         """Sum of the load-balancing losses of the last forward (None when none was computed)."""
         losses = [m.aux_loss for m in self.moae_layers().values() if m.aux_loss is not None]
         return torch.stack(losses).sum() if losses else None

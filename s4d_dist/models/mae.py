@@ -13,6 +13,7 @@ from torch import nn
 
 from s4d_dist.models.vit import Block, ViTEncoder, init_linear_xavier, sinusoid_table
 from s4d_dist.pixels import unnormalize
+from s4d_dist.tubelets import as_clip
 
 
 class MAEDecoder(nn.Module):
@@ -92,6 +93,15 @@ class PretrainMAE(nn.Module):
         return self.decoder(tokens)
 
 
+def patchify(pixels: torch.Tensor, tubelet: int, patch: int) -> torch.Tensor:
+    """(B, C, H, W) images (repeated to one tubelet) or (B, C, T, H, W) clips → (B, N,
+    tubelet·patch², C) blocks: tokens in (t, h, w) raster order, pixels (t, y, x) within a block."""
+    x = as_clip(pixels, tubelet)
+    B, C, T, H, W = x.shape
+    x = x.reshape(B, C, T // tubelet, tubelet, H // patch, patch, W // patch, patch)
+    return x.permute(0, 2, 4, 6, 3, 5, 7, 1).reshape(B, -1, tubelet * patch * patch, C)
+
+
 def mae_targets(pixels: torch.Tensor, tubelet: int, patch: int) -> torch.Tensor:
     """Per-token, per-channel normalised pixel targets (§1.5), shape (B, N, tubelet·patch²·C).
 
@@ -100,12 +110,7 @@ def mae_targets(pixels: torch.Tensor, tubelet: int, patch: int) -> torch.Tensor:
     pixels with the unbiased variance, and flattened with the channel fastest:
     index = ((t·patch + y)·patch + x)·C + c.
     """
-    x = unnormalize(pixels.float())
-    if x.ndim == 4:
-        x = x.unsqueeze(2).expand(-1, -1, tubelet, -1, -1)
-    B, C, T, H, W = x.shape
-    x = x.reshape(B, C, T // tubelet, tubelet, H // patch, patch, W // patch, patch)
-    x = x.permute(0, 2, 4, 6, 3, 5, 7, 1).reshape(B, -1, tubelet * patch * patch, C)
+    x = patchify(unnormalize(pixels.float()), tubelet, patch)
     mean = x.mean(dim=2, keepdim=True)
     var = x.var(dim=2, keepdim=True)  # unbiased, as torch.var's default in the official loss
     return ((x - mean) / (var + 1e-6).sqrt()).flatten(2)
@@ -126,13 +131,10 @@ def reconstruct_pixels(pred: torch.Tensor, pixels: torch.Tensor, mask: torch.Ten
     standard deviation of the true token (what the loss normalised away), which is the usual way
     MAE reconstructions are displayed. Images come back as 2-frame clips.
     """
-    x = unnormalize(pixels.float())
-    if x.ndim == 4:
-        x = x.unsqueeze(2).expand(-1, -1, tubelet, -1, -1)
+    x = as_clip(unnormalize(pixels.float()), tubelet)
     B, C, T, H, W = x.shape
     grid = (T // tubelet, H // patch, W // patch)
-    blocks = x.reshape(B, C, grid[0], tubelet, grid[1], patch, grid[2], patch)
-    blocks = blocks.permute(0, 2, 4, 6, 3, 5, 7, 1).reshape(B, -1, tubelet * patch * patch, C)
+    blocks = patchify(x, tubelet, patch)
     mean, std = blocks.mean(2, keepdim=True), (blocks.var(2, keepdim=True) + 1e-6).sqrt()
     guess = pred.float().reshape(blocks.shape) * std + mean
     blocks = torch.where(mask[:, :, None, None], guess, blocks).clamp(0, 1)

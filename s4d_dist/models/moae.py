@@ -21,28 +21,15 @@ from __future__ import annotations
 import functools
 import importlib
 import logging
-from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from s4d_dist.kernels.moae_contract import Backend, RoutingResult, batched_experts
 from s4d_dist.models.vit import Attention, Mlp, init_linear_trunc_normal
 
 logger = logging.getLogger(__name__)
-
-
-class RoutingResult(NamedTuple):
-    """What a backend returns; everything after the expert sum (aux loss, stats) reads it."""
-
-    out: torch.Tensor           # (T, D) gate-weighted sum of the kept experts' outputs
-    noisy_logits: torch.Tensor  # (T, E) logits + noise · noise_std
-    topk_idx: torch.Tensor      # (T, k) long, experts in descending noisy-logit order
-    gates: torch.Tensor         # (T, k) softmax over the k selected logits, not renormalised
-    kept: torch.Tensor          # (T, k) bool, False where capacity dropped the pair
-
-
-Backend = Callable[..., RoutingResult]
 
 
 def route(logits: torch.Tensor, noise_std: torch.Tensor, noise: torch.Tensor | None,
@@ -61,13 +48,6 @@ def expert_mlp(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Te
                b2: torch.Tensor) -> torch.Tensor:
     """One bottleneck expert, vit.Mlp written over explicit weights (exact-erf GELU)."""
     return F.linear(F.gelu(F.linear(x, w1, b1)), w2, b2)
-
-
-def batched_experts(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor,
-                    b2: torch.Tensor) -> torch.Tensor:
-    """Every expert on its rows of an expert-contiguous (E, C, D) layout, as two batched GEMMs."""
-    hidden = F.gelu(torch.baddbmm(b1.unsqueeze(1), x, w1.transpose(1, 2)))
-    return torch.baddbmm(b2.unsqueeze(1), hidden, w2.transpose(1, 2))
 
 
 def loop_backend(x: torch.Tensor, logits: torch.Tensor, noise_std: torch.Tensor,
@@ -90,11 +70,12 @@ def loop_backend(x: torch.Tensor, logits: torch.Tensor, noise_std: torch.Tensor,
     return RoutingResult(out, noisy, topk_idx, gates, kept)
 
 
-def torch_backend(x: torch.Tensor, logits: torch.Tensor, noise_std: torch.Tensor,
-                  noise: torch.Tensor | None, w1: torch.Tensor, b1: torch.Tensor,
-                  w2: torch.Tensor, b2: torch.Tensor, top_k: int,
-                  capacity: int) -> RoutingResult:
-    """Vectorised dispatch with static shapes: no loop over experts, no host synchronisation.
+def vectorised_backend(x: torch.Tensor, logits: torch.Tensor, noise_std: torch.Tensor,
+                       noise: torch.Tensor | None, w1: torch.Tensor, b1: torch.Tensor,
+                       w2: torch.Tensor, b2: torch.Tensor, top_k: int,
+                       capacity: int) -> RoutingResult:
+    """The `torch` backend: vectorised dispatch with static shapes, no loop over experts, no
+    host synchronisation.
 
     Every buffer has a size known from shapes alone, so the dispatch can be captured by CUDA
     graphs / torch.compile (no graph breaks) and never stalls the GPU stream. Empty buffer slots
@@ -129,7 +110,7 @@ def torch_backend(x: torch.Tensor, logits: torch.Tensor, noise_std: torch.Tensor
     return RoutingResult(out, noisy, topk_idx, gates, kept)
 
 
-BACKENDS: dict[str, Backend] = {"loop": loop_backend, "torch": torch_backend}
+BACKENDS: dict[str, Backend] = {"loop": loop_backend, "torch": vectorised_backend}
 BACKEND_NAMES = (*BACKENDS, "triton")
 
 
@@ -155,7 +136,7 @@ def load_triton_backend() -> tuple[Backend | None, str]:
 def get_backend(name: str) -> Backend:
     """The dispatch function for a backend name; 'triton' degrades to 'torch' with a warning."""
     if name == "triton":
-        return load_triton_backend()[0] or torch_backend
+        return load_triton_backend()[0] or vectorised_backend
     if name not in BACKENDS:
         raise ValueError(f"unknown MoAE backend {name!r}; valid: {', '.join(BACKEND_NAMES)}")
     return BACKENDS[name]

@@ -16,7 +16,7 @@ import logging
 import pickle
 import re
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import torch
 from torch import nn
@@ -34,7 +34,7 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be used, with the file and the reason in the message."""
 
 
-def read_state_dict(path: Union[str, Path]) -> dict[str, torch.Tensor]:
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """The model state dict inside an official file: `model`, else `module`, else the file."""
     path = Path(path)
     if not path.is_file():
@@ -119,7 +119,7 @@ def _load_strict(model: nn.Module, sd: dict[str, torch.Tensor], source: str) -> 
     model.load_state_dict(sd)
 
 
-def load(path: Union[str, Path], **options: Any) -> Union[PretrainMAE, S4DClassifier]:
+def load(path: str | Path, **options: Any) -> PretrainMAE | S4DClassifier:
     """Our model with the weights of an official file; the kind is read from the keys.
 
     `options` go to the model for what a checkpoint does not store (img_size, num_frames,
@@ -140,8 +140,8 @@ def load(path: Union[str, Path], **options: Any) -> Union[PretrainMAE, S4DClassi
     return model
 
 
-def save(model: Union[PretrainMAE, S4DClassifier, dict[str, torch.Tensor]],
-         path: Union[str, Path], epoch: int | None = None) -> None:
+def save(model: PretrainMAE | S4DClassifier | dict[str, torch.Tensor],
+         path: str | Path, epoch: int | None = None) -> None:
     """Write `{"model": state_dict, "epoch": epoch}` in the official key layout, fp32.
 
     Takes a model or its state dict (e.g. the fp32 weights exported from a DeepSpeed run).
@@ -166,7 +166,7 @@ def remap_pretrained(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def init_from_pretrained(model: S4DClassifier, source: Union[str, Path, dict]) -> dict[str, int]:
+def init_from_pretrained(model: S4DClassifier, source: str | Path | dict) -> dict[str, int]:
     """Initialise a fine-tuning model from an MAE checkpoint (ours or official), as §6.3.
 
     Carries every encoder weight (patch embedding and all blocks, FFNs included); the MAE's final

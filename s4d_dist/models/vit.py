@@ -14,6 +14,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from s4d_dist.tubelets import as_clip, num_tokens
+
 
 def sinusoid_table(num_positions: int, dim: int) -> torch.Tensor:
     """The fixed 1-D sinusoid position table of the official code, shape (1, num_positions, dim).
@@ -38,16 +40,14 @@ class PatchEmbed(nn.Module):
             raise ValueError(f"img_size {img_size} must divide by patch {patch} and "
                              f"num_frames {num_frames} by tubelet {tubelet}")
         self.tubelet = tubelet
-        self.tokens_per_frame = (img_size // patch) ** 2
-        self.num_tokens = (num_frames // tubelet) * self.tokens_per_frame
+        self.tokens_per_frame = num_tokens(img_size, patch, tubelet, num_frames, "image")
+        self.num_tokens = num_tokens(img_size, patch, tubelet, num_frames, "video")
         self.proj = nn.Conv3d(in_chans, dim, kernel_size=(tubelet, patch, patch),
                               stride=(tubelet, patch, patch))
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         """(B,3,H,W) image or (B,3,T,H,W) clip → (B, N, dim) tokens in (t, h, w) raster order."""
-        if pixels.ndim == 4:  # image: repeat to one tubelet ("PadIm2Video repeat")
-            pixels = pixels.unsqueeze(2).expand(-1, -1, self.tubelet, -1, -1)
-        return self.proj(pixels).flatten(2).transpose(1, 2)
+        return self.proj(as_clip(pixels, self.tubelet)).flatten(2).transpose(1, 2)
 
 
 class Attention(nn.Module):

@@ -6,7 +6,7 @@
     space.py      the search space written in the config (sweep.space), validated
     trials.py     many runs at once through Ray Tune, each trial a TorchTrainer
     sweep.py      hyperparameter sweeps with ASHA early stopping, results table, best preset
-    kfold.py      the folds of a k-fold dataset in parallel, mean ± std summary
+    kfold_runs.py the folds of a k-fold dataset in parallel, mean ± std summary
     cli.py        the command line: launch/sweep.py and `s4d-sweep`
 
 Nothing here trains: every worker runs `s4d_dist.train.loop.train` unchanged.

@@ -55,11 +55,11 @@ def main(argv: list[str] | None = None) -> int:
     mode, cfg = parse(argv)
     import ray  # heavy imports after argument errors are reported
 
-    from s4d_dist.orchestrate import cluster, kfold, ray_train, sweep
+    from s4d_dist.orchestrate import cluster, kfold_runs, ray_train, sweep
     from s4d_dist.shards.layout import BuildError
     from s4d_dist.train.checkpoint import ResumeError
 
-    run = {"train": ray_train.fit, "sweep": sweep.sweep, "kfold": kfold.kfold}[mode]
+    run = {"train": ray_train.fit, "sweep": sweep.sweep, "kfold": kfold_runs.kfold}[mode]
     try:
         result = run(cfg)
     except (ValueError, FileNotFoundError, BuildError, ResumeError, cluster.ClusterError) as error:

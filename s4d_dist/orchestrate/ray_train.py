@@ -18,8 +18,9 @@ disk: s4d_dist.train.faults) simply uses up `ray.max_failures`.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import ray.train
 from omegaconf import DictConfig

@@ -9,7 +9,7 @@ trial waits for workers that are not coming.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from omegaconf import DictConfig
 from ray import tune
@@ -24,7 +24,7 @@ DRIVER_RESOURCES = {"CPU": 0, "memory": 512 * 2**20}
 
 
 def trial_config(base: dict[str, Any], values: dict[str, Any], trial_id: str,
-                 trials_dir: Optional[str]) -> DictConfig:
+                 trials_dir: str | None) -> DictConfig:
     """A trial's config: the base with the trial's values; with `trials_dir`, its own run
     folder `<trials_dir>/trial_<id>` (a sweep), else the base's (k-fold: fold<k> folders)."""
     layers = [("sweep base config", base), (f"trial {trial_id} values", values)]
@@ -33,13 +33,13 @@ def trial_config(base: dict[str, Any], values: dict[str, Any], trial_id: str,
     return config.from_values(*layers)
 
 
-def _trial(values: dict[str, Any], base: dict[str, Any], trials_dir: Optional[str]) -> None:
+def _trial(values: dict[str, Any], base: dict[str, Any], trials_dir: str | None) -> None:
     cfg = trial_config(base, values, tune.get_context().get_trial_id(), trials_dir)
     ray_train.trainer(cfg, callbacks=[TuneReportCallback()]).fit()
 
 
 def run(cfg: DictConfig, param_space: dict[str, Any], folder: Path, *,
-        trials_dir: Optional[Path] = None, scheduler: Optional[TrialScheduler] = None,
+        trials_dir: Path | None = None, scheduler: TrialScheduler | None = None,
         num_samples: int = 1) -> tune.ResultGrid:
     """Run the trials of `param_space` (Tune's own records under `<folder>/tune`), on the
     cluster of `cfg` (joined here, where no session is open) with its GPUs per worker decided."""

@@ -17,7 +17,8 @@ import argparse
 import csv
 import json
 import sys
-from typing import IO, TYPE_CHECKING, Iterable
+from collections.abc import Iterable
+from typing import IO, TYPE_CHECKING
 
 if TYPE_CHECKING:  # --help and argument errors stay fast: torch is imported after them
     from .core import Prediction

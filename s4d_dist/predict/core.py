@@ -14,9 +14,9 @@ one batch, as in an evaluation whose batch holds one clip's views.
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
-from typing import Iterator, Optional
 
 import numpy as np
 import torch
@@ -35,15 +35,15 @@ class Prediction:
 
     input: str
     kind: str
-    head: Optional[str] = None
-    crop: Optional[str] = None      # "centre" | "face"
+    head: str | None = None
+    crop: str | None = None      # "centre" | "face"
     frames: int = 0
     views: int = 0
-    probs: Optional[dict[str, float]] = None
-    error: Optional[str] = None
+    probs: dict[str, float] | None = None
+    error: str | None = None
 
     @property
-    def top1(self) -> Optional[str]:
+    def top1(self) -> str | None:
         return max(self.probs, key=self.probs.get) if self.probs else None
 
 
@@ -59,7 +59,7 @@ class Predictor:
 
     def __init__(self, model: Model, device: torch.device, batch_size: int = 32,
                  face_detect: bool = False, min_frames: int = 2,
-                 temporal_views: Optional[int] = None, spatial_crops: Optional[int] = None,
+                 temporal_views: int | None = None, spatial_crops: int | None = None,
                  workers: int = 2) -> None:
         self.model, self.device, self.batch_size = model, device, batch_size
         self.network = model.network.to(device)
@@ -111,7 +111,7 @@ class Predictor:
         return torch.cat(out).numpy()
 
     def _score(self, items: list[Input], prepared: list[_Views | Prediction]
-               ) -> list[Optional[Prediction]]:
+               ) -> list[Prediction | None]:
         results = [p if isinstance(p, Prediction) else None for p in prepared]
         for modality in ("image", "video"):
             mine = [i for i, (item, p) in enumerate(zip(items, prepared))

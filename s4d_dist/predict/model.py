@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -67,7 +66,7 @@ def _from_folder(folder: Path) -> tuple[DictConfig, dict[str, torch.Tensor], dic
     return cfg, torch.load(weights, map_location="cpu", weights_only=True), stored
 
 
-def _names(stored: Optional[list[str]], given: Optional[list[str]], count: int, head: str,
+def _names(stored: list[str] | None, given: list[str] | None, count: int, head: str,
            source: str) -> list[str]:
     names = given or stored or [str(i) for i in range(count)]
     if len(names) != count:
@@ -76,8 +75,8 @@ def _names(stored: Optional[list[str]], given: Optional[list[str]], count: int, 
     return list(names)
 
 
-def load(source: str, classes: Optional[list[str]] = None,
-         image_classes: Optional[list[str]] = None, preset: Optional[str] = None,
+def load(source: str, classes: list[str] | None = None,
+         image_classes: list[str] | None = None, preset: str | None = None,
          overrides: tuple[str, ...] = ()) -> Model:
     """The model at `source` (a run folder or an official checkpoint file), in eval mode on the
     CPU. `classes` / `image_classes` name the video / image head's classes (image_classes

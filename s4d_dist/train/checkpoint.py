@@ -23,8 +23,9 @@ from __future__ import annotations
 import logging
 import random
 import shutil
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -255,8 +256,6 @@ class Checkpoints:
         """The tag to resume from, after the run-folder rules; checked before anything is built
         or overwritten, so a refused resume leaves the folder as it was."""
         mode, latest = self.cfg.resume, self.latest()
-        if mode not in ("auto", "never"):
-            raise ResumeError(f"resume={mode!r}: use auto or never")
         if (Path(run_dir) / "finished.json").is_file():
             raise ResumeError(f"{run_dir} holds a finished run; pick another run_name or "
                               f"output_dir (or delete the folder) to train again")

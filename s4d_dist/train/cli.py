@@ -21,8 +21,8 @@ import logging
 import os
 import sys
 import traceback
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator, Optional
 
 from s4d_dist import config
 
@@ -74,7 +74,7 @@ FORMAT = "%(asctime)s %(name)s %(levelname)s %(message)s"
 
 
 @contextlib.contextmanager
-def run_logs(path: Path, rank: int) -> Iterator[Optional[Path]]:
+def run_logs(path: Path, rank: int) -> Iterator[Path | None]:
     """Log records to `path` (everything from INFO) and the console (rank 0: INFO, others:
     WARNING) while the run lasts; yields `path`, or None where it cannot be created."""
     console = logging.StreamHandler(sys.stderr)
@@ -118,7 +118,7 @@ def exit_code(error: BaseException) -> int:
     return EXIT_USAGE if isinstance(error, config.ConfigError) else EXIT_FAILED
 
 
-def report(error: BaseException, rank: int, log_file: Optional[Path]) -> int:
+def report(error: BaseException, rank: int, log_file: Path | None) -> int:
     """Write the traceback to `log_file`, print the one line (see the module docstring) and
     return the exit code. Where the log cannot take the traceback (the full disk it reports),
     an unexpected error's traceback goes to the console instead."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 import functools
 import os
 import socket
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 import torch
@@ -111,7 +111,7 @@ def host_gather(obj: Any) -> list[Any]:
     return gathered
 
 
-def first_problem(problem: Optional[str]) -> Optional[str]:
+def first_problem(problem: str | None) -> str | None:
     """Collective: the problem of the lowest rank that has one (None: none has), on every rank,
     so that all stop together with one message; another rank's names its rank and node."""
     found = host_gather((socket.gethostname(), problem))

@@ -10,8 +10,8 @@ host keeps queueing work ahead of the GPU.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from omegaconf import DictConfig

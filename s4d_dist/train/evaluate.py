@@ -6,7 +6,7 @@ the metrics computed once from the whole set — not averaged per rank as in the
 """
 from __future__ import annotations
 
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -19,7 +19,7 @@ from s4d_dist.train.metrics import classification_metrics, merge_views
 
 @torch.no_grad()
 def predict(model: nn.Module, loader, dtype: torch.dtype,
-            on_batch: Optional[Callable[[dict], None]] = None) -> dict[str, np.ndarray]:
+            on_batch: Callable[[dict], None] | None = None) -> dict[str, np.ndarray]:
     """This rank's valid rows: sample index, view, softmax probabilities, label. `on_batch(batch)`
     runs after each forward, while the model still holds that forward's state (analyses read
     the MoAE routing there)."""
@@ -42,7 +42,7 @@ def predict(model: nn.Module, loader, dtype: torch.dtype,
 
 
 def evaluate(model: nn.Module, loader, num_classes: int, dtype: torch.dtype,
-             on_batch: Optional[Callable[[dict], None]] = None) -> dict:
+             on_batch: Callable[[dict], None] | None = None) -> dict:
     """Metrics over the whole split, identical on every rank."""
     mine = predict(model, loader, dtype, on_batch)
     gathered = {k: distributed.gather_arrays(v) for k, v in mine.items()}

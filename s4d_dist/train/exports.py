@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -29,7 +29,7 @@ CARD_FORMAT = 1
 RECIPE_KEYS = ("sampling_rate", "eval_short_side", "test_temporal_views", "test_spatial_crops")
 
 
-def class_names(location: str) -> Optional[list[str]]:
+def class_names(location: str) -> list[str] | None:
     """The class names a shard location (a split folder or a built dataset) was built with."""
     for name in (layout.MANIFEST_JSON, layout.DATASET_JSON):
         path = Path(location) / name

@@ -22,7 +22,6 @@ import errno
 import signal
 import threading
 from types import FrameType, TracebackType
-from typing import Optional
 
 from s4d_dist.train import distributed
 
@@ -73,7 +72,7 @@ def peer_failure(error: BaseException) -> bool:
         isinstance(error, RuntimeError) and any(m in str(error) for m in _PEER_MESSAGES))
 
 
-def storage_failure(error: BaseException) -> Optional[str]:
+def storage_failure(error: BaseException) -> str | None:
     """'disk full' / 'I/O error' when `error` is the filesystem failing, else None."""
     if isinstance(error, OSError) and error.errno in _STORAGE_ERRNOS:
         return "I/O error" if error.errno == errno.EIO else "disk full"
@@ -113,14 +112,14 @@ class Preemption:
                 self._previous[signum] = signal.signal(signum, self._note)
         return self
 
-    def __exit__(self, kind: Optional[type], error: Optional[BaseException],
-                 trace: Optional[TracebackType]) -> None:
+    def __exit__(self, kind: type | None, error: BaseException | None,
+                 trace: TracebackType | None) -> None:
         if self.received:  # the process is on its way out (exit 75): a repeated signal must not
             return         # turn that clean exit into a kill, so the noting handler stays
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
 
-    def _note(self, signum: int, frame: Optional[FrameType]) -> None:
+    def _note(self, signum: int, frame: FrameType | None) -> None:
         self.received = self.received or signum
 
     def requested(self, step: int) -> bool:

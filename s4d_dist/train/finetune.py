@@ -40,6 +40,7 @@ from s4d_dist.train.exports import class_names
 from s4d_dist.train.flops import classifier_step_flops
 from s4d_dist.train.loop import Run, say
 from s4d_dist.train.mixup import mix_batch, soft_target_cross_entropy
+from s4d_dist.tubelets import model_tokens
 
 
 class FinetuneTask:
@@ -78,10 +79,7 @@ class FinetuneTask:
         return loss
 
     def step_flops(self, batch: dict) -> float:
-        m = self.cfg.model
-        tokens = (m.img_size // m.patch) ** 2
-        if batch["modality"] == "video":
-            tokens *= m.num_frames // m.tubelet
+        tokens = model_tokens(self.cfg.model, batch["modality"])
         return classifier_step_flops(self.cfg, tokens, len(batch["pixels"]))
 
     def on_log(self, run: Run, batch: dict, step: int) -> None:

@@ -17,13 +17,15 @@ Exports are written whole or not at all (atomic.py).
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import math
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional, Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -31,7 +33,7 @@ from omegaconf import DictConfig
 from torch import nn
 from tqdm import tqdm
 
-from s4d_dist import atomic
+from s4d_dist import atomic, seeds
 from s4d_dist import config as config_module
 from s4d_dist.data.loaders import TrainLoader, train_loader
 from s4d_dist.models import official
@@ -43,6 +45,7 @@ from s4d_dist.train.flops import peak_flops
 from s4d_dist.train.schedule import Schedule
 from s4d_dist.train.storage import check_shared, shard_files
 from s4d_dist.train.tracking import RunLogger
+from s4d_dist.tubelets import model_tokens
 
 log = logging.getLogger(__name__)
 
@@ -134,22 +137,14 @@ def mean_losses(losses: dict[str, list[torch.Tensor]]) -> dict[str, float]:
     return dict(zip(kept, means))
 
 
-def finite_or_none(value: Optional[torch.Tensor]) -> Optional[float]:
+def finite_or_none(value: torch.Tensor | None) -> float | None:
     """A device scalar read back, or None if absent or not finite (a skipped step's norm)."""
     number = None if value is None else float(value)
     return number if number is not None and math.isfinite(number) else None
 
 
-def step_rng(seed: int, step: int, rank: int) -> np.random.Generator:
-    """Per-step randomness (mixup) that a resumed run draws identically."""
-    return np.random.default_rng([seed, step, rank])
-
-
 def _tokens(batch: dict, cfg: DictConfig) -> int:
-    m = cfg.model
-    per_frame = (m.img_size // m.patch) ** 2
-    slots = m.num_frames // m.tubelet if batch["modality"] == "video" else 1
-    return len(batch["pixels"]) * per_frame * slots
+    return len(batch["pixels"]) * model_tokens(cfg.model, batch["modality"])
 
 
 def say(line: str) -> None:
@@ -184,7 +179,7 @@ def truncated_samples(loader: TrainLoader) -> dict[str, int]:
 EpochHook = Callable[[int, dict[str, float]], None]
 
 
-def train(cfg: DictConfig, task: Task, on_epoch_end: Optional[EpochHook] = None) -> dict[str, Any]:
+def train(cfg: DictConfig, task: Task, on_epoch_end: EpochHook | None = None) -> dict[str, Any]:
     """Train `task` under `cfg` to the end (resuming when allowed) and return its final metrics.
 
     `on_epoch_end(epochs_done, metrics)` runs on every rank once each epoch's checkpoint is
@@ -195,8 +190,7 @@ def train(cfg: DictConfig, task: Task, on_epoch_end: Optional[EpochHook] = None)
     distributed.init()
     with Preemption(cfg.checkpoint.signal_check_every) as preemption:
         rank, world = distributed.rank(), distributed.world_size()
-        torch.manual_seed(cfg.seed + rank)
-        np.random.seed(cfg.seed + rank)
+        seeds.seed_process(cfg.seed, rank)
         folder = run_dir(cfg)
         checkpoints = Checkpoints(folder, cfg, keep=cfg.checkpoint.keep)
         resume_tag = checkpoints.check_resumable(folder)
@@ -213,8 +207,8 @@ def train(cfg: DictConfig, task: Task, on_epoch_end: Optional[EpochHook] = None)
             loader.close()
 
 
-def _train(run: Run, task: Task, loader: TrainLoader, resume_tag: Optional[str],
-           preemption: Preemption, on_epoch_end: Optional[EpochHook]) -> dict[str, Any]:
+def _train(run: Run, task: Task, loader: TrainLoader, resume_tag: str | None,
+           preemption: Preemption, on_epoch_end: EpochHook | None) -> dict[str, Any]:
     cfg, folder, checkpoints = run.cfg, run.dir, run.checkpoints
     rank, world = distributed.rank(), distributed.world_size()
     check_shared(folder, shard_files(loader))
@@ -244,7 +238,8 @@ def _train(run: Run, task: Task, loader: TrainLoader, resume_tag: Optional[str],
                 started = time.perf_counter()
                 step = run.state["global_step"]
                 lr = schedule(step)
-                outcome = stepper(lambda: task.loss(run, batch, step_rng(cfg.seed, step, rank)), lr)
+                rng = seeds.step_rng(cfg.seed, step, rank)
+                outcome = stepper(functools.partial(task.loss, run, batch, rng), lr)
                 meter.add(batch["modality"], outcome.loss, len(batch["pixels"]), _tokens(batch, cfg),
                           task.step_flops(batch), started - waited)
                 epoch_losses.append(outcome.loss)

@@ -16,6 +16,7 @@ from s4d_dist.data.masking import num_masked
 from s4d_dist.models.build import build_mae
 from s4d_dist.models.mae import mae_loss, mae_targets, pixel_mask, reconstruct_pixels
 from s4d_dist.pixels import unnormalize
+from s4d_dist.tubelets import as_clip
 from s4d_dist.train.flops import mae_step_flops
 from s4d_dist.train.loop import Run
 
@@ -57,9 +58,7 @@ class PretrainTask:
         pred = model(pixels.to(run.dtype), mask)
         model.train(was_training)
         recon = reconstruct_pixels(pred, pixels, mask, m.tubelet, m.patch)
-        shown = unnormalize(pixels.float()).clamp(0, 1)
-        if shown.ndim == 4:
-            shown = shown.unsqueeze(2).expand(-1, -1, m.tubelet, -1, -1)
+        shown = as_clip(unnormalize(pixels.float()).clamp(0, 1), m.tubelet)
         masked = shown.masked_fill(pixel_mask(mask, shown.shape, m.tubelet, m.patch), 0.5)
         run.logger.reconstruction(f"mae/{batch['modality']}", shown, masked, recon, step)
 

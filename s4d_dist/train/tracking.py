@@ -7,7 +7,7 @@ into the one run folder, so a training run is one run in TensorBoard's list.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 import torch
@@ -38,7 +38,7 @@ def _chw(image) -> np.ndarray:
     return np.asarray(image, dtype=np.float32).transpose(2, 0, 1) / 255.0
 
 
-def confusion_image(cm: np.ndarray, names: Optional[list[str]] = None, cell: int = 34) -> np.ndarray:
+def confusion_image(cm: np.ndarray, names: list[str] | None = None, cell: int = 34) -> np.ndarray:
     """The confusion matrix as a (3, H, W) image people read: rows are true classes, each cell
     its count on a blue scaled by the row-normalised fraction, class names on both axes."""
     cm = np.asarray(cm)
@@ -125,7 +125,7 @@ class RunLogger:
                                    float(stats["router_entropy"]), step)
 
     def confusion(self, tag: str, cm: np.ndarray, step: int,
-                  names: Optional[list[str]] = None) -> None:
+                  names: list[str] | None = None) -> None:
         """The labelled confusion matrix under `tag`, and the per-class recall beside it."""
         if not self.writer:
             return

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from .base import DatasetSource
 from .files import JPEG_EXTENSIONS
-from .kfold import KFoldLayout, read_kfold_frames
+from .kfold_frames import KFoldLayout, read_kfold_frames
 
 CLASS_NAMES = ("Happiness", "Sadness", "Neutral", "Anger", "Surprise", "Disgust", "Fear")
 FOLDS = range(1, 6)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from .base import DatasetSource
 from .files import PNG_EXTENSIONS
-from .kfold import KFoldLayout, read_kfold_frames
+from .kfold_frames import KFoldLayout, read_kfold_frames
 
 CLASS_NAMES = ("Anger", "Anxiety", "Contempt", "Disappointment", "Disgust", "Fear", "Happiness",
                "Helplessness", "Neutral", "Sadness", "Surprise")

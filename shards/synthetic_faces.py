@@ -20,8 +20,9 @@ from __future__ import annotations
 
 import math
 import zlib
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, fields
-from typing import Callable, Iterable, Iterator, Literal
+from typing import Literal
 
 import numpy as np
 
