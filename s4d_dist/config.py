@@ -199,7 +199,7 @@ class RayConfig:
     cpus_per_worker: int = 1
     # null: one GPU per worker where the cluster has GPUs, none where it has not (decided on
     # joining it, orchestrate/cluster.py); 0 trains on CPUs on purpose
-    gpus_per_worker: Optional[float] = None
+    gpus_per_worker: float | None = None
     max_failures: int = 3  # restarts after a worker or node dies; each resumes from the last checkpoint
     check_resources: bool = True  # refuse up front what the cluster cannot hold; false on autoscaling clusters
     local_cpus: int = 0  # CPUs of a cluster started here; 0 = all of this machine's

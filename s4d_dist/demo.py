@@ -17,13 +17,16 @@ import json
 import time
 from pathlib import Path
 
+import numpy as np
+
 from s4d_dist import config
+from s4d_dist.train import metrics
 from s4d_dist.train.finetune import FinetuneTask
 from s4d_dist.train.loop import run_dir, train
 from s4d_dist.train.pretrain import PretrainTask
 
-IMAGE_SPLITS = {"train": 150, "test": 10}  # samples per class (7 classes)
-VIDEO_SPLITS = {"train": 60, "test": 10}
+IMAGE_SPLITS = {"train": 300, "test": 20}  # samples per class (7 classes)
+VIDEO_SPLITS = {"train": 100, "test": 20}
 
 
 def build_data(root: Path, cfg) -> dict[str, Path]:
@@ -51,6 +54,32 @@ def stage(preset: str, overrides: list[str], task_type) -> dict:
     return train(cfg, task_type(cfg))
 
 
+def class_names(dataset: Path) -> list[str]:
+    return json.loads((dataset / "dataset.json").read_text())["class_names"]
+
+
+def report(results: dict, names: list[str], out: Path) -> None:
+    """The table a user reads first: each task's test scores for the last and the best epoch
+    (chosen on the video validation split), per-class recall, and where the pictures are."""
+    sections = [("DFER", "clips", results)]
+    if "image" in results:
+        sections.append(("SFER", "images", results["image"]))
+    print(f"\n[demo] test scores in %, 7 classes (chance {100 / len(names):.1f}); best = the "
+          f"epoch with the best video validation WAR ({results.get('best_epoch', '-')})")
+    print(f"[demo] {'task':5s} {'epoch':5s} {'WAR':>5s} {'UAR':>5s} {'F1':>5s}  recall: "
+          + " ".join(f"{n[:5]:>5s}" for n in names))
+    for task, unit, scores in sections:
+        for name in ("last", "best"):
+            if name in scores:
+                r = scores[name]
+                recall = metrics.per_class_recall(np.array(r["confusion"])) * 100
+                print(f"[demo] {task:5s} {name:5s} {r['war']:5.1f} {r['uar']:5.1f} "
+                      f"{r['f1_weighted']:5.1f}          " + " ".join(f"{v:5.1f}" for v in recall))
+        print(f"[demo]   {task}: {scores['last']['samples']} test {unit}")
+    print(f"[demo] scores: {out / 'finetune' / 'metrics.json'}; TensorBoard (MAE reconstructions "
+          f"of images and clips, confusion matrices, recall): tensorboard --logdir {out}")
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(prog="python -m s4d_dist.demo",
                                      description=__doc__.splitlines()[0])
@@ -66,17 +95,8 @@ def main(argv: list[str] | None = None) -> dict:
     weights = out / "pretrain" / "weights_fp32.pt"
     results = stage("demo_finetune", shards + ["run_name=finetune", f"init_checkpoint={weights}",
                                                *args.overrides], FinetuneTask)
-    chance = 100.0 / 7
-    print(f"\n[demo] synthetic DFER test set ({results['last']['samples']} clips, 7 classes, "
-          f"chance {chance:.1f}%):")
-    for name in ("last", "best"):
-        if name in results:
-            r = results[name]
-            epoch = f" (epoch {results['best_epoch']})" if name == "best" else ""
-            print(f"[demo]   {name:4s}{epoch}: WAR {r['war']:.1f}  UAR {r['uar']:.1f}  "
-                  f"F1 {r['f1_weighted']:.1f}")
-    print(f"[demo] finished in {time.time() - start:.0f}s; TensorBoard: "
-          f"tensorboard --logdir {out}")
+    report(results, class_names(data["video"]), out)
+    print(f"[demo] finished in {time.time() - start:.0f}s", flush=True)
     return results
 
 
