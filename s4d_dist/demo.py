@@ -51,7 +51,10 @@ def stage(preset: str, overrides: list[str], task_type) -> dict:
         print(f"[demo] {cfg.task}: reusing the finished run in {folder}", flush=True)
         return json.loads((folder / "metrics.json").read_text())
     print(f"[demo] {cfg.task}: {folder}", flush=True)
-    return train(cfg, task_type(cfg))
+    started = time.time()
+    results = train(cfg, task_type(cfg))
+    print(f"[demo] {cfg.task} took {time.time() - started:.0f}s", flush=True)
+    return results
 
 
 def class_names(dataset: Path) -> list[str]:
