@@ -37,6 +37,7 @@ def tiny_overrides(shards, output_dir, task: str = "pretrain") -> list[str]:
             "data.video_batch_size=4", "data.video_repeats=2", "data.eval_batch_size=8",
             "data.val_fraction=0.3",
             "model.img_size=32", "model.patch=16", "model.num_frames=4", "model.embed_dim=32", "model.depth=2",
+            "mask.image_ratio=0.9", "mask.video_ratio=0.95",
             "model.num_heads=2", "model.decoder_dim=16", "model.decoder_depth=1",
             "model.decoder_heads=2", "model.moae.layers=[1]", "model.moae.num_experts=2",
             "model.moae.top_k=1", "optim.epochs=2", "optim.warmup_epochs=1",

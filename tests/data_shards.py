@@ -28,10 +28,12 @@ def build_all(root: Path) -> dict[str, Path]:
 
 
 def make_cfg(paths: dict[str, Path], task: str, *overrides: str):
-    """The demo preset at test sizes: 32 px, 4 frames at stride 2, tiny batches, no workers."""
+    """The demo preset at test sizes: 32 px in 16 px patches, 4 frames at stride 2, the paper's
+    mask ratios, tiny batches, no workers."""
     return config.load("demo", [
         f"task={task}", f"data.image_shards={paths['image'] / 'train'}", f"data.video_shards={paths['video']}",
-        "data.fold=1", "model.img_size=32", "model.num_frames=4", "data.sampling_rate=2",
+        "data.fold=1", "model.img_size=32", "model.patch=16", "model.num_frames=4", "data.sampling_rate=2",
+        "mask.image_ratio=0.9", "mask.video_ratio=0.95",
         "data.image_batch_size=4", "data.video_batch_size=4", "data.video_repeats=2", "data.eval_batch_size=6",
         "data.workers=0", "data.video_rate=1.0", "data.image_rate=1.0", "data.val_fraction=0", *overrides])
 
