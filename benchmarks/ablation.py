@@ -121,7 +121,7 @@ def chart(rows: list[dict], path: Path) -> None:
         ax.set_xticks(x, [r[key] for r in group], rotation=15)
         ax.set_title(title)
         ax.axhline(100 / 7, color="grey", lw=0.8, ls="--")
-    axes[0].set_ylabel("test WAR % (mean ± std over seeds; dashed: chance)")
+    axes[0].set_ylabel("test WAR %, mean ± std (dashed: chance)")
     axes[0].legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
