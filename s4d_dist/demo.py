@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from s4d_dist import config
+from s4d_dist.shards.layout import DATASET_JSON, read_dataset
 from s4d_dist.train import metrics
 from s4d_dist.train.finetune import FinetuneTask
 from s4d_dist.train.loop import run_dir, train
@@ -36,7 +37,7 @@ def build_data(root: Path, cfg) -> dict[str, Path]:
     m = cfg.model
     paths = {"image": root / "image", "video": root / "video"}
     for modality, splits in (("image", IMAGE_SPLITS), ("video", VIDEO_SPLITS)):
-        if not (paths[modality] / "dataset.json").is_file():
+        if not (paths[modality] / DATASET_JSON).is_file():
             print(f"[demo] building synthetic {modality} shards in {paths[modality]}", flush=True)
             build_synthetic(paths[modality], modality, splits, size=m.img_size,
                             frames=2 * m.num_frames, seed=cfg.seed + (modality == "video"),
@@ -57,17 +58,13 @@ def stage(preset: str, overrides: list[str], task_type) -> dict:
     return results
 
 
-def class_names(dataset: Path) -> list[str]:
-    return json.loads((dataset / "dataset.json").read_text())["class_names"]
-
-
 def report(results: dict, names: list[str], out: Path) -> None:
     """The table a user reads first: each task's test scores for the last and the best epoch
     (chosen on the video validation split), per-class recall, and where the pictures are."""
     sections = [("DFER", "clips", results)]
     if "image" in results:
         sections.append(("SFER", "images", results["image"]))
-    print(f"\n[demo] test scores in %, 7 classes (chance {100 / len(names):.1f}); best = the "
+    print(f"\n[demo] test scores in %, {len(names)} classes (chance {100 / len(names):.1f}); best = the "
           f"epoch with the best video validation WAR ({results.get('best_epoch', '-')})")
     print(f"[demo] {'task':5s} {'epoch':5s} {'WAR':>5s} {'UAR':>5s} {'F1':>5s}  recall: "
           + " ".join(f"{n[:5]:>5s}" for n in names))
@@ -98,7 +95,7 @@ def main(argv: list[str] | None = None) -> dict:
     weights = out / "pretrain" / "weights_fp32.pt"
     results = stage("demo_finetune", shards + ["run_name=finetune", f"init_checkpoint={weights}",
                                                *args.overrides], FinetuneTask)
-    report(results, class_names(data["video"]), out)
+    report(results, read_dataset(data["video"])["class_names"], out)
     print(f"[demo] finished in {time.time() - start:.0f}s", flush=True)
     return results
 
