@@ -3,7 +3,7 @@
 For clips shaped like the data (96 frames, 160×160 and 224×224 face-like content: a moving,
 blinking, talking face over a textured background with mild sensor noise), it measures per
 encoding: bytes per clip, encode time, PSNR against the source, and the CPU time to decode a
-training window (16 frames at stride 4, at random starts) with PyAV (shards.media.decode_clip)
+training window (16 frames at stride 4, at random starts) with PyAV (data.decode.decode_clip)
 and with DALI's CPU backend (fn.decoders.video on the bytes, one thread). Timings are medians
 of process CPU time over interleaved rounds on a shared machine; compare the ratios (against
 the default, vp9 crf30 g16) within one run, not absolute numbers across runs.
@@ -24,7 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
-from s4d_dist.shards.media import EncodeOptions, decode_clip, encode_clip
+from s4d_dist.data.decode import decode_clip
+from s4d_dist.shards.media import EncodeOptions, encode_clip
 
 WINDOW, STRIDE = 16, 4
 FPS = 25.0

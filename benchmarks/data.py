@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from s4d_dist import config
-from s4d_dist.data import boxes, frames
+from s4d_dist.data import recipes
 from s4d_dist.data.loaders import train_loader
 from s4d_dist.pixels import normalize
 from s4d_dist.shards.build import BuildOptions, build_dataset
@@ -88,14 +88,14 @@ class OfficialVideo(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> torch.Tensor:
         rng = np.random.default_rng()
         paths = sorted(self.clips[i].glob("*.jpg"))
-        index = frames.pretrain_indices(len(paths), NUM_FRAMES, STRIDE, rng)
+        index = recipes.pretrain_indices(len(paths), NUM_FRAMES, STRIDE, rng)
         clip = torch.stack([torch.from_numpy(np.array(Image.open(paths[j]).convert("RGB"))) for j in index])
         clip = clip.permute(3, 0, 1, 2).float().div(255)  # (C, T, H, W)
-        height, width = boxes.short_side_size(clip.shape[2], clip.shape[3], SHORT)
+        height, width = recipes.short_side_size(clip.shape[2], clip.shape[3], SHORT)
         scaled = F.interpolate(clip, size=(height, width), mode="bilinear", align_corners=False)
         out = []
         for _ in range(self.repeats):
-            y0, x0, y1, x1 = (int(v) for v in boxes.random_resized_crop(height, width, (0.08, 1.0), rng))
+            y0, x0, y1, x1 = (int(v) for v in recipes.random_resized_crop(height, width, (0.08, 1.0), rng))
             crop = F.interpolate(scaled[:, :, y0:y1, x0:x1], size=(SIZE, SIZE), mode="bilinear",
                                  align_corners=False, antialias=True)
             out.append(normalize(crop.transpose(0, 1)).transpose(0, 1))
@@ -114,7 +114,7 @@ class OfficialImage(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> torch.Tensor:
         rng = np.random.default_rng()
         image = Image.open(self.files[i]).convert("RGB")
-        y0, x0, y1, x1 = (int(v) for v in boxes.random_resized_crop(image.height, image.width, (0.2, 1.0), rng))
+        y0, x0, y1, x1 = (int(v) for v in recipes.random_resized_crop(image.height, image.width, (0.2, 1.0), rng))
         image = image.crop((x0, y0, x1, y1)).resize((SIZE, SIZE), Image.BICUBIC)
         if rng.random() < 0.5:
             image = image.transpose(Image.FLIP_LEFT_RIGHT)

@@ -4,7 +4,7 @@
     TRITON_INTERPRET=1 python benchmarks/moae_glue.py --batch 2 --tokens 50 --dim 64
                                             # CPU smoke run of the script, not a timing
 
-benchmarks/moae.py compares whole layers across backends (the `triton` one joins through the
+benchmarks/moae_backends.py compares whole layers across backends (the `triton` one joins through the
 backend registry). This script splits the triton backend itself: each routing kernel alone
 (router epilogue, queue, dispatch, combine and their backwards), the expert GEMMs alone
 (forward + backward on the same padded layout), and the backend's whole forward + backward.
@@ -24,9 +24,9 @@ from pathlib import Path
 
 import torch
 
-from moae import device_name  # benchmarks/moae.py, next to this script
+from moae import device_name  # benchmarks/moae_backends.py, next to this script
 from s4d_dist.kernels import moae_routing as routing
-from s4d_dist.kernels.moae import batched_experts, triton_available, triton_backend
+from s4d_dist.kernels.moae_triton import batched_experts, triton_available, triton_backend
 
 
 def median_ms(fn: Callable[[], object], device: torch.device, reps: int) -> float:

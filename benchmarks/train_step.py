@@ -91,7 +91,7 @@ def host_sync_sites(step: Callable[[], None], steps: int) -> dict[str, int]:
 def worker(args: argparse.Namespace) -> None:
     """One rank of one configuration (run under torchrun)."""
     from s4d_dist import config
-    from s4d_dist.models.build import build_classifier
+    from s4d_dist.models.factory import build_classifier
     from s4d_dist.train import distributed
     from s4d_dist.train.engine import DTYPES, Stepper, build_engine
     from s4d_dist.train.flops import classifier_step_flops, peak_flops

@@ -45,7 +45,6 @@ whole, so a long video as one sample would cost memory and I/O for one window's 
 """
 from __future__ import annotations
 
-import bisect
 import io
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -147,11 +146,6 @@ def image_file_to_jpeg(path: str, quality: int = DEFAULT_JPEG_QUALITY
         with open(path, "rb") as f:
             return f.read(), size
     return encode_jpeg(np.asarray(image.convert("RGB")), quality), size
-
-
-def decode_jpeg(data: bytes) -> np.ndarray:
-    """JPEG bytes → RGB ``(H, W, 3)`` uint8 (the Python-side decoder; DALI is the fast one)."""
-    return np.asarray(_open_rgb(data).convert("RGB"))
 
 
 # --------------------------------------------------------------------------------------- videos
@@ -266,36 +260,3 @@ def encode_clip(clip: np.ndarray, fps: float, options: EncodeOptions = EncodeOpt
         else:
             _encode_vp9(container, clip, _frame_rate(fps), options)
     return out.getvalue()
-
-
-def decode_clip(data: bytes, start: int = 0, count: int | None = None, stride: int = 1
-                ) -> np.ndarray:
-    """Decode frames ``start, start+stride, ...`` (at most ``count``) of a stored clip.
-
-    A wanted frame is reached from the last keyframe at or before it, or from the frame just
-    decoded if that is closer, so MJPEG decodes exactly the wanted frames and VP9 at most a
-    keyframe interval more per frame. Relies on the shard encodings having one packet per
-    shown frame in presentation order (no B-frames, no hidden frames); a single-threaded
-    decoder then returns frame i for packet i.
-    """
-    try:
-        with av.open(io.BytesIO(data)) as container:
-            stream = container.streams.video[0]
-            stream.codec_context.thread_count = 1
-            packets = [p for p in container.demux(stream) if p.size]
-            wanted = range(start, len(packets), stride)[:count]
-            if not wanted:
-                raise MediaError(f"no frame {start} in a clip of {len(packets)} frames")
-            keyframes = [i for i, p in enumerate(packets) if p.is_keyframe or i == 0]
-            frames, fed = [], -1
-            for index in wanted:
-                keyframe = keyframes[bisect.bisect_right(keyframes, index) - 1]
-                for i in range(max(keyframe, fed + 1), index + 1):
-                    decoded = stream.codec_context.decode(packets[i])
-                    if len(decoded) != 1:
-                        raise MediaError(f"packet {i} gave {len(decoded)} frames, expected 1")
-                    fed = i
-                frames.append(decoded[0].to_ndarray(format="rgb24"))
-    except (av.FFmpegError, IndexError) as err:  # IndexError: no video stream
-        raise MediaError(f"undecodable clip: {err}") from err
-    return np.stack(frames)

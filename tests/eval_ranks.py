@@ -15,7 +15,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 import data_shards as ds  # noqa: E402
 from s4d_dist.data.loaders import eval_loader  # noqa: E402
-from s4d_dist.models.build import build_classifier  # noqa: E402
+from s4d_dist.models.factory import build_classifier  # noqa: E402
 from s4d_dist.train import distributed  # noqa: E402
 from s4d_dist.train.evaluate import evaluate, predict  # noqa: E402
 from s4d_dist.train.metrics import merge_views  # noqa: E402

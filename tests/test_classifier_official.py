@@ -57,9 +57,10 @@ def test_classifier_eval_is_deterministic_and_aux_loss_only_in_training():
     model.eval()
     torch.testing.assert_close(model(clip), model(clip))
     assert model.aux_loss() is None
+    assert model(clip, with_aux=True)[1] is None
     model.train()
-    model(clip)
-    aux = model.aux_loss()
+    logits, aux = model(clip, with_aux=True)
+    assert logits.shape == (2, TINY_CLASSIFIER["num_video_classes"])
     layers = model.moae_layers()
     assert sorted(layers) == [2, 3]
     torch.testing.assert_close(aux, layers[2].aux_loss + layers[3].aux_loss)

@@ -11,7 +11,7 @@ from s4d_dist.data.loaders import eval_loader, train_loader
 
 pytest.importorskip("nvidia.dali")
 
-# Resampling arithmetic differs (DALI's ROI resize vs torch_ops.resample): a few uint8 levels at
+# Resampling arithmetic differs (DALI's ROI resize vs torch_backend.resample): a few uint8 levels at
 # most, i.e. ~0.02 per level after ImageNet normalisation.
 MEAN_TOL, MAX_TOL = 0.02, 0.1
 # uint8 0 and 255 after ImageNet normalisation: (0 - 0.485) / 0.229 and (1 - 0.406) / 0.225.
@@ -144,7 +144,7 @@ def test_dali_skips_and_counts_corrupt_samples(paths, tmp_path):
     for epoch in range(3):
         for batch in loader.epoch(epoch):
             steps += 1
-            catalog = loader.streams[0 if batch["modality"] == "image" else 1].source.catalog
+            catalog = loader.streams[0 if batch["modality"] == "image" else 1].plan.catalog
             assert not {catalog.keys[i] for i in batch["index"].tolist()} & keys
     assert steps == 3 * loader.steps_per_epoch
     assert loader.corrupt.count == 3, loader.corrupt.summary()

@@ -51,7 +51,7 @@ def test_pretrain_contract(paths):
 def test_finetune_contract_and_labels(paths):
     cfg = ds.make_cfg(paths, "finetune", "data.balance_images=true")
     batches, loader = epoch_batches(cfg)
-    catalogs = {s.modality: s.source.catalog for s in loader.streams}
+    catalogs = {s.modality: s.plan.catalog for s in loader.streams}
     for b in batches:
         assert b["label"].dtype == torch.int64 and "mask" not in b
         expected = catalogs[b["modality"]].labels[b["index"].numpy()]
@@ -64,7 +64,7 @@ def test_finetune_contract_and_labels(paths):
 def test_mixing_follows_official_order(paths):
     cfg = ds.make_cfg(paths, "pretrain", "data.video_rate=0.5")
     batches, loader = epoch_batches(cfg, epoch=2)
-    image_batches, video_batches = (s.source.batches_per_pass for s in loader.streams)
+    image_batches, video_batches = (s.plan.batches_per_pass for s in loader.streams)
     assert loader.counts == [image_batches, int(video_batches * 0.5)]
     generator = torch.Generator()
     generator.manual_seed(2)
@@ -83,7 +83,7 @@ def test_ranks_equal_steps_disjoint_samples(paths, world):
     assert len(orders) == 1  # and runs the same modality at each step
     for modality in ("image", "video"):
         per_rank = [ds.gather_indices([b for b in batches if b["modality"] == modality]) for batches, _ in runs]
-        total = len(runs[0][1].streams[0 if modality == "video" else 1].source.catalog)
+        total = len(runs[0][1].streams[0 if modality == "video" else 1].plan.catalog)
         padding = -(-total // world) * world - total
         flat = np.concatenate(per_rank)
         assert len(flat) - len(np.unique(flat)) <= padding
@@ -123,16 +123,16 @@ def test_fold_union_read_back(paths):
     assert not set(train.keys) & set(test.keys)
     cfg = ds.make_cfg(paths, "finetune")
     loader = eval_loader(cfg, "test", "video", backend=BACKEND)
-    assert set(loader.source.catalog.keys) == parts["part1"]
+    assert set(loader.plan.catalog.keys) == parts["part1"]
     loader.close()
 
 
 def test_validation_carved_from_train(paths):
     cfg = ds.make_cfg(paths, "finetune", "data.val_fraction=0.3")
     loader = train_loader(cfg, backend=BACKEND)
-    train_keys = set(loader.streams[0].source.catalog.keys)
+    train_keys = set(loader.streams[0].plan.catalog.keys)
     val = eval_loader(cfg, "val", "video", backend=BACKEND)
-    val_keys = set(val.source.catalog.keys)
+    val_keys = set(val.plan.catalog.keys)
     assert val_keys and not train_keys & val_keys
     assert train_keys | val_keys == set(open_catalog(shard_paths(str(paths["video"]), "train", 1)).keys)
     loader.close(), val.close()
@@ -194,7 +194,7 @@ def test_corrupt_samples_skipped_and_counted(paths, tmp_path):
     for epoch in range(3):  # the shuffled tail that is dropped differs per epoch
         for b in loader.epoch(epoch):
             assert b["pixels"].shape[0] == 4  # slots refilled, batch size kept
-            catalog = loader.streams[0 if b["modality"] == "video" else 1].source.catalog
+            catalog = loader.streams[0 if b["modality"] == "video" else 1].plan.catalog
             assert not {catalog.keys[i] for i in b["index"].tolist()} & bad_keys
     assert loader.corrupt.count == 3, loader.corrupt.summary()
     assert {e.where.rsplit(":", 1)[1] for e in loader.corrupt.examples} == bad_keys

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch.utils.data import DistributedSampler
 
-from s4d_dist.data import boxes, frames, mixing, plans, randaug
+from s4d_dist.data import plan, randaug, recipes
 from s4d_dist.data.masking import random_masks
 
 
@@ -24,57 +24,57 @@ class FixedRng:
 
 # ------------------------------------------------------------------------------------ frames
 def test_pretrain_indices_long_clip_window_at_start():
-    assert frames.pretrain_indices(100, 16, 4, FixedRng(7)).tolist() == [7 + 4 * i for i in range(16)]
+    assert recipes.pretrain_indices(100, 16, 4, FixedRng(7)).tolist() == [7 + 4 * i for i in range(16)]
 
 
 def test_pretrain_indices_start_range_is_official():
     rng = np.random.default_rng(0)
-    starts = {int(frames.pretrain_indices(70, 16, 4, rng)[0]) for _ in range(500)}
+    starts = {int(recipes.pretrain_indices(70, 16, 4, rng)[0]) for _ in range(500)}
     assert starts == set(range(0, 70 - 64 + 1))  # U{0 .. N-64}
 
 
 def test_pretrain_indices_short_clip_repeats_last_reachable():
     # 30 frames, stride 4: 0, 4, ..., 28 reachable; then 28 repeats.
-    assert frames.pretrain_indices(30, 16, 4, np.random.default_rng(0)).tolist() == \
+    assert recipes.pretrain_indices(30, 16, 4, np.random.default_rng(0)).tolist() == \
         [0, 4, 8, 12, 16, 20, 24, 28] + [28] * 8
     # 10 frames: 0, 4, 8 (frame 9 is not on the grid).
-    assert frames.pretrain_indices(10, 4, 4, np.random.default_rng(0)).tolist() == [0, 4, 8, 8]
+    assert recipes.pretrain_indices(10, 4, 4, np.random.default_rng(0)).tolist() == [0, 4, 8, 8]
 
 
 def test_finetune_indices_long_clip_linspace():
     # n=100, W=64, end=80: linspace(16, 80, 16) = 16 + 64k/15, truncated, clipped to 79.
     expected = [16, 20, 24, 28, 33, 37, 41, 45, 50, 54, 58, 62, 67, 71, 75, 79]
-    assert frames.finetune_indices(100, 16, 4, FixedRng(80)).tolist() == expected
+    assert recipes.finetune_indices(100, 16, 4, FixedRng(80)).tolist() == expected
 
 
 def test_finetune_indices_short_clip_whole_clip_then_last():
     # n=40 ≤ 64: linspace(0, 40, 10) = 0, 4.44, ... 40 → ints, then padded with 40 → clipped to 39.
     expected = [0, 4, 8, 13, 17, 22, 26, 31, 35, 39] + [39] * 6
-    assert frames.finetune_indices(40, 16, 4, np.random.default_rng(0)).tolist() == expected
-    assert frames.finetune_indices(3, 4, 4, np.random.default_rng(0)).tolist() == [2, 2, 2, 2]
+    assert recipes.finetune_indices(40, 16, 4, np.random.default_rng(0)).tolist() == expected
+    assert recipes.finetune_indices(3, 4, 4, np.random.default_rng(0)).tolist() == [2, 2, 2, 2]
 
 
 def test_eval_views_first_and_last_window():
     # n=100, stride 4: 25 strided frames; 2 views start at 0 and 25-16=9 (frames 0 and 36).
-    views = frames.eval_view_indices(100, 16, 4, 2)
+    views = recipes.eval_view_indices(100, 16, 4, 2)
     assert views[0].tolist() == [4 * i for i in range(16)]
     assert views[1].tolist() == [4 * (9 + i) for i in range(16)]
     # 3 views: starts int(v * 9 / 2) = 0, 4, 9; 1 view: the middle window (4).
-    assert frames.eval_view_indices(100, 16, 4, 3)[:, 0].tolist() == [0, 16, 36]
-    assert frames.eval_view_indices(100, 16, 4, 1)[:, 0].tolist() == [16]
+    assert recipes.eval_view_indices(100, 16, 4, 3)[:, 0].tolist() == [0, 16, 36]
+    assert recipes.eval_view_indices(100, 16, 4, 1)[:, 0].tolist() == [16]
 
 
 def test_eval_views_short_clip_padded_with_last():
-    views = frames.eval_view_indices(10, 4, 2, 2)  # strided 0,2,4,6,8: starts 0 and 1
+    views = recipes.eval_view_indices(10, 4, 2, 2)  # strided 0,2,4,6,8: starts 0 and 1
     assert views.tolist() == [[0, 2, 4, 6], [2, 4, 6, 8]]
-    assert frames.eval_view_indices(5, 4, 4, 2).tolist() == [[0, 4, 4, 4], [0, 4, 4, 4]]
+    assert recipes.eval_view_indices(5, 4, 4, 2).tolist() == [[0, 4, 4, 4], [0, 4, 4, 4]]
 
 
 # ------------------------------------------------------------------------------------- boxes
 def test_random_resized_crop_in_bounds_and_scale():
     rng = np.random.default_rng(1)
     for _ in range(200):
-        y0, x0, y1, x1 = boxes.random_resized_crop(120, 90, (0.2, 1.0), rng)
+        y0, x0, y1, x1 = recipes.random_resized_crop(120, 90, (0.2, 1.0), rng)
         assert 0 <= y0 < y1 <= 120 and 0 <= x0 < x1 <= 90
         assert (y1 - y0) * (x1 - x0) >= 0.2 * 120 * 90 * 0.9  # rounding slack
         assert all(v == int(v) for v in (y0, x0, y1, x1))
@@ -82,27 +82,27 @@ def test_random_resized_crop_in_bounds_and_scale():
 
 def test_random_resized_crop_fallback_is_central():
     # An area fraction above 1 never fits: after 10 tries, the largest central crop in ratio.
-    assert boxes.random_resized_crop(100, 100, (5.0, 6.0), np.random.default_rng(0)) == (0.0, 0.0, 100.0, 100.0)
-    assert boxes.random_resized_crop(100, 200, (5.0, 6.0), np.random.default_rng(0)) == (0.0, 33.0, 100.0, 166.0)
+    assert recipes.random_resized_crop(100, 100, (5.0, 6.0), np.random.default_rng(0)) == (0.0, 0.0, 100.0, 100.0)
+    assert recipes.random_resized_crop(100, 200, (5.0, 6.0), np.random.default_rng(0)) == (0.0, 33.0, 100.0, 166.0)
 
 
 def test_mirrored_and_eval_crops():
-    assert boxes.mirrored((1, 2, 3, 4), True) == (1, 4, 3, 2)
-    assert boxes.mirrored((1, 2, 3, 4), False) == (1, 2, 3, 4)
+    assert recipes.mirrored((1, 2, 3, 4), True) == (1, 4, 3, 2)
+    assert recipes.mirrored((1, 2, 3, 4), False) == (1, 2, 3, 4)
     # Square frame at the official scale: every crop is the whole frame (docs/method.md §3.9).
-    assert boxes.eval_crop(160, 160, 160, 160, 1, 2) == (0.0, 0.0, 160.0, 160.0)
+    assert recipes.eval_crop(160, 160, 160, 160, 1, 2) == (0.0, 0.0, 160.0, 160.0)
     # Larger short side: the two crops are the diagonal corners, in source pixels.
-    a, b = boxes.eval_crop(100, 100, 200, 160, 0, 2), boxes.eval_crop(100, 100, 200, 160, 1, 2)
+    a, b = recipes.eval_crop(100, 100, 200, 160, 0, 2), recipes.eval_crop(100, 100, 200, 160, 1, 2)
     assert a == (0.0, 0.0, 80.0, 80.0) and b == (20.0, 20.0, 100.0, 100.0)
     # Wide frame: the official sliding crop along the long side only.
-    left, right = boxes.eval_crop(160, 320, 160, 160, 0, 2), boxes.eval_crop(160, 320, 160, 160, 1, 2)
+    left, right = recipes.eval_crop(160, 320, 160, 160, 0, 2), recipes.eval_crop(160, 320, 160, 160, 1, 2)
     assert left == (0.0, 0.0, 160.0, 160.0) and right == (0.0, 160.0, 160.0, 320.0)
 
 
 def test_erase_box_fits():
     rng = np.random.default_rng(0)
     for _ in range(100):
-        top, left, h, w = boxes.erase_box(40, 40, rng)
+        top, left, h, w = recipes.erase_box(40, 40, rng)
         assert 0 <= top and top + h <= 40 and 0 <= left and left + w <= 40 and h < 40 and w < 40
 
 
@@ -141,16 +141,16 @@ def test_shuffled_plan_is_distributed_sampler(num_samples, world):
     for rank in range(world):
         sampler = DistributedSampler(range(num_samples), num_replicas=world, rank=rank, shuffle=True, seed=5)
         sampler.set_epoch(3)
-        ours = plans.rank_slice(plans.shuffled_order(num_samples, 5, 3), rank, world)
+        ours = plan.rank_slice(plan.shuffled_order(num_samples, 5, 3), rank, world)
         assert ours.tolist() == list(sampler)
 
 
 @pytest.mark.parametrize("world", [2, 3])
 def test_train_batches_equal_count_and_disjoint(world):
     num_samples, batch = 47, 4  # uneven: 47 = 2·23+1 = 3·15+2
-    order = plans.shuffled_order(num_samples, 0, 1)
-    per_rank = [plans.train_batches(order, r, world, batch) for r in range(world)]
-    expected = plans.train_batches_per_rank(num_samples, world, batch)
+    order = plan.shuffled_order(num_samples, 0, 1)
+    per_rank = [plan.train_batches(order, r, world, batch) for r in range(world)]
+    expected = plan.train_batches_per_rank(num_samples, world, batch)
     assert [len(b) for b in per_rank] == [expected] * world
     flat = np.concatenate([b.ravel() for b in per_rank])
     padding = -(-num_samples // world) * world - num_samples  # DistributedSampler's wrap-around
@@ -159,16 +159,16 @@ def test_train_batches_equal_count_and_disjoint(world):
 
 def test_balanced_order_shared_and_balanced():
     labels = np.array([0] * 90 + [1] * 10)
-    a, b = plans.balanced_order(labels, 0, 4), plans.balanced_order(labels, 0, 4)
+    a, b = plan.balanced_order(labels, 0, 4), plan.balanced_order(labels, 0, 4)
     assert np.array_equal(a, b) and len(a) == 100
-    draws = np.concatenate([plans.balanced_order(labels, 0, e) for e in range(40)])
+    draws = np.concatenate([plan.balanced_order(labels, 0, e) for e in range(40)])
     assert abs((labels[draws] == 1).mean() - 0.5) < 0.05
-    assert not np.array_equal(plans.balanced_order(labels, 0, 5), a)
+    assert not np.array_equal(plan.balanced_order(labels, 0, 5), a)
 
 
 @pytest.mark.parametrize("world", [2, 3])
 def test_eval_rows_cover_every_view_once(world):
-    rows = [plans.eval_rows(11, 4, r, world, 5) for r in range(world)]
+    rows = [plan.eval_rows(11, 4, r, world, 5) for r in range(world)]
     assert len({len(r) for r in rows}) == 1  # same batch count everywhere
     flat = np.concatenate([r.reshape(-1, 2) for r in rows])
     real = flat[flat[:, 0] >= 0]
@@ -188,12 +188,12 @@ def official_order(lengths, rates, epoch):
 
 def test_source_order_matches_official_and_ranks():
     for epoch in range(3):
-        counts = mixing.step_counts([37, 20], [1.0, 0.25])
+        counts = plan.step_counts([37, 20], [1.0, 0.25])
         assert counts == [37, 5]
-        order = mixing.source_order(counts, epoch)
+        order = plan.source_order(counts, epoch)
         assert torch.equal(order, official_order([37, 20], [1.0, 0.25], epoch))
-        assert torch.equal(order, mixing.source_order(counts, epoch))  # "another rank"
-    assert not torch.equal(mixing.source_order([37, 5], 0), mixing.source_order([37, 5], 1))
+        assert torch.equal(order, plan.source_order(counts, epoch))  # "another rank"
+    assert not torch.equal(plan.source_order([37, 5], 0), plan.source_order([37, 5], 1))
 
 
 def test_source_order_frozen_values():
@@ -201,10 +201,10 @@ def test_source_order_frozen_values():
     # batches at rate 0.5): a change of the order — or of torch's seeded randperm that both the
     # official code and ours rely on — shows up here even if both implementations move together.
     frozen = {0: [0, 0, 1, 0, 0, 0, 0, 1], 1: [0, 0, 0, 1, 1, 0, 0, 0], 2: [0, 0, 1, 0, 1, 0, 0, 0]}
-    counts = mixing.step_counts([6, 4], [1.0, 0.5])
+    counts = plan.step_counts([6, 4], [1.0, 0.5])
     assert counts == [6, 2]
     for epoch, order in frozen.items():
-        assert mixing.source_order(counts, epoch).tolist() == order
+        assert plan.source_order(counts, epoch).tolist() == order
 
 
 # ------------------------------------------------------------------------------------- masks

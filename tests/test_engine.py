@@ -16,7 +16,7 @@ from torch import nn
 
 from conftest import tiny_overrides
 from s4d_dist import config
-from s4d_dist.models.build import build_mae
+from s4d_dist.models.factory import build_mae
 from s4d_dist.train import distributed
 from s4d_dist.train.engine import NonFiniteLossError, Stepper, adamw, build_engine, set_lr
 
@@ -109,18 +109,18 @@ def test_device_side_skip_leaves_weights_and_state_untouched(precision):
     def loss():
         return engine(x.to(stepper.dtype)).float().pow(2).mean()
 
-    stepper(loss, 0.1)  # creates the optimizer state
+    stepper(loss(), 0.1)  # creates the optimizer state
     before = snapshot(engine, optimizer)
     # A NaN loss with finite gradients: DeepSpeed's own overflow check cannot see it.
     with no_host_reads() if precision == "fp32" else contextlib.nullcontext():
-        outcome = stepper(lambda: loss() + float("nan"), 0.1)
+        outcome = stepper(loss() + float("nan"), 0.1)
     assert outcome.loss.isnan() and outcome.skipped
     # And one whose gradients are NaN too.
-    stepper(lambda: loss() * float("nan"), 0.1)
+    stepper(loss() * float("nan"), 0.1)
     after = snapshot(engine, optimizer)
     assert all(torch.equal(a, b) for a, b in zip(before, after))
     assert stepper.check() == 2
-    outcome = stepper(loss, 0.1)
+    outcome = stepper(loss(), 0.1)
     assert not outcome.skipped and torch.isfinite(outcome.grad_norm)
     assert not torch.equal(before[0], engine.module.weight)  # a finite step applies again
 
@@ -133,12 +133,12 @@ def test_device_side_skip_covers_the_accumulated_step():
     def loss():
         return engine(x).pow(2).mean()
 
-    stepper(loss, 0.1), stepper(loss, 0.1)
+    stepper(loss(), 0.1), stepper(loss(), 0.1)
     before = snapshot(engine, optimizer)
-    stepper(lambda: loss() * float("nan"), 0.1)  # poisons the accumulated gradients
-    stepper(loss, 0.1)  # the boundary: skipped with it
+    stepper(loss() * float("nan"), 0.1)  # poisons the accumulated gradients
+    stepper(loss(), 0.1)  # the boundary: skipped with it
     assert all(torch.equal(a, b) for a, b in zip(before, snapshot(engine, optimizer)))
-    stepper(loss, 0.1), stepper(loss, 0.1)
+    stepper(loss(), 0.1), stepper(loss(), 0.1)
     assert not torch.equal(before[0], engine.module.weight)
 
 
@@ -146,10 +146,10 @@ def test_a_run_of_skips_aborts_at_the_next_check_even_if_it_ended():
     engine, _ = fused_engine()
     stepper = Stepper(engine, max_consecutive_skips=2)
     x = torch.randn(2, 4)
-    stepper(lambda: engine(x).sum() * float("nan"), 0.1)
+    stepper(engine(x).sum() * float("nan"), 0.1)
     assert stepper.check() == 1
-    stepper(lambda: engine(x).sum() * float("nan"), 0.1)
-    stepper(lambda: engine(x).sum(), 0.1)  # the run is over before anyone looks
+    stepper(engine(x).sum() * float("nan"), 0.1)
+    stepper(engine(x).sum(), 0.1)  # the run is over before anyone looks
     with pytest.raises(NonFiniteLossError, match="2 consecutive steps"):
         stepper.check()
 

@@ -144,4 +144,4 @@ def test_the_reader_sees_lazy_imports():
     """The allowed direction is found, lazy import included, so an empty result above means
     something."""
     found = imports_between("s4d_dist/models", "s4d_dist.kernels")
-    assert "s4d_dist.kernels.moae" in found["s4d_dist/models/moae.py"]
+    assert "s4d_dist.kernels.moae_triton" in found["s4d_dist/models/moae.py"]

@@ -21,7 +21,7 @@ import torch
 pytest.importorskip("triton")
 
 from s4d_dist.kernels import moae_routing  # noqa: E402
-from s4d_dist.kernels.moae import triton_available, triton_backend  # noqa: E402
+from s4d_dist.kernels.moae_triton import triton_available, triton_backend  # noqa: E402
 from s4d_dist.models import moae  # noqa: E402
 from s4d_dist.models.moae import loop_backend  # noqa: E402
 

@@ -9,7 +9,7 @@ import torch
 
 from conftest import tiny_overrides
 from s4d_dist import config
-from s4d_dist.models.build import build_classifier
+from s4d_dist.models.factory import build_classifier
 from s4d_dist.train import distributed
 from s4d_dist.train.engine import Stepper, build_engine
 
@@ -40,7 +40,7 @@ def test_layer_decay_scales_every_group_under_zero(tmp_path, stage):
     model = engine.module
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     pixels = torch.randn(2, 3, cfg.model.num_frames, 32, 32)
-    Stepper(engine)(lambda: engine(pixels, "video").float().logsumexp(-1).mean(), BASE)
+    Stepper(engine)(engine(pixels, "video").float().logsumexp(-1).mean(), BASE)
 
     groups = engine.optimizer.param_groups
     assert len(groups) >= 4

@@ -18,7 +18,7 @@ import torch
 
 from s4d_dist import config
 from s4d_dist.data.loaders import eval_loader
-from s4d_dist.models.build import build_mae
+from s4d_dist.models.factory import build_mae
 from s4d_dist.pixels import unnormalize
 from s4d_dist.train.finetune import FinetuneTask
 from s4d_dist.train.loop import train

@@ -1,4 +1,4 @@
-"""Mixup / CutMix, label smoothing and the soft-target cross-entropy (train/mixup.py) against
+"""Mixup / CutMix, label smoothing and the soft-target cross-entropy (train/finetune.py) against
 values worked out by hand. A scripted generator fixes λ and the CutMix centre, so every
 expected number below follows from timm's formulas alone."""
 import math
@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
-from s4d_dist.train.mixup import mix_batch, smooth_one_hot, soft_target_cross_entropy
+from s4d_dist.train.finetune import mix_batch, smooth_one_hot, soft_target_cross_entropy
 
 
 class ScriptedRng:

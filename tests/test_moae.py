@@ -315,9 +315,9 @@ def fresh_triton_loader():
 
 def test_triton_falls_back_to_torch_when_kernels_missing(fresh_triton_loader, monkeypatch,
                                                          caplog):
-    # s4d_dist.kernels.moae may exist by now (written concurrently); a None entry in
+    # s4d_dist.kernels.moae_triton may exist by now (written concurrently); a None entry in
     # sys.modules makes its import fail either way, simulating an install without it.
-    monkeypatch.setitem(sys.modules, "s4d_dist.kernels.moae", None)
+    monkeypatch.setitem(sys.modules, "s4d_dist.kernels.moae_triton", None)
     with caplog.at_level(logging.WARNING, logger=moae.__name__):
         assert get_backend("triton") is vectorised_backend
         assert get_backend("triton") is vectorised_backend
@@ -325,25 +325,25 @@ def test_triton_falls_back_to_torch_when_kernels_missing(fresh_triton_loader, mo
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1  # once per process, not once per call or layer
     message = warnings[0].getMessage()
-    assert "triton" in message and "s4d_dist.kernels.moae" in message
+    assert "triton" in message and "s4d_dist.kernels.moae_triton" in message
 
 
 def test_triton_falls_back_to_torch_when_unavailable(fresh_triton_loader, monkeypatch, caplog):
     # A stand-in module, so the test does not depend on the real kernels or on a GPU.
-    fake = types.ModuleType("s4d_dist.kernels.moae")
+    fake = types.ModuleType("s4d_dist.kernels.moae_triton")
     fake.triton_available = lambda: (False, "no CUDA device")
     fake.triton_backend = lambda *args: pytest.fail("unavailable backend was called")
-    monkeypatch.setitem(sys.modules, "s4d_dist.kernels.moae", fake)
+    monkeypatch.setitem(sys.modules, "s4d_dist.kernels.moae_triton", fake)
     with caplog.at_level(logging.WARNING, logger=moae.__name__):
         assert get_backend("triton") is vectorised_backend
     assert "no CUDA device" in caplog.text
 
 
 def test_triton_used_when_available(fresh_triton_loader, monkeypatch):
-    fake = types.ModuleType("s4d_dist.kernels.moae")
+    fake = types.ModuleType("s4d_dist.kernels.moae_triton")
     fake.triton_available = lambda: (True, "ok")
     fake.triton_backend = lambda *args: vectorised_backend(*args)
-    monkeypatch.setitem(sys.modules, "s4d_dist.kernels.moae", fake)
+    monkeypatch.setitem(sys.modules, "s4d_dist.kernels.moae_triton", fake)
     assert get_backend("triton") is fake.triton_backend
 
 

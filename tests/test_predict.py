@@ -124,7 +124,7 @@ def test_predict_equals_evaluation_for_the_same_clip_and_views(run, tmp_path):
     loader = eval_loader(config.load(str(run / "config.yaml")), "test", "video")
     try:
         rows = evaluation_rows(model.network, loader, torch.float32)
-        stored = loader.source.catalog.read(0)
+        stored = loader.plan.catalog.read(0)
     finally:
         loader.close()
     (tmp_path / "clip.webm").write_bytes(stored.media)  # the test clip exactly as evaluated

@@ -1,4 +1,4 @@
-"""RandAugment's pixel ops (data/torch_ops.py, the torch fallback; DALI is compared with it in
+"""RandAugment's pixel ops (data/torch_backend.py, the torch fallback; DALI is compared with it in
 test_data_dali.py) against timm's own implementation of each op: Pillow's ImageOps and
 ImageEnhance with timm's level → argument rules (timm/data/auto_augment.py, increasing suite),
 written out here from timm, not from randaug.py. One op at a time, so a misimplemented op
@@ -13,7 +13,7 @@ import torch
 from PIL import Image, ImageEnhance, ImageOps
 
 from s4d_dist.data import randaug
-from s4d_dist.data.torch_ops import rand_augment
+from s4d_dist.data.torch_backend import rand_augment
 
 BIN = 70  # magnitude 7 of 10 (rand-m7), timm level 7
 

@@ -15,7 +15,8 @@ import fixtures_datasets as fx
 from s4d_dist.shards.__main__ import main
 from s4d_dist.shards.build import BuildOptions, build_dataset
 from s4d_dist.shards.layout import BuildError, fold_shards, read_dataset, read_manifest, split_shards
-from s4d_dist.shards.media import EncodeOptions, decode_clip
+from s4d_dist.data.decode import decode_clip
+from s4d_dist.shards.media import EncodeOptions
 from s4d_dist.shards.sources.base import DatasetSource, SourceRecord
 
 TINY = BuildOptions(EncodeOptions(video_codec="vp9", keyframe_interval=4, chunk_frames=6),

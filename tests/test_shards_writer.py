@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from s4d_dist.data.decode import decode_clip, decode_image
 from s4d_dist.shards.layout import index_path
-from s4d_dist.shards.media import (EncodeOptions, MediaError, chunk_bounds, decode_clip, decode_jpeg,
-                                   encode_clip, encode_jpeg, image_file_to_jpeg, load_frames, load_image,
-                                   load_video)
+from s4d_dist.shards.media import (EncodeOptions, MediaError, chunk_bounds, encode_clip, encode_jpeg,
+                                   image_file_to_jpeg, load_frames, load_image, load_video)
 from s4d_dist.shards.samples import Sample
 from s4d_dist.shards.writer import ShardWriter, check_key
 
@@ -55,8 +55,8 @@ def test_jpeg_source_is_stored_unchanged_others_are_encoded(tmp_path) -> None:
     stored, size = image_file_to_jpeg(str(tmp_path / "a.jpg"))
     assert stored == (tmp_path / "a.jpg").read_bytes() and size == (20, 30)
     png, _ = image_file_to_jpeg(str(tmp_path / "a.png"))
-    assert np.abs(decode_jpeg(png).astype(int) - rgb).mean() < 8
-    assert decode_jpeg(image_file_to_jpeg(str(tmp_path / "g.bmp"))[0]).shape == (20, 30, 3)
+    assert np.abs(decode_image(png).astype(int) - rgb).mean() < 8
+    assert decode_image(image_file_to_jpeg(str(tmp_path / "g.bmp"))[0]).shape == (20, 30, 3)
 
 
 def test_broken_images_raise_media_error(tmp_path) -> None:
@@ -202,7 +202,7 @@ def test_dali_cpu_reads_labels_and_decodes_images(tmp_path) -> None:
     for (image, jpg, label, meta), s in zip(got, samples):
         assert jpg.tobytes() == s.media and int(label[0]) == s.label
         assert json.loads(meta.tobytes()) == s.meta
-        assert np.abs(image.astype(int) - decode_jpeg(s.media)).max() <= 2
+        assert np.abs(image.astype(int) - decode_image(s.media)).max() <= 2
 
 
 @pytest.mark.parametrize("codec,ext", [("vp9", "webm"), ("mjpeg", "mkv")])

@@ -18,7 +18,7 @@ from conftest import tiny_overrides
 from s4d_dist import config
 from s4d_dist.data.loaders import eval_loader
 from s4d_dist.models import official
-from s4d_dist.models.build import build_classifier, build_mae
+from s4d_dist.models.factory import build_classifier, build_mae
 from s4d_dist.train import distributed
 from s4d_dist.train.checkpoint import ResumeError
 from s4d_dist.train.engine import NonFiniteLossError

@@ -10,7 +10,7 @@ Sections (each independent; a failing one is recorded and the next runs):
   C  one ViT-B fine-tune rank, bf16, ZeRO-1 / ZeRO-2 / DDP: step time, MFU, peak memory,
      host-sync sites                                                  (benchmarks/train_step.py)
   D  MoAE backends at the ViT-B fine-tune shape; glue vs GEMM share
-                                                   (benchmarks/moae.py, benchmarks/moae_glue.py)
+                                                   (benchmarks/moae_backends.py, benchmarks/moae_glue.py)
   E  DALI "mixed" against "cpu": every recipe, corrupt samples, stream safety  (dali_checks.py)
   F  data throughput: DALI mixed, DALI CPU, torch fallback                     (dali_checks.py)
   G  end to end: `deepspeed launch/finetune.py` and `launch/pretrain.py` with DALI mixed

@@ -69,7 +69,7 @@ def stress(ctx) -> dict:
     difference is the kernels' own; against `loop` (per-expert GEMMs, bf16 rounding of each
     expert's gated output before the sum) the GEMM order differs too, and the error is reported."""
     import test_kernels_moae as kt
-    from s4d_dist.kernels.moae import triton_backend
+    from s4d_dist.kernels.moae_triton import triton_backend
     from s4d_dist.models.moae import loop_backend, vectorised_backend
 
     dtypes = [torch.float32] if ctx.smoke else [torch.float32, torch.bfloat16]
@@ -138,7 +138,7 @@ def every_tile(ctx) -> dict:
 def sanitize_case() -> int:
     """A small forward + backward of the triton backend (run under compute-sanitizer)."""
     import test_kernels_moae as kt
-    from s4d_dist.kernels.moae import triton_backend
+    from s4d_dist.kernels.moae_triton import triton_backend
 
     for top_k, factor in ((2, 0.5), (1, 5.0)):
         args = kt.make_inputs(150, num_experts=8, top_k=top_k, capacity_factor=factor, dim=96)
@@ -163,7 +163,7 @@ def memcheck(ctx) -> dict:
 
 
 def run(ctx) -> dict:
-    from s4d_dist.kernels.moae import triton_available
+    from s4d_dist.kernels.moae_triton import triton_available
 
     available, reason = triton_available()
     out: dict = {"triton_mode": reason}

@@ -13,14 +13,14 @@ must satisfy here —
 - one undecodable sample fails a DALI pipeline for good (the pipeline object is invalid after
   the error), and the reader offers no way to skip it.
 So Python reads each sample's members by offset (catalog.py, one pread each), checks them,
-draws the random parameters (recipes.py) — on a thread a few batches ahead (prefetch.py) — and
+draws the random parameters (plan.py, recipes.py) — on a thread a few batches ahead (prefetch.py) — and
 hands DALI the encoded bytes plus per-sample parameter tensors through one
 `fn.external_source`; all the pixel work — decoding, resizing, RandAugment, normalisation,
 erasing — stays in DALI. Images are decoded with `fn.decoders.image_slice`, only the region
 their crop reads (ROI decoding), clips with `fn.decoders.video(frames=...)`, only the frames
 their window uses.
 
-Corrupt samples (corrupt.py): the structural check rejects truncated media before DALI sees
+Corrupt samples (decode.py): the structural check rejects truncated media before DALI sees
 them; if a batch still fails inside DALI, the batches in flight are decoded in Python to find
 the culprits, which are recorded and substituted, the pipeline is rebuilt, and the same
 batches are fed again. A failure with no culprit is a bug and is raised.
@@ -51,12 +51,10 @@ from s4d_dist.train import distributed
 
 from . import randaug
 from .catalog import RawSample
-from .corrupt import CorruptEvent, MediaCheck
-from .decode import CorruptSample, decode_frames, decode_image
+from .decode import CorruptEvent, CorruptSample, MediaCheck, decode_frames, decode_image
 from .prefetch import Prefetcher
 from .recipes import Recipe, SampleParams
-from .sources import Request, Source, spec_fields
-from .specs import BatchSpec
+from .plan import BatchPlan, Plan, Request
 
 log = logging.getLogger(__name__)
 # How DALI words NVDEC's refusal of a frame size below the decoder's minimum.
@@ -69,7 +67,7 @@ _SMOOTH = np.array([[1, 1, 1], [1, 5, 1], [1, 1, 1]], np.float32) / 13
 
 
 def _blend(x, degenerate, factor):
-    """degenerate + factor · (x − degenerate), as PIL's ImageEnhance (and torch_ops._blend)."""
+    """degenerate + factor · (x − degenerate), as PIL's ImageEnhance (and torch_backend._blend)."""
     return fn.cast_like(degenerate + (x - degenerate) * factor, x)
 
 
@@ -143,7 +141,9 @@ def input_names(recipe: Recipe) -> list[str]:
     for r in range(recipe.copies):
         names += [f"roi_start{r}", f"roi_end{r}"]
     if recipe.kind == "finetune":
-        names += ["ra_op", "ra_value", "ra_matrix", "erase_anchor", "erase_shape"]
+        if recipe.rand_augment.num_ops:  # DALI warns about (and still copies) unused inputs
+            names += ["ra_op", "ra_value", "ra_matrix"]
+        names += ["erase_anchor", "erase_shape"]
         if recipe.modality == "video":
             names.append("pre_size")
     return names
@@ -222,7 +222,7 @@ def define_graph(recipe: Recipe, feeder, decode_device: str) -> list:
     if recipe.kind != "finetune":
         return [_normalize(crop(frames, r, recipe.interp), video) for r in range(recipe.copies)]
     num_ops = recipe.rand_augment.num_ops
-    ra = (values["ra_op"], values["ra_value"], values["ra_matrix"], num_ops)
+    ra = (values.get("ra_op"), values.get("ra_value"), values.get("ra_matrix"), num_ops)
     if not video:
         x = _rand_augment(crop(frames, 0, "linear"), *ra)
         x = fn.erase(x, anchor=values["erase_anchor"], shape=values["erase_shape"], axis_names="HW", fill_value=0)
@@ -240,14 +240,14 @@ class _Feeder:
     over is remembered until its output comes back (DALI returns batches in the order it asked
     for them)."""
 
-    def __init__(self, build: Callable[[Request], tuple[BatchSpec, list[list[np.ndarray]]]],
+    def __init__(self, build: Callable[[Request], tuple[BatchPlan, list[list[np.ndarray]]]],
                  depth: int) -> None:
-        self.ahead: Prefetcher[tuple[BatchSpec, list[list[np.ndarray]]]] = Prefetcher(build, depth)
-        self.inflight: deque[tuple[Request, BatchSpec]] = deque()
+        self.ahead: Prefetcher[tuple[BatchPlan, list[list[np.ndarray]]]] = Prefetcher(build, depth)
+        self.inflight: deque[tuple[Request, BatchPlan]] = deque()
 
     def __call__(self) -> list[list[np.ndarray]]:
-        request, (spec, columns) = self.ahead.next()
-        self.inflight.append((request, spec))
+        request, (planned, columns) = self.ahead.next()
+        self.inflight.append((request, planned))
         return columns
 
 
@@ -265,9 +265,9 @@ def dali_device_id() -> int:
 class DaliRunner:
     """Runs batch requests through a DALI pipeline built for one recipe."""
 
-    def __init__(self, source: Source, decode_device: str, threads: int, prefetch: int, seed: int) -> None:
-        self.source = source
-        self.recipe = source.recipe
+    def __init__(self, plan: Plan, decode_device: str, threads: int, prefetch: int, seed: int) -> None:
+        self.plan = plan
+        self.recipe = plan.recipe
         self.decode_device = decode_device
         self.threads, self.prefetch, self.seed = max(threads, 1), max(prefetch, 1), seed
         self.known_bad: set[int] = set()
@@ -278,7 +278,7 @@ class DaliRunner:
     def _build(self):
         gpu = self.decode_device == "mixed"
 
-        @pipeline_def(batch_size=self.source.batch_size, num_threads=self.threads,
+        @pipeline_def(batch_size=self.plan.batch_size, num_threads=self.threads,
                       device_id=dali_device_id() if gpu else None, prefetch_queue_depth=self.prefetch,
                       seed=self.seed, enable_conditionals=self.recipe.kind == "finetune")
         def pipeline():
@@ -288,23 +288,23 @@ class DaliRunner:
         pipe.build()
         return pipe
 
-    def _prepare(self, request: Request) -> tuple[BatchSpec, list[list[np.ndarray]]]:
+    def _prepare(self, request: Request) -> tuple[BatchPlan, list[list[np.ndarray]]]:
         """A request's batch and DALI's input columns for it (on the prefetch thread)."""
-        spec = self.source.build(request, self.load_checked, self.known_bad)
-        columns = zip(*(sample_inputs(self.recipe, s.payload, s.params) for s in spec.slots))
-        return spec, [list(column) for column in columns]
+        planned = self.plan.batch(request, self.load_checked, self.known_bad)
+        columns = zip(*(sample_inputs(self.recipe, s.payload, s.params) for s in planned.slots))
+        return planned, [list(column) for column in columns]
 
     def load_checked(self, raw: RawSample, params: SampleParams) -> tuple[np.ndarray, tuple[int, int]]:
-        """Structural check (corrupt.py), then the bytes as DALI's input, with the frame size."""
+        """Structural check (decode.py), then the bytes as DALI's input, with the frame size."""
         self.check(raw)
         return np.frombuffer(raw.media, np.uint8), (int(raw.meta["height"]), int(raw.meta["width"]))
 
     def _find_culprits(self) -> list[CorruptEvent]:
         """Decode every sample of the batches in flight in Python; the ones that fail."""
         events = []
-        catalog = self.source.catalog
-        for _, spec in self.feeder.inflight:
-            for slot in spec.slots:
+        catalog = self.plan.catalog
+        for _, planned in self.feeder.inflight:
+            for slot in planned.slots:
                 if slot.index < 0 or slot.index in self.known_bad:
                     continue
                 raw = catalog.read(slot.index)
@@ -337,8 +337,8 @@ class DaliRunner:
         events = [] if switched else self._find_culprits()
         if not events and not switched:
             raise error
-        discarded = [spec for _, spec in feeder.inflight] + [spec for spec, _ in built]
-        events += [event for spec in discarded for event in spec.corrupt]
+        discarded = [planned for _, planned in feeder.inflight] + [planned for planned, _ in built]
+        events += [event for planned in discarded for event in planned.corrupt]
         requests = [request for request, _ in feeder.inflight] + untaken
         feeder.inflight.clear()
         del self.pipe
@@ -361,10 +361,10 @@ class DaliRunner:
                 except RuntimeError as error:
                     found += self._recover(error)
                     continue
-                _, spec = feeder.inflight.popleft()
+                _, planned = feeder.inflight.popleft()
                 copies = [_to_torch(out) for out in outputs]
                 pixels = copies[0][:, None] if len(copies) == 1 else torch.stack(copies, dim=1)
-                fields = spec_fields(spec)
+                fields = planned.fields()
                 fields["corrupt"] = found + fields["corrupt"]
                 found = []
                 yield {"pixels": pixels, **fields}

@@ -38,12 +38,12 @@ from s4d_dist import seeds
 from s4d_dist.shards import layout
 from s4d_dist.tubelets import model_tokens
 
-from . import mixing
+from . import plan
 from .catalog import Catalog, open_catalog, shard_paths
-from .corrupt import CorruptionLog
+from .decode import CorruptionLog
 from .masking import random_masks
+from .plan import EvalPlan, Plan, TrainPlan
 from .recipes import Recipe, recipe_from_config
-from .sources import EvalSource, Source, TrainSource
 
 MODALITIES = {"pretrain": ("image", "video"), "finetune": ("video", "image")}  # official source ids (§1.6, §2.7)
 
@@ -72,14 +72,14 @@ def pinned(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
-def make_runner(cfg: DictConfig, source: Source, backend: Literal["dali", "torch"], seed: int):
-    """The object that turns the source's requests into pixel batches (`backend` as
+def make_runner(cfg: DictConfig, batches: Plan, backend: Literal["dali", "torch"], seed: int):
+    """The object that turns the plan's requests into pixel batches (`backend` as
     `choose_backend` resolves it; the config's type admits no other value)."""
     if backend == "dali":
         from .dali_backend import DaliRunner  # DALI is optional
-        return DaliRunner(source, dali_decode_device(cfg), cfg.data.workers, cfg.data.prefetch, seed)
+        return DaliRunner(batches, dali_decode_device(cfg), cfg.data.workers, cfg.data.prefetch, seed)
     from .torch_backend import TorchRunner
-    return TorchRunner(source, cfg.data.workers, cfg.data.prefetch)
+    return TorchRunner(batches, cfg.data.workers, cfg.data.prefetch)
 
 
 def clip_of(key: str) -> str:
@@ -138,7 +138,7 @@ def eval_catalog(cfg: DictConfig, split: str, modality: str) -> Catalog:
 
 
 class _Stream:
-    """One modality's training batches: its source, recipe and runner."""
+    """One modality's training batches: its plan, recipe and runner."""
 
     def __init__(self, cfg: DictConfig, modality: str, rank: int, world: int, backend: str) -> None:
         self.modality = modality
@@ -155,8 +155,8 @@ class _Stream:
         if cfg.task == "finetune" and len(catalog.class_names) != classes:
             raise ValueError(f"{catalog.tars[0]} ...: {catalog.dataset} has {len(catalog.class_names)} classes "
                              f"{catalog.class_names}, model.num_{modality}_classes is {classes}")
-        self.source = TrainSource(catalog, self.recipe, batch, cfg.seed, rank, world, balanced)
-        self.runner = make_runner(cfg, self.source, backend, seeds.dali_seed(cfg.seed, rank))
+        self.plan = TrainPlan(catalog, self.recipe, batch, cfg.seed, rank, world, balanced)
+        self.runner = make_runner(cfg, self.plan, backend, seeds.dali_seed(cfg.seed, rank))
 
 
 class TrainLoader:
@@ -173,7 +173,7 @@ class TrainLoader:
             raise ValueError("set data.image_shards and/or data.video_shards")
         self.streams = [_Stream(cfg, m, rank, world_size, self.backend) for m in wanted]
         rates = {"image": cfg.data.image_rate, "video": cfg.data.video_rate}
-        self.counts = mixing.step_counts([s.source.batches_per_pass for s in self.streams],
+        self.counts = plan.step_counts([s.plan.batches_per_pass for s in self.streams],
                                          [rates[s.modality] for s in self.streams])
 
     @property
@@ -194,7 +194,7 @@ class EpochIterator:
 
     def __init__(self, loader: TrainLoader, epoch: int) -> None:
         self.loader, self.epoch, self.step = loader, epoch, 0
-        self.order = mixing.source_order(loader.counts, epoch)
+        self.order = plan.source_order(loader.counts, epoch)
 
     def __len__(self) -> int:
         return len(self.order)
@@ -215,7 +215,7 @@ class EpochIterator:
         iterators = []
         for i, stream in enumerate(loader.streams):
             start = int((done == i).sum())
-            requests = stream.source.requests(self.epoch, start, loader.counts[i] - start)
+            requests = stream.plan.requests(self.epoch, start, loader.counts[i] - start)
             iterators.append(stream.runner.run(requests))
         try:
             for source_id in self.order[self.step:].tolist():
@@ -260,22 +260,22 @@ class EvalLoader:
                              spatial_crops=spatial_crops or recipe.spatial_crops)
         self.modality, self.recipe = modality, recipe
         self.corrupt = CorruptionLog()
-        self.source = EvalSource(catalog, recipe, cfg.data.eval_batch_size, rank, world_size)
-        self.runner = make_runner(cfg, self.source, backend or choose_backend(cfg), seeds.dali_seed(cfg.seed, rank))
+        self.plan = EvalPlan(catalog, recipe, cfg.data.eval_batch_size, rank, world_size)
+        self.runner = make_runner(cfg, self.plan, backend or choose_backend(cfg), seeds.dali_seed(cfg.seed, rank))
 
     @property
     def class_names(self) -> list[str]:
-        return self.source.catalog.class_names
+        return self.plan.catalog.class_names
 
     @property
     def num_samples(self) -> int:
-        return len(self.source.catalog)
+        return len(self.plan.catalog)
 
     def __len__(self) -> int:
-        return self.source.num_batches
+        return self.plan.num_batches
 
     def batches(self, start: int = 0) -> Iterator[dict[str, Any]]:
-        for batch in self.runner.run(self.source.requests(start)):
+        for batch in self.runner.run(self.plan.requests(start)):
             for event in batch.pop("corrupt"):
                 self.corrupt.record(event)
             batch["pixels"] = pinned(batch["pixels"][:, 0])

@@ -1,7 +1,7 @@
 """Batches built ahead of their use on a background thread, in request order, a bounded number.
 
 Building a batch for DALI is Python work — each sample's bytes read and checked, its random
-parameters drawn (sources.py) — that used to run on the training thread inside `pipe.run()`,
+parameters drawn (plan.py) — that used to run on the training thread inside `pipe.run()`,
 between two steps. On a thread of its own it overlaps the training step (which no longer waits
 for the GPU, engine.py) and DALI's decoding. One thread builds the requests strictly in order,
 so the batches, the samples substituted for corrupt ones and the resume position are the same
@@ -14,7 +14,7 @@ import threading
 from collections.abc import Callable, Iterable
 from typing import Generic, TypeVar
 
-from .sources import Request
+from .plan import Request
 
 T = TypeVar("T")
 _END = object()

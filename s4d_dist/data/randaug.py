@@ -6,7 +6,7 @@ The official fine-tuning uses timm's RandAugment with the *increasing* op suite:
 with replacement from 15, each applied with probability 0.5 at a magnitude drawn from
 N(M, mstd) clipped to [0, 10], some with a random sign. Here those draws are made in numpy —
 (op id, magnitude bin, sign) per op — so DALI (through `nvidia.dali.auto_aug.core.select`) and
-the torch fallback (torch_ops) apply the same ops at the same strengths to the same sample,
+the torch fallback (torch_backend) apply the same ops at the same strengths to the same sample,
 and a clip gets one draw for all its frames (clip-consistent, as the official video transform).
 
 A skipped op (the 0.5 probability) is the identity op. Magnitudes are quantised to 0.1

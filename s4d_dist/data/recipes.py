@@ -26,7 +26,7 @@ finetune video   decode frames (finetune_indices) → Resize(S) → RandAugment 
                  box for all frames → normalize → RandomErasing(p .25, "pixel": N(0,1) noise,
                  same box on all frames)
 eval             decode frames of temporal view t (eval_view_indices) → short side to
-                 eval_short_side → crop c (boxes.eval_crop) ≡ one ROI resize → normalize
+                 eval_short_side → crop c (eval_crop) ≡ one ROI resize → normalize
 
 S = model.img_size (160; 64 in the demo). Official quirk kept only with `official_quirks`:
 frames squashed to S×S instead of keeping their aspect ratio (§3.11), which also makes the test
@@ -37,9 +37,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+import math
+
 import numpy as np
 
-from . import boxes, frames, randaug
+from . import randaug
 
 Kind = Literal["pretrain", "finetune", "eval"]
 Modality = Literal["image", "video"]
@@ -101,7 +103,7 @@ class Recipe:
         return self.temporal_views * self.spatial_crops if self.modality == "video" else 1
 
     def _resized(self, height: int, width: int, short: int) -> tuple[int, int]:
-        return (short, short) if self.squash else boxes.short_side_size(height, width, short)
+        return (short, short) if self.squash else short_side_size(height, width, short)
 
     def sample_params(self, meta: dict, rng: np.random.Generator) -> SampleParams:
         """The random draws of one training sample, from its stored height/width/frames."""
@@ -114,9 +116,9 @@ class Recipe:
 
     def _pretrain(self, height: int, width: int, meta: dict, rng: np.random.Generator) -> SampleParams:
         if self.modality == "image":
-            roi = boxes.random_resized_crop(height, width, self.image_crop_scale, rng)
-            return SampleParams(np.array([boxes.mirrored(roi, rng.random() < 0.5)], np.float32))
-        index = frames.pretrain_indices(int(meta["frames"]), self.num_frames, self.stride, rng)
+            roi = random_resized_crop(height, width, self.image_crop_scale, rng)
+            return SampleParams(np.array([mirrored(roi, rng.random() < 0.5)], np.float32))
+        index = pretrain_indices(int(meta["frames"]), self.num_frames, self.stride, rng)
         top, left, bottom, right = self.source_crop or (0, 0, height, width)
         if self.source_frame and (height, width) != self.source_frame:
             raise ValueError(f"data.video_source_crop {list(self.source_crop)} is cut from {self.source_frame[0]}×"
@@ -126,26 +128,26 @@ class Recipe:
             raise ValueError(f"data.video_source_crop {list(self.source_crop)} exceeds a {height}×{width} clip "
                              f"({meta.get('clip', '?')})")
         region = (bottom - top, right - left)
-        scaled = boxes.short_side_size(*region, round(self.resize_ratio * self.size))
-        rois = [boxes.shifted(boxes.scaled(boxes.random_resized_crop(*scaled, self.video_crop_scale, rng), scaled, region),
+        resized = short_side_size(*region, round(self.resize_ratio * self.size))
+        rois = [shifted(scaled(random_resized_crop(*resized, self.video_crop_scale, rng), resized, region),
                               top, left) for _ in range(self.repeats)]
         return SampleParams(np.array(rois, np.float32), frames=index)
 
     def _erase(self, rng: np.random.Generator, scale: tuple[float, float]) -> np.ndarray:
-        box = boxes.erase_box(self.size, self.size, rng, scale) if rng.random() < self.erase_prob else None
+        box = erase_box(self.size, self.size, rng, scale) if rng.random() < self.erase_prob else None
         return np.array(box or (0, 0, 0, 0), np.int64)
 
     def _finetune(self, height: int, width: int, meta: dict, rng: np.random.Generator) -> SampleParams:
         if self.modality == "image":
             resized = self._resized(height, width, round(self.resize_ratio * self.size))
-            crop = boxes.scaled(boxes.random_crop(*resized, self.size, rng), resized, (height, width))
-            roi = boxes.mirrored(crop, rng.random() < 0.5)
+            crop = scaled(random_crop(*resized, self.size, rng), resized, (height, width))
+            roi = mirrored(crop, rng.random() < 0.5)
             ops = randaug.draw(self.rand_augment, rng)
             return SampleParams(np.array([roi], np.float32), ops=ops, erase=self._erase(rng, IMAGE_ERASE_SCALE))
-        index = frames.finetune_indices(int(meta["frames"]), self.num_frames, self.stride, rng)
+        index = finetune_indices(int(meta["frames"]), self.num_frames, self.stride, rng)
         pre = self._resized(height, width, self.size)
         ops = randaug.draw(self.rand_augment, rng)
-        roi = boxes.mirrored(boxes.random_resized_crop(*pre, self.video_crop_scale, rng), rng.random() < 0.5)
+        roi = mirrored(random_resized_crop(*pre, self.video_crop_scale, rng), rng.random() < 0.5)
         return SampleParams(np.array([roi], np.float32), frames=index, pre_size=np.array(pre, np.int64),
                             ops=ops, erase=self._erase(rng, VIDEO_ERASE_SCALE))
 
@@ -155,13 +157,13 @@ class Recipe:
         temporal, crop = divmod(view, self.spatial_crops if self.modality == "video" else 1)
         short = self.eval_short_side or self.size
         if self.squash:
-            roi = boxes.full_frame(height, width)
+            roi = full_frame(height, width)
         else:
-            roi = boxes.eval_crop(height, width, short, self.size, crop,
+            roi = eval_crop(height, width, short, self.size, crop,
                                   self.spatial_crops if self.modality == "video" else 1)
         index = None
         if self.modality == "video":
-            index = frames.eval_view_indices(int(meta["frames"]), self.num_frames, self.stride,
+            index = eval_view_indices(int(meta["frames"]), self.num_frames, self.stride,
                                              self.temporal_views)[temporal]
         return SampleParams(np.array([roi], np.float32), frames=index)
 
@@ -187,3 +189,186 @@ def recipe_from_config(cfg, kind: Kind, modality: Modality) -> Recipe:
         source_frame=tuple(d.video_source_frame) if d.video_source_crop and kind == "pretrain" else None,
         image_crop_scale=tuple(a.image_crop_scale), video_crop_scale=tuple(a.video_crop_scale),
     )
+
+
+# ---- frames: Which frames of a clip a sample uses: the official temporal sampling rules as pure functions.
+#
+#
+# Both backends (DALI and the torch fallback) call these, so a clip yields the same frame indices
+# whichever decodes it. Indices are relative to the stored sample: a long video is stored in
+# chunks (shards/media.py), a sample is one chunk, and sampling never leaves it.
+
+def pretrain_indices(n_frames: int, num_frames: int, stride: int,
+                     rng: np.random.Generator) -> np.ndarray:
+    """Pre-training window (docs/method.md §1.8; official path_dataset.py): `num_frames` frames
+    `stride` apart.
+
+    A clip of at least one window (num_frames · stride frames) starts uniformly in
+    {0 .. n − window}; a shorter clip starts at 0 and repeats its last frame on the stride grid
+    (the last *reachable* frame, not the last frame) to fill the window.
+
+    The official loader (1-based offsets, `offset + step < duration`) stops one stride early
+    when the clip's last frame is itself on the grid (n − 1 divisible by the stride); here that
+    frame is reachable, as the rule intends.
+    """
+    window = num_frames * stride
+    start = int(rng.integers(0, n_frames - window + 1)) if n_frames >= window else 0
+    last_reachable = start + ((n_frames - 1 - start) // stride) * stride
+    return np.minimum(start + stride * np.arange(num_frames), last_reachable).astype(np.int64)
+
+
+def finetune_indices(n_frames: int, num_frames: int, stride: int,
+                     rng: np.random.Generator) -> np.ndarray:
+    """Fine-tuning training window (docs/method.md §2.10; official kinetics.py `loadvideo_decord`,
+    one segment).
+
+    With W = num_frames · stride: a clip longer than W takes `num_frames` points of
+    linspace(end − W, end) for end uniform in {W .. n − 1} (spacing W/(num_frames−1), so about
+    4.27 for stride 4, not 4), truncated to integers and clipped to end − 1. A clip of at most W
+    frames takes linspace(0, n, n // stride) padded with n to num_frames, clipped to n − 1: the
+    whole clip, then its last frame repeated.
+    """
+    window = num_frames * stride
+    if n_frames > window:
+        end = int(rng.integers(window, n_frames))
+        index = np.linspace(end - window, end, num=num_frames)
+        return np.clip(index, end - window, end - 1).astype(np.int64)
+    count = n_frames // stride
+    index = np.concatenate([np.linspace(0, n_frames, num=count), np.full(num_frames - count, n_frames)])
+    return np.clip(index, 0, n_frames - 1).astype(np.int64)
+
+
+def eval_view_indices(n_frames: int, num_frames: int, stride: int, views: int) -> np.ndarray:
+    """Test-time temporal views (docs/method.md §2.11; official kinetics.py test mode):
+    (views, num_frames) indices.
+
+    Every `stride`-th frame of the clip (padded with its last to at least `num_frames`), then
+    view v takes `num_frames` consecutive ones from int(v · (K − num_frames) / (views − 1)):
+    for 2 views the first and the last window, {0, K − num_frames} in strided frames. One view
+    takes the middle window (the official code divides by zero there).
+    """
+    strided = np.arange(0, n_frames, stride)
+    if len(strided) < num_frames:
+        strided = np.concatenate([strided, np.full(num_frames - len(strided), strided[-1])])
+    spare = len(strided) - num_frames
+    if views == 1:
+        starts = [spare // 2]
+    else:
+        starts = [int(v * (spare / (views - 1))) for v in range(views)]
+    return np.stack([strided[s:s + num_frames] for s in starts]).astype(np.int64)
+
+
+# ---- boxes: Spatial augmentation parameters as boxes in source pixels, drawn with numpy.
+#
+#
+# Every crop / resize / flip of a recipe becomes one region of interest (ROI) of the decoded
+# frame that is resampled to the output size in a single step: `(y0, x0, y1, x1)` in source
+# pixel coordinates (edges, not centres), mirrored horizontally when x0 > x1 — the convention of
+# DALI's `fn.resize(roi_start, roi_end)`, which the torch fallback (torch_backend.resample) follows.
+# Drawing the boxes here, not inside DALI, gives both backends the same random crops for the
+# same seed and makes them a pure function of (seed, epoch, rank, batch), so a resumed epoch
+# repeats them exactly.
+#
+# The random draws follow torchvision / timm step by step (same loops, bounds and rounding);
+# only the random number stream differs (numpy instead of Python's `random` / torch).
+
+Roi = tuple[float, float, float, float]  # y0, x0, y1, x1
+
+
+def full_frame(height: int, width: int) -> Roi:
+    return (0.0, 0.0, float(height), float(width))
+
+
+def mirrored(roi: Roi, flip: bool) -> Roi:
+    """The same box read right to left when `flip` (a horizontal flip folded into the ROI)."""
+    y0, x0, y1, x1 = roi
+    return (y0, x1, y1, x0) if flip else roi
+
+
+def random_resized_crop(height: int, width: int, scale: tuple[float, float],
+                        rng: np.random.Generator, ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> Roi:
+    """torchvision RandomResizedCrop.get_params: up to 10 tries of an area fraction in `scale`
+    and a log-uniform aspect ratio, else the largest central crop within `ratio`."""
+    area = height * width
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target_area = area * rng.uniform(scale[0], scale[1])
+        aspect = math.exp(rng.uniform(log_ratio[0], log_ratio[1]))
+        w = int(round(math.sqrt(target_area * aspect)))
+        h = int(round(math.sqrt(target_area / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            top = int(rng.integers(0, height - h + 1))
+            left = int(rng.integers(0, width - w + 1))
+            return (float(top), float(left), float(top + h), float(left + w))
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        w, h = width, int(round(width / min(ratio)))
+    elif in_ratio > max(ratio):
+        h, w = height, int(round(height * max(ratio)))
+    else:
+        w, h = width, height
+    top, left = (height - h) // 2, (width - w) // 2
+    return (float(top), float(left), float(top + h), float(left + w))
+
+
+def short_side_size(height: int, width: int, short: int) -> tuple[int, int]:
+    """(h, w) after scaling the short side to `short` (pytorchvideo ShortSideScale: floor)."""
+    if width < height:
+        return int(math.floor(height / width * short)), short
+    return short, int(math.floor(width / height * short))
+
+
+def scaled(roi: Roi, from_hw: tuple[int, int], to_hw: tuple[int, int]) -> Roi:
+    """A box drawn on a resized frame, mapped back onto the frame before that resize."""
+    sy, sx = to_hw[0] / from_hw[0], to_hw[1] / from_hw[1]
+    y0, x0, y1, x1 = roi
+    return (y0 * sy, x0 * sx, y1 * sy, x1 * sx)
+
+
+def shifted(roi: Roi, top: float, left: float) -> Roi:
+    """A box within a sub-region, in the coordinates of the whole frame."""
+    y0, x0, y1, x1 = roi
+    return (y0 + top, x0 + left, y1 + top, x1 + left)
+
+
+def random_crop(height: int, width: int, size: int, rng: np.random.Generator) -> Roi:
+    """torchvision RandomCrop(size) without padding."""
+    top = int(rng.integers(0, height - size + 1))
+    left = int(rng.integers(0, width - size + 1))
+    return (float(top), float(left), float(top + size), float(left + size))
+
+
+def erase_box(height: int, width: int, rng: np.random.Generator, scale: tuple[float, float] = (0.02, 1 / 3),
+              ratio: tuple[float, float] = (0.3, 1 / 0.3)) -> tuple[int, int, int, int] | None:
+    """timm / torchvision RandomErasing box (probability applied by the caller): up to 10 tries
+    of an area fraction in `scale` and a log-uniform aspect ratio; (top, left, h, w) or None
+    when no try fits."""
+    area = height * width
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target_area = area * rng.uniform(scale[0], scale[1])
+        aspect = math.exp(rng.uniform(log_ratio[0], log_ratio[1]))
+        h = int(round(math.sqrt(target_area * aspect)))
+        w = int(round(math.sqrt(target_area / aspect)))
+        if w < width and h < height:
+            return int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1)), h, w
+    return None
+
+
+def eval_crop(height: int, width: int, short: int, crop: int, index: int, crops: int) -> Roi:
+    """Spatial test view `index` of `crops`: the frame scaled so its short side is `short`,
+    then a `crop`-square at int(index · (L − crop) / (crops − 1)) along each axis (kinetics.py
+    test mode), mapped back to source pixels.
+
+    On a non-square frame this is the official sliding crop along the long side. The official
+    code squashes frames to 160×160 first, so its crops are all the same frame
+    (docs/method.md §3.9); here the aspect ratio is kept, and with short > crop the views differ
+    even on square frames (corners along the diagonal). One crop is the centre crop.
+    """
+    h, w = (short, int(round(width * short / height))) if height <= width else \
+        (int(round(height * short / width)), short)
+    if crops == 1:
+        top, left = int(round((h - crop) / 2)), int(round((w - crop) / 2))
+    else:
+        top, left = int(index * (h - crop) / (crops - 1)), int(index * (w - crop) / (crops - 1))
+    return scaled((float(top), float(left), float(top + crop), float(left + crop)), (h, w), (height, width))

@@ -45,13 +45,17 @@ class S4DClassifier(ViTEncoder):
         # init overwrites the MoE's own Kaiming init (§3.5); the Conv3d keeps PyTorch's default.
         self.apply(init_linear_trunc_normal)
 
-    def forward(self, pixels: torch.Tensor, modality: Modality | None = None) -> torch.Tensor:
+    def forward(self, pixels: torch.Tensor, modality: Modality | None = None, with_aux: bool = False
+                ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor | None]:
+        """Logits of the modality's head; with `with_aux`, (logits, the MoAE load-balancing loss
+        of this forward or None), so the training loss needs nothing but the forward's result."""
         expected = "image" if pixels.ndim == 4 else "video" if pixels.ndim == 5 else None
         if expected is None or modality not in (None, expected):
             raise ValueError(f"pixels of shape {tuple(pixels.shape)} cannot be modality "
                              f"'{modality}': images are (B,C,H,W), videos (B,C,T,H,W)")
         x = self.run_blocks(self.embed(pixels))
-        return self.head[expected](self.fc_norm(x.mean(dim=1)))
+        logits = self.head[expected](self.fc_norm(x.mean(dim=1)))
+        return (logits, self.aux_loss()) if with_aux else logits
 
     def moae_layers(self) -> dict[int, MoAE]:
         return {i: b.moe_layer for i, b in enumerate(self.blocks) if isinstance(b, MoAEBlock)}

@@ -10,7 +10,7 @@ expert and comes back, under a per-expert capacity that drops pairs in flat toke
 - `torch`:  vectorised, static shapes, no host synchronisation — cumsum gives each pair its
             queue position, kept pairs go into a padded (E, capacity, D) buffer, the experts run
             as two batched GEMMs, gate-weighted rows are scatter-added back.
-- `triton`: custom kernels from `s4d_dist.kernels.moae`, loaded lazily; falls back to `torch`.
+- `triton`: custom kernels from `s4d_dist.kernels.moae_triton`, loaded lazily; falls back to `torch`.
 
 Given the same noise all backends must return the same RoutingResult and gradients; the tests
 hold them to it. `official_quirks=True` reproduces the official router noise at eval, raw-logit
@@ -122,9 +122,9 @@ def load_triton_backend() -> tuple[Backend | None, str]:
     process however many layers ask.
     """
     try:
-        kernels = importlib.import_module("s4d_dist.kernels.moae")
+        kernels = importlib.import_module("s4d_dist.kernels.moae_triton")
     except ImportError as err:
-        available, reason = False, f"cannot import s4d_dist.kernels.moae: {err}"
+        available, reason = False, f"cannot import s4d_dist.kernels.moae_triton: {err}"
     else:
         available, reason = kernels.triton_available()
     if available:

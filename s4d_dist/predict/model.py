@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from s4d_dist import config
 from s4d_dist.models import official
-from s4d_dist.models.build import build_classifier
+from s4d_dist.models.factory import build_classifier
 from s4d_dist.models.classifier import S4DClassifier
 from s4d_dist.train.exports import MODEL_CARD, class_names
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 import logging
 import random
 import shutil
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -270,14 +269,14 @@ class Checkpoints:
                               f"to resume. Differences: " + "; ".join(differences))
         return latest
 
-    def drop_incomplete(self, resume_tag: str | None, say: Callable[[str], None]) -> None:
+    def drop_incomplete(self, resume_tag: str | None) -> None:
         """Remove (rank 0) the step folders newer than the resume point — saves that a crash
         or a full disk cut short — saying so: they are ignored, not silently."""
         incomplete = [t for t in self._step_tags() if resume_tag is None or t > resume_tag]
         if incomplete and distributed.is_main():
             start = f"resuming from {resume_tag}" if resume_tag else "starting from scratch"
-            say(f"ignoring incomplete checkpoint {', '.join(incomplete)} in {self.dir} "
-                f"(its save was cut short); {start}")
+            log.info(f"ignoring incomplete checkpoint {', '.join(incomplete)} in {self.dir} "
+                     f"(its save was cut short); {start}")
             for tag in incomplete:
                 shutil.rmtree(self.dir / tag, ignore_errors=True)
 

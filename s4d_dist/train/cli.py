@@ -16,15 +16,13 @@ console keeps rank 0's progress and those lines.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import logging
 import os
 import sys
 import traceback
-from collections.abc import Iterator
 from pathlib import Path
 
 from s4d_dist import config
+from s4d_dist.train.logs import run_logs
 
 
 def parse(task: str, argv: list[str] | None = None, prog: str | None = None):
@@ -68,36 +66,6 @@ def main(task: str, argv: list[str] | None = None, prog: str | None = None) -> d
             return train(cfg, make_task(cfg))
         except Exception as error:  # noqa: BLE001 - every stop becomes one line and an exit code
             raise SystemExit(report(error, rank, log_file)) from None
-
-
-FORMAT = "%(asctime)s %(name)s %(levelname)s %(message)s"
-
-
-@contextlib.contextmanager
-def run_logs(path: Path, rank: int) -> Iterator[Path | None]:
-    """Log records to `path` (everything from INFO) and the console (rank 0: INFO, others:
-    WARNING) while the run lasts; yields `path`, or None where it cannot be created."""
-    console = logging.StreamHandler(sys.stderr)
-    console.setLevel(logging.INFO if rank == 0 else logging.WARNING)
-    handlers: list[logging.Handler] = [console]
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        handlers.append(logging.FileHandler(path))
-    except OSError:
-        path = None
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.INFO)
-    for handler in handlers:
-        handler.setFormatter(logging.Formatter(FORMAT))
-        root.addHandler(handler)
-    try:
-        yield path
-    finally:
-        for handler in handlers:
-            root.removeHandler(handler)
-            handler.close()
-        root.setLevel(level)
 
 
 def exit_code(error: BaseException) -> int:

@@ -10,7 +10,6 @@ host keeps queueing work ahead of the GPU.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -79,7 +78,7 @@ class StepOutcome:
 
 
 class Stepper:
-    """Runs forward → guarded backward → step, counting skipped (non-finite) steps on the device.
+    """Runs guarded backward → step on a computed loss, counting skipped (non-finite) steps on the device.
 
     A step whose loss is not finite on any rank is skipped on every rank. The ranks agree through
     an all-reduce of a device flag (queued on the GPU, nothing waits for it), and the skip
@@ -119,8 +118,8 @@ class Stepper:
             return "bf16"
         return "fp16" if engine.fp16_enabled() else "fp32"
 
-    def __call__(self, compute_loss: Callable[[], torch.Tensor], lr: float) -> StepOutcome:
-        loss = compute_loss()
+    def __call__(self, loss: torch.Tensor, lr: float) -> StepOutcome:
+        """Backward and step on `loss` (this micro-batch's, forward done) at learning rate `lr`."""
         value = loss.detach().float()
         flag = distributed.any_rank((~torch.isfinite(value)).float())
         self._count(flag)

@@ -17,7 +17,6 @@ Exports are written whole or not at all (atomic.py).
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import logging
 import math
@@ -42,6 +41,7 @@ from s4d_dist.train.checkpoint import Checkpoints, export_fp32
 from s4d_dist.train.engine import Stepper, build_engine
 from s4d_dist.train.faults import DataError, Preempted, Preemption
 from s4d_dist.train.flops import peak_flops
+from s4d_dist.train.logs import run_logs
 from s4d_dist.train.schedule import Schedule
 from s4d_dist.train.storage import check_shared, shard_files
 from s4d_dist.train.tracking import RunLogger
@@ -147,12 +147,6 @@ def _tokens(batch: dict, cfg: DictConfig) -> int:
     return len(batch["pixels"]) * model_tokens(cfg.model, batch["modality"])
 
 
-def say(line: str) -> None:
-    """One line for the user on the console, from rank 0."""
-    if distributed.is_main():
-        print(f"[s4d] {line}", flush=True)
-
-
 def open_train_data(cfg: DictConfig, rank: int, world: int) -> TrainLoader:
     """The training loader; shards that are missing, empty or truncated (on any rank) stop the
     run here, before step 0, as a DataError on every rank (one line: what and where)."""
@@ -166,14 +160,14 @@ def open_train_data(cfg: DictConfig, rank: int, world: int) -> TrainLoader:
         raise DataError(problem) from error
     truncated = truncated_samples(loader)
     if truncated:
-        say(f"data.skip_truncated: training without {sum(truncated.values())} samples beyond the "
-            f"end of truncated shards: " + ", ".join(f"{t} ({n})" for t, n in truncated.items()))
+        log.info(f"data.skip_truncated: training without {sum(truncated.values())} samples beyond "
+                 f"the end of truncated shards: " + ", ".join(f"{t} ({n})" for t, n in truncated.items()))
     return loader
 
 
 def truncated_samples(loader: TrainLoader) -> dict[str, int]:
     """Samples left out of training per truncated shard (data.skip_truncated)."""
-    return {tar: n for stream in loader.streams for tar, n in stream.source.catalog.truncated.items()}
+    return {tar: n for stream in loader.streams for tar, n in stream.plan.catalog.truncated.items()}
 
 
 EpochHook = Callable[[int, dict[str, float]], None]
@@ -188,14 +182,15 @@ def train(cfg: DictConfig, task: Task, on_epoch_end: EpochHook | None = None) ->
     without the loop knowing about it.
     """
     distributed.init()
-    with Preemption(cfg.checkpoint.signal_check_every) as preemption:
-        rank, world = distributed.rank(), distributed.world_size()
+    rank, world = distributed.rank(), distributed.world_size()
+    with (run_logs(run_dir(cfg) / "logs" / f"rank{rank}.log", rank),
+          Preemption(cfg.checkpoint.signal_check_every) as preemption):
         seeds.seed_process(cfg.seed, rank)
         folder = run_dir(cfg)
         checkpoints = Checkpoints(folder, cfg, keep=cfg.checkpoint.keep)
         resume_tag = checkpoints.check_resumable(folder)
         distributed.barrier()
-        checkpoints.drop_incomplete(resume_tag, say)
+        checkpoints.drop_incomplete(resume_tag)
         if distributed.is_main():
             config_module.save(cfg, folder / "config.yaml")
         loader = open_train_data(cfg, rank, world)
@@ -220,8 +215,8 @@ def _train(run: Run, task: Task, loader: TrainLoader, resume_tag: str | None,
     run.state = {"epoch": 0, "batches": None, "global_step": 0, "task": {}}
     if resume_tag:
         run.state = checkpoints.load(run.engine, resume_tag)
-        print(f"[s4d] resuming {folder} from checkpoint {resume_tag} "
-              f"(epoch {run.state['epoch']}, step {run.state['global_step']})", flush=True)
+        log.info(f"resuming {folder} from checkpoint {resume_tag} "
+                 f"(epoch {run.state['epoch']}, step {run.state['global_step']})")
     peak = peak_flops(run.device, cfg.logging.peak_tflops)
     meter = Meter()
 
@@ -239,7 +234,7 @@ def _train(run: Run, task: Task, loader: TrainLoader, resume_tag: str | None,
                 step = run.state["global_step"]
                 lr = schedule(step)
                 rng = seeds.step_rng(cfg.seed, step, rank)
-                outcome = stepper(functools.partial(task.loss, run, batch, rng), lr)
+                outcome = stepper(task.loss(run, batch, rng), lr)
                 meter.add(batch["modality"], outcome.loss, len(batch["pixels"]), _tokens(batch, cfg),
                           task.step_flops(batch), started - waited)
                 epoch_losses.append(outcome.loss)
@@ -275,10 +270,9 @@ def _train(run: Run, task: Task, loader: TrainLoader, resume_tag: str | None,
             checkpoints.save(run.engine, run.state)
             if distributed.is_main():
                 extra = " ".join(f"{k} {v:.2f}" for k, v in metrics.items())
-                print(f"[s4d] epoch {epoch + 1}/{cfg.optim.epochs} step {run.state['global_step']} "
-                      f"loss {epoch_loss:.4f} "
-                      f"lr {schedule(max(0, run.state['global_step'] - 1)):.2e} {extra}".rstrip(),
-                      flush=True)
+                log.info(f"epoch {epoch + 1}/{cfg.optim.epochs} step {run.state['global_step']} "
+                         f"loss {epoch_loss:.4f} "
+                         f"lr {schedule(max(0, run.state['global_step'] - 1)):.2e} {extra}".rstrip())
             if on_epoch_end is not None:
                 on_epoch_end(epoch + 1, {"train_loss": epoch_loss, **metrics})
 
@@ -301,6 +295,6 @@ def _train(run: Run, task: Task, loader: TrainLoader, resume_tag: str | None,
         atomic.write_text(folder / "finished.json",
                           json.dumps({"global_step": run.state["global_step"]}))
         if loader.corrupt.count:
-            print(f"[s4d] skipped corrupt samples: {loader.corrupt.summary()}", flush=True)
+            log.info(f"skipped corrupt samples: {loader.corrupt.summary()}")
     distributed.barrier()
     return final

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from s4d_dist.data.masking import num_masked
-from s4d_dist.models.build import build_mae
+from s4d_dist.models.factory import build_mae
 from s4d_dist.models.mae import mae_loss, mae_targets, pixel_mask, reconstruct_pixels
 from s4d_dist.pixels import unnormalize
 from s4d_dist.tubelets import as_clip

@@ -60,5 +60,5 @@ def check_shared(folder: Path, shards: list[str]) -> None:
 
 def shard_files(loader) -> list[str]:
     """The training shards of a TrainLoader: their tars."""
-    return [tar for stream in loader.streams for tar in stream.source.catalog.tars]
+    return [tar for stream in loader.streams for tar in stream.plan.catalog.tars]
 

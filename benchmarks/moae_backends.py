@@ -1,7 +1,7 @@
 """Time one MoAE layer (forward + backward) per dispatch backend, side by side in one run.
 
-    python benchmarks/moae.py                       # ViT-B video and image shapes, fp32
-    python benchmarks/moae.py --reps 20 --shapes video
+    python benchmarks/moae_backends.py                       # ViT-B video and image shapes, fp32
+    python benchmarks/moae_backends.py --reps 20 --shapes video
 
 Backends run interleaved (one repetition of each in turn) after a warm-up, so drift in a
 shared machine's load hits them alike; the median is reported with ratios against `loop`,

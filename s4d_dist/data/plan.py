@@ -1,0 +1,302 @@
+"""Which samples fill each batch, and how each is augmented: (epoch, position) → a batch plan.
+
+Everything here is a pure function of (sample count or labels, seed, epoch, rank, world size,
+batch position), computed the same way on every rank, in every DataLoader worker and by either
+backend, so that
+- ranks read disjoint slices of one shared order (DistributedSampler semantics), and workers
+  read whole batches of their rank's plan, never the same batch twice;
+- every rank gets the same number of batches, whatever the sample count: the order is padded by
+  wrapping to a multiple of the world size (as DistributedSampler does) and a trailing partial
+  batch is dropped (training) or padded with rows marked invalid (evaluation);
+- resuming an epoch at batch k needs no replay: batch k is a function of its position;
+- DALI and the torch fallback crop, flip and augment the same samples the same way: the random
+  parameters of every sample (recipes.py) are drawn here, from one generator per (slot,
+  attempt) derived from the batch's position.
+
+A batch is named by a request tuple — training: (epoch, cycle, batch), where cycle counts passes
+over the data within an epoch (rate > 1); evaluation: (batch,). `TrainPlan.batch` /
+`EvalPlan.batch` turn it into the batch's slots, loading each sample with the backend's `load`
+(decode.py: the torch fallback decodes there, DALI only checks structure and keeps the bytes).
+A sample that fails to load is recorded as a CorruptEvent and its slot is filled
+deterministically:
+- training: by the next loadable sample of the same batch (cyclically), then of the rank's later
+  batches — the batch keeps its size, so every rank still steps in lockstep;
+- evaluation: by a copy of a loadable row, marked invalid like sampler padding, so it is dropped
+  from the metrics and the number dropped is known.
+A slot's parameters depend only on its position in its candidate list, so they are the same
+whether a corrupt neighbour was found now, in an earlier epoch or by another backend.
+
+Modality mixing (docs/method.md §1.6 pre-training, §2.7 fine-tuning): the official
+ConcatIterator "use_one" strategy (concat_dataset.py) — source i contributes int(L_i · rate_i)
+steps, L_i being the batches its loader gives one rank in an epoch, in the order of a
+`torch.randperm` seeded with the epoch alone, so all ranks run the same modality at the same step
+(the collectives of the two modalities' graphs never interleave).
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from itertools import chain
+from typing import Any
+
+import numpy as np
+import torch
+
+from s4d_dist import seeds
+
+from .catalog import Catalog, RawSample
+from .decode import CorruptEvent, CorruptSample
+from .recipes import Recipe, SampleParams
+
+Request = tuple[int, ...]
+Load = Callable[[RawSample, SampleParams], Any]
+
+
+# ---- orders ------------------------------------------------------------------------------
+
+def shuffled_order(num_samples: int, seed: int, epoch: int, cycle: int = 0) -> np.ndarray:
+    """A permutation of all samples, as torch's DistributedSampler(shuffle=True) draws it."""
+    return torch.randperm(num_samples, generator=seeds.epoch_order(seed, epoch, cycle)).numpy()
+
+
+def balanced_order(labels: np.ndarray, seed: int, epoch: int, cycle: int = 0) -> np.ndarray:
+    """len(labels) draws with replacement, weight 1 / (size of the sample's class)
+    (docs/method.md §2.7 ImbalancedDatasetSampler), from a generator shared by all ranks (the
+    official one drew per rank from unseeded RNGs, docs/method.md §3.14): each rank then takes
+    its disjoint slice."""
+    counts = np.bincount(labels)
+    weights = torch.from_numpy(1.0 / counts[labels])
+    draws = torch.multinomial(weights, len(labels), replacement=True, generator=seeds.epoch_order(seed, epoch, cycle))
+    return draws.numpy()
+
+
+def rank_slice(order: np.ndarray, rank: int, world: int) -> np.ndarray:
+    """This rank's share of an order: padded by wrapping around to a multiple of `world`, then
+    every `world`-th entry from `rank` (torch DistributedSampler)."""
+    total = -(-len(order) // world) * world
+    padded = np.resize(order, total) if total != len(order) else order
+    return padded[rank:total:world]
+
+
+def train_batches_per_rank(num_samples: int, world: int, batch: int) -> int:
+    """Batches one rank gets per pass: ⌊⌈N / world⌉ / batch⌋ (drop_last; docs/method.md
+    §2.7)."""
+    return (-(-num_samples // world)) // batch
+
+
+def train_batches(order: np.ndarray, rank: int, world: int, batch: int) -> np.ndarray:
+    """(batches, batch) sample indices of one rank for one pass; the partial tail is dropped."""
+    mine = rank_slice(order, rank, world)
+    count = len(mine) // batch
+    return mine[: count * batch].reshape(count, batch)
+
+
+def eval_rows(num_samples: int, views: int, rank: int, world: int, batch: int) -> np.ndarray:
+    """(batches, batch, 2) rows of (sample, view) for one rank; padding rows are (-1, -1).
+
+    Every view of every sample appears exactly once over all ranks, in sample order, in one
+    contiguous block per rank (each rank reads neighbouring samples); each rank is padded to
+    the same number of full batches, so no rank waits for another at the end.
+    """
+    total = num_samples * views
+    per_rank = -(-total // world)
+    count = -(-per_rank // batch) if per_rank else 0
+    rows = np.full((count * batch, 2), -1, np.int64)
+    first, last = min(rank * per_rank, total), min((rank + 1) * per_rank, total)
+    flat = np.arange(first, last)
+    rows[: len(flat), 0], rows[: len(flat), 1] = flat // views, flat % views
+    return rows.reshape(count, batch, 2)
+
+
+def step_counts(loader_batches: Sequence[int], rates: Sequence[float]) -> list[int]:
+    """int(L_i · rate_i) for each source: a rate r consumes the first r of that loader's
+    batches this epoch (r > 1 starts it again)."""
+    if len(loader_batches) != len(rates):
+        raise ValueError(f"{len(loader_batches)} loaders but {len(rates)} rates")
+    return [int(length * rate) for length, rate in zip(loader_batches, rates)]
+
+
+def source_order(counts: Sequence[int], epoch: int) -> torch.Tensor:
+    """(sum(counts),) int64 source ids: randperm of [0]*c0 + [1]*c1 + ..., seeded by `epoch`."""
+    generator = seeds.source_order(epoch)
+    ids = torch.cat([torch.ones(count, dtype=torch.int64) * i for i, count in enumerate(counts)])
+    return ids[torch.randperm(len(ids), generator=generator)]
+
+
+# ---- batches -----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Slot:
+    """One row of a batch: which sample fills it, how to transform it, and its payload
+    (what the backend's `load` returned: encoded bytes for DALI, decoded frames for torch)."""
+
+    index: int
+    key: str
+    label: int
+    view: int
+    valid: bool
+    params: SampleParams
+    payload: Any
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    slots: list[Slot]
+    corrupt: list[CorruptEvent]
+
+    def fields(self) -> dict[str, Any]:
+        """The non-pixel part of the batch: which sample and view fills each row."""
+        slots = self.slots
+        return {
+            "index": torch.tensor([s.index for s in slots], dtype=torch.int64),
+            "label": torch.tensor([s.label for s in slots], dtype=torch.int64),
+            "view": torch.tensor([s.view for s in slots], dtype=torch.int64),
+            "valid": torch.tensor([s.valid for s in slots], dtype=torch.bool),
+            "key": [s.key for s in slots],
+            "corrupt": list(self.corrupt),
+        }
+
+
+def _read(catalog: Catalog, index: int) -> RawSample:
+    try:
+        return catalog.read(index)
+    except ValueError as err:  # the json member does not parse
+        raise CorruptSample(f"unreadable metadata: {err}") from None
+
+
+@dataclass
+class TrainPlan:
+    """Training batches: a shuffled (or class-balanced) order over all samples, split across
+    ranks, `batch_size` samples per batch, the partial tail dropped."""
+
+    catalog: Catalog
+    recipe: Recipe
+    batch_size: int
+    seed: int
+    rank: int
+    world: int
+    balanced: bool = False
+    _cache: dict = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.catalog.labelled and self.recipe.kind == "finetune":
+            # read and range-checked now (fail before step 0); workers get them pickled
+            self.catalog.labels  # noqa: B018
+        if self.batches_per_pass == 0:
+            raise ValueError(f"{self.catalog.tars[0]} ...: {len(self.catalog)} samples give no full batch of "
+                             f"{self.batch_size} on each of {self.world} ranks; lower the batch size")
+
+    @property
+    def batches_per_pass(self) -> int:
+        return train_batches_per_rank(len(self.catalog), self.world, self.batch_size)
+
+    def rows(self, epoch: int, cycle: int) -> np.ndarray:
+        """(batches, batch_size) sample indices of this rank's pass `cycle` of `epoch`."""
+        key = (epoch, cycle)
+        if key not in self._cache:
+            if self.balanced:
+                order = balanced_order(self.catalog.labels, self.seed, epoch, cycle)
+            else:
+                order = shuffled_order(len(self.catalog), self.seed, epoch, cycle)
+            self._cache = {key: train_batches(order, self.rank, self.world, self.batch_size)}
+        return self._cache[key]
+
+    def requests(self, epoch: int, start: int, count: int) -> list[Request]:
+        """Batches start .. start+count-1 of the epoch; past one pass the loader starts again."""
+        per_pass = self.batches_per_pass
+        return [(epoch, k // per_pass, k % per_pass) for k in range(start, start + count)]
+
+    def batch(self, request: Request, load: Load, known_bad: set[int]) -> BatchPlan:
+        """The slots of batch `request`; the rank's later batches are the last resort when no
+        sample of this one loads."""
+        epoch, cycle, position = request
+        rows = self.rows(epoch, cycle)
+        catalog, mine, later = self.catalog, [int(i) for i in rows[position]], rows[position + 1:].ravel()
+        slot_seeds = seeds.slot_seeds((self.seed, epoch, cycle, self.rank, position), len(mine))
+        slots, events = [], []
+        for j, first in enumerate(mine):
+            for attempt, index in enumerate(chain([first], mine[j + 1:], mine[:j], map(int, later))):
+                if index in known_bad:
+                    continue
+                try:
+                    raw = _read(catalog, index)
+                    params = self.recipe.sample_params(raw.meta, seeds.sample_rng(slot_seeds[j], attempt))
+                    payload = load(raw, params)
+                except CorruptSample as err:
+                    known_bad.add(index)
+                    events.append(CorruptEvent(index, catalog.where(index), str(err)))
+                    continue
+                slots.append(Slot(index, raw.key, raw.label, 0, True, params, payload))
+                break
+            else:
+                raise RuntimeError(f"no loadable sample left for batch {list(request)}: every candidate of "
+                                   f"{catalog.where(first)} ... is corrupt (see the corruption log)")
+        return BatchPlan(slots, events)
+
+
+@dataclass
+class EvalPlan:
+    """Evaluation batches: every view of every sample once over all ranks, padded rows
+    marked invalid, the same number of batches on every rank."""
+
+    catalog: Catalog
+    recipe: Recipe
+    batch_size: int
+    rank: int
+    world: int
+    _filler: Slot | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        self.rows = eval_rows(len(self.catalog), self.recipe.views, self.rank, self.world, self.batch_size)
+
+    @property
+    def num_batches(self) -> int:
+        return len(self.rows)
+
+    def requests(self, start: int = 0) -> list[Request]:
+        return [(b,) for b in range(start, self.num_batches)]
+
+    def batch(self, request: Request, load: Load, known_bad: set[int]) -> BatchPlan:
+        """The slots of batch `request`: (sample, view) rows, (-1, -1) for padding. Invalid
+        rows copy a valid row of the batch, or the catalog's first loadable sample when there
+        is none."""
+        catalog = self.catalog
+        slots: list[Slot | None] = []
+        events = []
+        loaded: dict[tuple, Any] = {}  # the spatial crops of a temporal view share its decoded frames
+        for index, view in self.rows[request[0]].tolist():
+            slot = None
+            if index >= 0 and index not in known_bad:
+                try:
+                    raw = _read(catalog, index)
+                    params = self.recipe.view_params(raw.meta, view)
+                    frames = None if params.frames is None else params.frames.tobytes()
+                    if (index, frames) not in loaded:
+                        loaded[index, frames] = load(raw, params)
+                    slot = Slot(index, raw.key, raw.label, view, True, params, loaded[index, frames])
+                except CorruptSample as err:
+                    known_bad.add(index)
+                    events.append(CorruptEvent(index, catalog.where(index), str(err)))
+            slots.append(slot)
+        valid = next((s for s in slots if s is not None), None) or self._first_loadable(load, known_bad)
+        invalid = replace(valid, index=-1, key="", label=-1, view=-1, valid=False)
+        return BatchPlan([s if s is not None else invalid for s in slots], events)
+
+    def _first_loadable(self, load: Load, known_bad: set[int]) -> Slot:
+        """The first loadable sample (view 0), to fill a batch that has no valid row at all."""
+        if self._filler is not None:
+            return self._filler
+        for index in range(len(self.catalog)):
+            if index in known_bad:
+                continue
+            try:
+                raw = _read(self.catalog, index)
+                params = self.recipe.view_params(raw.meta, 0)
+                self._filler = Slot(index, raw.key, raw.label, 0, False, params, load(raw, params))
+                return self._filler
+            except CorruptSample:
+                known_bad.add(index)
+        raise RuntimeError(f"no loadable sample in {self.catalog.tars[0]} ...")
+
+
+Plan = TrainPlan | EvalPlan
