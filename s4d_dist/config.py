@@ -92,7 +92,7 @@ class DataConfig:
     val_fraction: float = 0.1  # held-out split carved from train to choose the best epoch
     backend: DataBackend = "auto"  # auto: DALI when it imports, else torch
     workers: int = 2
-    eval_batch_size: int = 24
+    eval_batch_size: int = 16  # (sample, view) rows per forward: MoAE capacity follows it (§2.11)
     test_temporal_views: int = 2
     test_spatial_crops: int = 2
     resize_ratio: float = 1.2  # side before random crops / crop side: 192 for 160 (§1.8 ShortSideScale, §2.10 Resize)
@@ -164,7 +164,7 @@ class DeepSpeedConfig:
     """What the generated DeepSpeed config contains (never edited by hand at run time)."""
 
     zero_stage: int = 1
-    precision: Precision = "bf16"
+    precision: Precision = "bf16"  # why bf16, what stays fp32 under fp16: §1.10
     grad_accum: int = 1
     activation_checkpointing: bool = False
     compile: bool = False

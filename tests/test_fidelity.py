@@ -1,5 +1,6 @@
-"""Recipe fidelity switches: the official min_lr rule, and under official_quirks the official
-best-epoch choice (whole train split, best epoch by test WAR, said as such)."""
+"""Recipe fidelity: the official min_lr rule, VoxCeleb2 crop, test batch and mask-token init;
+fp16 as DeepSpeed's dynamic loss scaling with the router in fp32; and under official_quirks
+the official best-epoch choice (whole train split, best epoch by test WAR, said as such)."""
 from __future__ import annotations
 
 import json
@@ -73,3 +74,81 @@ def test_paper_preset_cuts_voxceleb2_frames_and_only_those():
 def test_min_lr_divisor_must_be_positive():
     with pytest.raises(config.ConfigError, match="min_lr_batch_divisor must be > 0"):
         config.load("finetune_dfew", ["optim.min_lr_batch_divisor=0"])
+
+
+def test_fp16_is_deepspeed_dynamic_loss_scaling_with_fp32_routing(tmp_path):
+    """`deepspeed.precision=fp16` on the CPU under the generated config (ZeRO-1, as the presets):
+    the model runs in fp16 with the router in fp32, as under the official autocast; a step whose
+    gradients overflow leaves the weights alone and halves the loss scale at once (GradScaler's
+    rule), and the next finite step trains."""
+    import torch
+
+    from s4d_dist.models.factory import build_classifier
+    from s4d_dist.train import distributed
+    from s4d_dist.train.engine import Stepper, build_engine
+
+    cfg = config.load("demo_finetune", tiny_overrides(tmp_path, tmp_path, "finetune") + [
+        "deepspeed.precision=fp16", "deepspeed.zero_stage=1"])
+    distributed.init()
+    torch.manual_seed(0)
+    engine = build_engine(cfg, build_classifier(cfg))
+    stepper = Stepper(engine)
+    assert engine.fp16_enabled() and engine.dynamic_loss_scale() and stepper.dtype == torch.float16
+    layer = next(iter(engine.module.moae_layers().values()))
+    layer.record_routing = True
+    pixels = torch.randn(4, 3, 4, 32, 32)
+
+    def loss(factor: float = 1.0) -> torch.Tensor:
+        logits = engine(pixels.to(stepper.dtype), "video")
+        return logits.float().logsumexp(-1).mean() * factor
+
+    stepper(loss(), 1e-3)
+    assert layer.routing.noisy_logits.dtype == layer.routing.gates.dtype == torch.float32
+    assert layer.routing.out.dtype == torch.float16
+    scale, before = engine.optimizer.cur_scale, [p.detach().clone() for p in engine.module.parameters()]
+    stepper(loss(1e6), 1e-3)  # finite loss, gradients past fp16's range once scaled
+    assert engine.optimizer.cur_scale == scale / 2
+    assert all(torch.equal(a, p) for a, p in zip(before, engine.module.parameters()))
+    stepper(loss(), 1e-3)
+    assert not all(torch.equal(a, p) for a, p in zip(before, engine.module.parameters()))
+
+
+def test_fp16_fine_tuning_runs_end_to_end(synthetic_shards, tmp_path):
+    """Train, choose the best epoch, test, export: the whole fine-tuning run in fp16 on the CPU."""
+    from s4d_dist.train.finetune import FinetuneTask
+    from s4d_dist.train.loop import train
+
+    cfg = config.load("demo_finetune", tiny_overrides(synthetic_shards, tmp_path, "finetune") + [
+        "deepspeed.precision=fp16", "deepspeed.zero_stage=1", "optim.epochs=1"])
+    results = train(cfg, FinetuneTask(cfg))
+    assert results["last"]["samples"] == results["best"]["samples"] == 7
+    assert results["nonfinite_steps"] == 0
+    assert (tmp_path / "tiny" / "weights_fp32.pt").is_file()
+
+
+def test_mask_token_is_cut_at_one_sigma():
+    """The official pre-training model truncates its trunc-normal init at ±std (§1.1): at
+    std .02 the 384 values of the ViT-B mask token lie within ±.02, with std 0.54 · .02."""
+    from s4d_dist.models.mae import PretrainMAE
+
+    token = PretrainMAE(img_size=32, num_frames=2, embed_dim=32, depth=1, num_heads=2,
+                        decoder_dim=384, decoder_depth=1, decoder_heads=2).mask_token.detach()
+    assert token.abs().max() <= 0.02
+    assert token.std() == pytest.approx(0.02 * 0.5396, rel=0.15)
+
+
+@pytest.mark.parametrize("preset", ["finetune_dfew", "finetune_ferv39k", "finetune_mafw"])
+def test_paper_presets_test_16_views_a_forward(preset, synthetic_shards):
+    """MoAE capacity is per forward, so the test batch decides which tokens are dropped: the
+    paper presets test at the official 16 rows (views) a forward, the training clip batch."""
+    from s4d_dist.data.loaders import eval_loader
+
+    cfg = config.load(preset, ["data.fold=null", "data.test_shards=", "data.backend=torch",
+                               "data.workers=0", "model.img_size=32", "model.num_frames=4",
+                               f"data.video_shards={synthetic_shards / 'video' / 'train'}"])
+    loader = eval_loader(cfg, "test", "video")
+    try:
+        rows = next(iter(loader.batches()))["pixels"]
+    finally:
+        loader.close()
+    assert len(rows) == cfg.data.video_batch_size == 16

@@ -59,7 +59,9 @@ class PretrainMAE(nn.Module):
         # Conv3d and encoder_to_decoder keep PyTorch's default, as in the official code (§1.1).
         self.encoder.apply(init_linear_xavier)
         self.decoder.apply(init_linear_xavier)
-        nn.init.trunc_normal_(self.mask_token, std=0.02)
+        # Cut at ±1σ, not torch's default ±2 (i.e. ±100σ at std .02): the official pre-training
+        # model wraps timm's trunc_normal_ with a = -std, b = std (§1.1).
+        nn.init.trunc_normal_(self.mask_token, std=0.02, a=-0.02, b=0.02)
 
     def forward(self, pixels: torch.Tensor, mask: torch.Tensor,
                 num_visible: int | None = None) -> torch.Tensor:

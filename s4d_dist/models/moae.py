@@ -172,7 +172,12 @@ def routing_stats(result: RoutingResult, num_experts: int) -> dict[str, torch.Te
 
 
 class NoisyTopkRouter(nn.Module):
-    """Router logits and noise scale (§2.3); top-k happens in the backend."""
+    """Router logits and noise scale (§2.3); top-k happens in the backend.
+
+    Both come out in fp32 whatever the model's precision, as under the official fp16 autocast
+    (softplus runs in fp32 there, and the fp32 noise scale promotes the noisy logits): the
+    noise, top-k and gates are then fp32 too, so routing does not hinge on bf16/fp16 ties
+    (§1.10)."""
 
     def __init__(self, dim: int, num_experts: int) -> None:
         super().__init__()
@@ -180,7 +185,7 @@ class NoisyTopkRouter(nn.Module):
         self.noise_linear = nn.Linear(dim, num_experts)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.topkroute_linear(x), F.softplus(self.noise_linear(x))
+        return self.topkroute_linear(x).float(), F.softplus(self.noise_linear(x).float())
 
 
 class MoAE(nn.Module):

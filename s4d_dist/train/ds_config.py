@@ -28,8 +28,11 @@ def deepspeed_config(cfg: DictConfig, world_size: int) -> dict:
         "gradient_clipping": cfg.optim.clip_grad or 0.0,
         "zero_optimization": {"stage": ds.zero_stage},
         "bf16": {"enabled": ds.precision == "bf16"},
+        # Dynamic loss scaling set like torch's GradScaler, the official runs' scaler
+        # (docs/method.md §1.10): start at 2^16, halve on the first overflow and skip that
+        # step (hysteresis 1), double after 2000 steps without one.
         "fp16": {"enabled": ds.precision == "fp16", "loss_scale": 0,
-                 "initial_scale_power": 16, "loss_scale_window": 1000, "hysteresis": 2},
+                 "initial_scale_power": 16, "loss_scale_window": 2000, "hysteresis": 1},
         "steps_per_print": 2**31 - 1,  # our own logging reports progress
         "wall_clock_breakdown": False,
     }
