@@ -28,6 +28,24 @@ def synthetic_shards(tmp_path_factory):
     return root
 
 
+@pytest.fixture(scope="session")
+def finished_finetune_runs(synthetic_shards, tmp_path_factory):
+    """Two finished tiny fine-tuning run folders (seeds 0 and 1, one epoch), built once: what
+    the analyses read, and what stands in for the runs too slow to train in a test."""
+    from s4d_dist import config
+    from s4d_dist.train.finetune import FinetuneTask
+    from s4d_dist.train.loop import train
+
+    out = tmp_path_factory.mktemp("finished")
+    folders = []
+    for seed in (0, 1):
+        cfg = config.load("demo_finetune", tiny_overrides(synthetic_shards, out, "finetune") + [
+            f"run_name=seed{seed}", f"seed={seed}", "optim.epochs=1", "data.backend=torch"])
+        train(cfg, FinetuneTask(cfg))
+        folders.append(out / f"seed{seed}")
+    return folders
+
+
 def tiny_overrides(shards, output_dir, task: str = "pretrain") -> list[str]:
     """A ViT small enough to take a DeepSpeed step in well under a second on one core."""
     return [f"task={task}", f"output_dir={output_dir}", "run_name=tiny",

@@ -9,25 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import tiny_overrides
 from s4d_dist import config
 
 pytest.importorskip("matplotlib")
-
-
-@pytest.fixture(scope="module")
-def runs(synthetic_shards, tmp_path_factory):
-    from s4d_dist.train.finetune import FinetuneTask
-    from s4d_dist.train.loop import train
-
-    out = tmp_path_factory.mktemp("analyze")
-    folders = []
-    for seed in (0, 1):
-        cfg = config.load("demo_finetune", tiny_overrides(synthetic_shards, out, "finetune") + [
-            f"run_name=seed{seed}", f"seed={seed}", "optim.epochs=1", "data.backend=torch"])
-        train(cfg, FinetuneTask(cfg))
-        folders.append(out / f"seed{seed}")
-    return folders
 
 
 def independent_shares(folder, modality: str) -> np.ndarray:
@@ -56,17 +40,17 @@ def independent_shares(folder, modality: str) -> np.ndarray:
     return {index: c / c.sum() for index, c in counts.items()}
 
 
-def test_report_of_one_run(runs):
+def test_report_of_one_run(finished_finetune_runs):
     from s4d_dist.analyze import main
     from s4d_dist.train.metrics import per_class_recall
 
-    assert main([str(runs[0])]) == 0
-    out = runs[0] / "analysis"
+    assert main([str(finished_finetune_runs[0])]) == 0
+    out = finished_finetune_runs[0] / "analysis"
     report = json.loads((out / "report.json").read_text())["runs"][0]
     assert (out / "routing.png").stat().st_size > 0 and (out / "transfer.png").stat().st_size > 0
     assert "routing.png" in (out / "report.md").read_text()
     for modality in ("image", "video"):
-        expected = independent_shares(runs[0], modality)
+        expected = independent_shares(finished_finetune_runs[0], modality)
         for index, shares in expected.items():
             entry = report["routing"][f"layer{index}"][modality]
             np.testing.assert_allclose(entry["share"], shares, atol=1e-9)
@@ -77,12 +61,12 @@ def test_report_of_one_run(runs):
     assert report["transfer"]["classes"] == [c.lower() for c in report["classes"]["video"]]
 
 
-def test_comparison_of_runs(runs, tmp_path):
+def test_comparison_of_runs(finished_finetune_runs, tmp_path):
     from s4d_dist.analyze import main
 
-    assert main([str(f) for f in runs] + ["--out", str(tmp_path)]) == 0
+    assert main([str(f) for f in finished_finetune_runs] + ["--out", str(tmp_path)]) == 0
     table = json.loads((tmp_path / "report.json").read_text())["comparison"]
-    wars = [json.loads((f / "metrics.json").read_text())["last"]["war"] for f in runs]
+    wars = [json.loads((f / "metrics.json").read_text())["last"]["war"] for f in finished_finetune_runs]
     assert table["last"]["war"]["mean"] == pytest.approx(np.mean(wars))
     assert table["last"]["war"]["std"] == pytest.approx(np.std(wars))
     assert len(table["recall_vs_first_last"]) == 1
@@ -96,13 +80,13 @@ def test_refuses_what_is_not_a_run(tmp_path, capsys):
     assert exit_.value.code == 2 and "not a finished run folder" in capsys.readouterr().err
 
 
-def test_tensorboard_is_one_run_with_labelled_figures(runs):
+def test_tensorboard_is_one_run_with_labelled_figures(finished_finetune_runs):
     """What a person opening TensorBoard sees: one run per training run (no sub-runs for each
     expert or for hparams), confusion matrices and recall bars as images, expert load as
     scalars and a bar chart per layer."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    tb = runs[0] / "tb"
+    tb = finished_finetune_runs[0] / "tb"
     assert [p for p in tb.iterdir() if p.is_dir()] == []
     events = EventAccumulator(str(tb), size_guidance={"images": 0, "scalars": 0}).Reload()
     images = set(events.Tags()["images"])
