@@ -26,7 +26,7 @@ image_test_* tags.
 from __future__ import annotations
 
 import logging
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 import torch
@@ -113,7 +113,7 @@ class FinetuneTask:
                      f"{report['fresh']} fresh")
         return model
 
-    def class_names(self) -> Optional[list[str]]:
+    def class_names(self) -> list[str] | None:
         """The video classes' names, as the shards were built with them (for the figures)."""
         return class_names(self.cfg.data.video_shards)
 
