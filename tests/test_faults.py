@@ -33,10 +33,10 @@ def _args(shards, out, *extra):
             *extra]
 
 
-def _stop(capsys, args) -> tuple[int, list[str], str]:
+def _stop(capsys, args, task="pretrain") -> tuple[int, list[str], str]:
     """Exit code, console lines of ours, and all of stderr of a run that stops."""
     with pytest.raises(SystemExit) as stop:
-        cli.main("pretrain", args)
+        cli.main(task, args)
     err = capsys.readouterr().err
     return stop.value.code, [line for line in err.splitlines() if line.startswith("[s4d]")], err
 
@@ -46,8 +46,7 @@ def test_truncated_shard_stops_with_one_line_or_trains_on_the_rest(synthetic_sha
     shards = tmp_path / "shards"
     shutil.copytree(synthetic_shards, shards)
     tar = shards / "image" / "train" / "shard-000000.tar"
-    os.truncate(tar, int(tar.stat().st_size * 0.6))  # a copy cut short
-    lost = open_catalog([str(tar)], skip_truncated=True).truncated[str(tar)]
+    lost = _truncate(tar)
     assert lost > 0
 
     code, lines, err = _stop(capsys, _args(shards, tmp_path))
@@ -62,6 +61,51 @@ def test_truncated_shard_stops_with_one_line_or_trains_on_the_rest(synthetic_sha
     assert final["truncated_samples"] == lost
     assert json.loads((tmp_path / "tiny" / "metrics.json").read_text())["truncated_samples"] == lost
     assert all(v == v for _, v in scalars(tmp_path / "tiny")["loss/image"])  # finite losses
+
+
+def _truncate(tar: Path) -> int:
+    """Cut a shard to 60 % (a copy cut short); the samples it loses."""
+    os.truncate(tar, int(tar.stat().st_size * 0.6))
+    return open_catalog([str(tar)], skip_truncated=True).truncated[str(tar)]
+
+
+def _bad_index(folder: Path) -> str:
+    idx = folder / "shard-000000.idx"
+    idx.write_text("v0.9 " + idx.read_text()[len("v1.2 "):])
+    return f"{idx}: not a v1.2 DALI index"
+
+
+@pytest.mark.parametrize("broken", ["missing test split", "unfinished test build",
+                                    "truncated test shard", "bad val index"])
+def test_evaluation_shards_that_cannot_be_opened_stop_the_run_before_step_0(
+        synthetic_shards, tmp_path, capsys, broken):
+    """The splits a fine-tuning run evaluates — after each epoch (val) and at the end (test) —
+    are opened before step 0, through the training shards' path: one line, exit 65, nothing
+    trained (the test split used to be opened only after the last epoch)."""
+    shards = tmp_path / "shards"
+    shutil.copytree(synthetic_shards, shards)
+    extra = []
+    if broken == "missing test split":
+        shutil.rmtree(shards / "video" / "test")
+        said = f"{shards / 'video' / 'test' / 'manifest.json'}: no manifest"
+    elif broken == "unfinished test build":
+        manifest = shards / "video" / "test" / "manifest.json"
+        manifest.write_text(json.dumps({**json.loads(manifest.read_text()), "complete": False}))
+        said = f"{shards / 'video' / 'test'}: build not finished"
+    elif broken == "truncated test shard":
+        tar = shards / "video" / "test" / "shard-000000.tar"
+        said = f"{tar} ({_truncate(tar)} samples)"
+    else:
+        shutil.copytree(shards / "video" / "test", shards / "video" / "val")
+        said = _bad_index(shards / "video" / "val")
+        extra = [f"data.val_shards={shards / 'video' / 'val'}"]
+    args = ["--config", "demo", *tiny_overrides(shards, tmp_path, "finetune")[1:],
+            "optim.epochs=1", *extra]
+    code, lines, err = _stop(capsys, args, "finetune")
+    assert code == EXIT_DATA
+    assert len(lines) == 1 and lines[0].startswith("[s4d] error: ") and said in lines[0], err
+    assert "Traceback" not in err
+    assert not (tmp_path / "tiny" / "checkpoints").exists()  # stopped before the engine
 
 
 def test_a_refused_resume_and_a_diverging_run_stop_with_one_line(synthetic_shards, tmp_path,

@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 import torch
@@ -35,8 +35,10 @@ from tqdm import tqdm
 
 from s4d_dist import atomic, seeds
 from s4d_dist import config as config_module
+from s4d_dist.data.catalog import Catalog
 from s4d_dist.data.loaders import TrainLoader, train_loader
 from s4d_dist.models import official
+from s4d_dist.shards.layout import BuildError
 from s4d_dist.train import distributed, exports
 from s4d_dist.train.checkpoint import Checkpoints, export_fp32
 from s4d_dist.train.engine import Stepper, build_engine
@@ -48,6 +50,7 @@ from s4d_dist.train.tracking import RunLogger
 from s4d_dist.tubelets import model_tokens
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 def run_dir(cfg: DictConfig) -> Path:
@@ -77,6 +80,7 @@ class Task(Protocol):
     def build_model(self, run: Run, resuming: bool) -> nn.Module: ...
     def loss(self, run: Run, batch: dict, rng: np.random.Generator) -> torch.Tensor: ...
     def step_flops(self, batch: dict) -> float: ...
+    def eval_catalogs(self) -> list[Catalog]: ...
     def on_log(self, run: Run, batch: dict, step: int) -> None: ...
     def after_epoch(self, run: Run, epoch: int) -> dict[str, float]: ...
     def finish(self, run: Run) -> dict[str, Any]: ...
@@ -153,22 +157,40 @@ def say(line: str) -> None:
         print(f"[s4d] {line}", flush=True)
 
 
-def open_train_data(cfg: DictConfig, rank: int, world: int) -> TrainLoader:
-    """The training loader; shards that are missing, empty or truncated (on any rank) stop the
-    run here, before step 0, as a DataError on every rank (one line: what and where)."""
-    error = None
+def open_data(opener: Callable[[], T]) -> T:
+    """`opener()`, which opens shards, on every rank. Shards that are missing, empty, truncated,
+    badly indexed or from an unfinished build (on any rank) stop the run here, before step 0,
+    as a DataError on every rank (one line: what and where)."""
+    error = opened = None
     try:
-        loader = train_loader(cfg, rank, world)
-    except (OSError, ValueError) as caught:
+        opened = opener()
+    except (OSError, ValueError, BuildError) as caught:
         error = caught
     problem = distributed.first_problem(None if error is None else str(error))
     if problem is not None:
         raise DataError(problem) from error
-    truncated = truncated_samples(loader)
-    if truncated:
-        say(f"data.skip_truncated: training without {sum(truncated.values())} samples beyond the "
-            f"end of truncated shards: " + ", ".join(f"{t} ({n})" for t, n in truncated.items()))
+    return opened
+
+
+def open_train_data(cfg: DictConfig, rank: int, world: int) -> TrainLoader:
+    """The training loader (open_data), saying which samples data.skip_truncated leaves out."""
+    loader = open_data(lambda: train_loader(cfg, rank, world))
+    _say_truncated("training", truncated_samples(loader))
     return loader
+
+
+def open_eval_data(task: Task) -> None:
+    """Open the shards of every split the task will evaluate (open_data): a broken test split
+    stops the run before training, not after it."""
+    catalogs = open_data(task.eval_catalogs)
+    _say_truncated("evaluating", {tar: n for catalog in catalogs
+                                  for tar, n in catalog.truncated.items()})
+
+
+def _say_truncated(doing: str, truncated: dict[str, int]) -> None:
+    if truncated:
+        say(f"data.skip_truncated: {doing} without {sum(truncated.values())} samples beyond the "
+            f"end of truncated shards: " + ", ".join(f"{t} ({n})" for t, n in truncated.items()))
 
 
 def truncated_samples(loader: TrainLoader) -> dict[str, int]:
@@ -198,6 +220,7 @@ def train(cfg: DictConfig, task: Task, on_epoch_end: EpochHook | None = None) ->
         checkpoints.drop_incomplete(resume_tag, say)
         if distributed.is_main():
             config_module.save(cfg, folder / "config.yaml")
+        open_eval_data(task)
         loader = open_train_data(cfg, rank, world)
         run = Run(cfg, folder, RunLogger(folder, cfg.logging.tensorboard), checkpoints)
         try:
