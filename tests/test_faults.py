@@ -20,10 +20,10 @@ from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchChe
 from conftest import tiny_overrides
 from s4d_dist import atomic
 from s4d_dist.data.catalog import open_catalog
-from s4d_dist.train import checkpoint, cli
+from s4d_dist.train import checkpoint, cli, distributed
 from s4d_dist.train.faults import (EXIT_DATA, EXIT_DIVERGED, EXIT_PREEMPTED, EXIT_STORAGE,
                                    EXIT_USAGE)
-from test_train import ExplodingTask, _launch, scalars
+from test_train import ExplodingTask, _launch, run_two_ranks, scalars
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -236,9 +236,11 @@ import sys
 import torch.distributed as dist
 from s4d_dist.train.faults import StorageError
 from s4d_dist.train.storage import check_shared
-dist.init_process_group("gloo")
+# A rendezvous through a file: no port to choose (gloo's own sockets take the ones the OS gives)
+dist.init_process_group("gloo", init_method="file://" + sys.argv[1], rank=int(sys.argv[2]),
+                        world_size=2)
 try:
-    check_shared(sys.argv[1], sys.argv[2:])
+    check_shared(sys.argv[3], sys.argv[4:])
 except StorageError as error:
     print(error)
 """
@@ -249,25 +251,23 @@ def test_a_rank_that_sees_another_run_folder_or_other_shards_is_refused(syntheti
     """Two ranks as two "nodes": rank 1's view of the run folder (or of a shard) differs."""
     shards = sorted(str(p) for p in (synthetic_shards / "image" / "train").glob("*.tar"))
 
-    def nodes(folders, shard_views, port):
-        env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
-               "WORLD_SIZE": "2"}
-        procs = [subprocess.Popen([sys.executable, "-c", NODE, str(folders[r]), *shard_views[r]],
-                                  cwd=REPO, env={**env, "RANK": str(r)}, stdout=subprocess.PIPE,
-                                  text=True) for r in (0, 1)]
+    def nodes(folders, shard_views, rendezvous):
+        procs = [subprocess.Popen([sys.executable, "-c", NODE, str(tmp_path / rendezvous), str(r),
+                                   str(folders[r]), *shard_views[r]],
+                                  cwd=REPO, stdout=subprocess.PIPE, text=True) for r in (0, 1)]
         return [p.communicate(timeout=120)[0].strip() for p in procs]
 
     shared, local = tmp_path / "run", tmp_path / "node1_local_disk" / "run"
     shared.mkdir()
     local.mkdir(parents=True)
-    assert nodes([shared, shared], [shards, shards], 29771) == ["", ""]
-    said = nodes([shared, local], [shards, shards], 29772)
+    assert nodes([shared, shared], [shards, shards], "store1") == ["", ""]
+    said = nodes([shared, local], [shards, shards], "store2")
     assert said[0] == said[1]
     assert said[0].startswith(f"rank 1 on {os.uname().nodename}: the run folder {local} is not "
                               f"the one rank 0 writes to: output_dir must be storage shared")
     elsewhere = tmp_path / "node1_shard.tar"
     elsewhere.write_bytes(b"x")
-    said = nodes([shared, shared], [shards, [str(elsewhere)] + shards[1:]], 29773)
+    said = nodes([shared, shared], [shards, [str(elsewhere)] + shards[1:]], "store3")
     assert said[0] == said[1] and f"{elsewhere} is 1 bytes here" in said[0]
     assert not (shared / ".shared_storage_check").exists()
 
@@ -282,28 +282,28 @@ def _rank_process(launcher: subprocess.Popen, rank: int) -> psutil.Process:
 def test_sigterm_checkpoints_exits_75_and_resumes_the_same_curve(synthetic_shards, tmp_path):
     """Two ranks under the deepspeed launcher; only rank 1 receives SIGTERM (twice): both agree,
     save at the next step, exit 75; the rerun resumes and logs the uninterrupted run's losses."""
-    def launch(run_name, log):
-        args = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2",
-                "--master_port", str(29750 + len(run_name)), "launch/pretrain.py", "--config",
-                "demo", *tiny_overrides(synthetic_shards, tmp_path, "pretrain")[1:],
-                f"run_name={run_name}", "optim.epochs=3", "checkpoint.every_steps=2",
-                "deepspeed.zero_stage=1"]
-        return _launch(args, {}, log)
-
-    with open(tmp_path / "whole.txt", "w") as log:
-        assert launch("whole", log).wait(timeout=600) == 0
+    common = ["launch/pretrain.py", "--config", "demo",
+              *tiny_overrides(synthetic_shards, tmp_path, "pretrain")[1:], "optim.epochs=3",
+              "checkpoint.every_steps=2", "deepspeed.zero_stage=1"]
+    run_two_ranks(common + ["run_name=whole"], tmp_path / "whole.txt")
     ckpt = tmp_path / "preempted" / "checkpoints" / "latest_complete"
-    with open(tmp_path / "preempted.txt", "w") as log:
-        proc = launch("preempted", log)
-        deadline = time.time() + 300
-        while time.time() < deadline and not ckpt.is_file():
+    log_path = tmp_path / "preempted.txt"
+    for _ in range(3):  # as run_two_ranks: a port lost between choosing and binding it is retried
+        with open(log_path, "w") as log:
+            proc = _launch([sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2",
+                            "--master_port", str(distributed.free_port()), *common,
+                            "run_name=preempted"], {}, log)
+        while proc.poll() is None and not ckpt.is_file():
             time.sleep(0.05)
-        rank1 = _rank_process(proc, 1)
-        rank1.send_signal(signal.SIGTERM)
-        time.sleep(0.05)
-        with contextlib.suppress(psutil.NoSuchProcess):  # it may already have exited 75
-            rank1.send_signal(signal.SIGTERM)  # a second signal: during the save, or after it
-        assert proc.wait(timeout=300) == EXIT_PREEMPTED
+        if ckpt.is_file():
+            break
+        assert "address already in use" in log_path.read_text().lower(), log_path.read_text()[-3000:]
+    rank1 = _rank_process(proc, 1)
+    rank1.send_signal(signal.SIGTERM)
+    time.sleep(0.05)
+    with contextlib.suppress(psutil.NoSuchProcess):  # it may already have exited 75
+        rank1.send_signal(signal.SIGTERM)  # a second signal: during the save, or after it
+    assert proc.wait(timeout=300) == EXIT_PREEMPTED
     console = (tmp_path / "preempted.txt").read_text()
     said = [line for line in console.splitlines() if "[s4d] preempted" in line]
     assert len(said) == 1 and "preempted (SIGTERM): checkpoint step" in said[0], console[-3000:]
@@ -311,8 +311,7 @@ def test_sigterm_checkpoints_exits_75_and_resumes_the_same_curve(synthetic_shard
     assert f"checkpoint {tag} (step {int(tag[4:])})" in said[0]
     assert not (tmp_path / "preempted" / "finished.json").exists()
 
-    with open(tmp_path / "resumed.txt", "w") as log:
-        assert launch("preempted", log).wait(timeout=600) == 0
+    run_two_ranks(common + ["run_name=preempted"], tmp_path / "resumed.txt")
     assert f"from checkpoint {tag}" in (tmp_path / "resumed.txt").read_text()
 
     def curve(run):
