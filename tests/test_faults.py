@@ -5,6 +5,7 @@ import contextlib
 import errno
 import json
 import os
+import queue
 import shutil
 import signal
 import subprocess
@@ -357,20 +358,74 @@ def test_a_repeated_signal_after_the_stop_does_not_kill_the_exiting_process():
     """Once a preemption is noted the process is on its way to exit 75; a scheduler that repeats
     SIGTERM after the loop has stopped must not turn that into a death by signal (the default
     handler), so leaving the context keeps the noting handler."""
-    from s4d_dist.train.faults import Preemption
+    from s4d_dist.train import faults
 
     before = signal.getsignal(signal.SIGTERM)
     try:
-        with Preemption() as preemption:
+        with faults.Preemption() as preemption:
             os.kill(os.getpid(), signal.SIGTERM)
             time.sleep(0.01)
         assert preemption.received == signal.SIGTERM
         os.kill(os.getpid(), signal.SIGTERM)  # would end this test process under SIG_DFL
         time.sleep(0.01)
-        assert signal.getsignal(signal.SIGTERM) == preemption._note
+        assert signal.getsignal(signal.SIGTERM) == faults._note
     finally:
         signal.signal(signal.SIGTERM, before)
 
-    with Preemption():  # no signal: the previous handlers come back
-        pass
+    with faults.Preemption() as preemption:  # no signal: the previous handlers come back
+        assert preemption.received == 0  # the earlier run's note is forgotten
     assert signal.getsignal(signal.SIGTERM) == before
+
+
+def test_a_loop_off_the_main_thread_listens_through_the_main_thread_it_is_given():
+    """Where the loop runs in a thread of its own (a Ray Train worker), the handlers are
+    installed by the `main_thread` it is given (there: the actor's); with none to ask, a signal
+    keeps its effect and nothing is noted."""
+    import threading
+
+    from s4d_dist.train import faults
+
+    calls, ran = queue.SimpleQueue(), []
+
+    def main_thread(call):  # like the actor's: the call runs there, and is waited for
+        done = threading.Event()
+        calls.put((call, done))
+        done.wait(timeout=60)
+        return True
+
+    def loop(given, seen):
+        with faults.Preemption(main_thread=given) as preemption:
+            seen.append(preemption.received)
+            if given is main_thread:
+                signal.raise_signal(signal.SIGUSR1)  # Python runs handlers on the main thread
+                for _ in range(1000):
+                    if preemption.received:
+                        break
+                    time.sleep(0.01)
+                seen.append(preemption.received)
+        calls.put((None, None))
+
+    before = signal.getsignal(signal.SIGUSR1)
+    seen: list[int] = []
+    try:
+        threading.Thread(target=loop, args=(main_thread, seen)).start()
+        for _ in range(6000):  # the main thread serves the loop's calls until it ends, and
+            try:               # runs Python signal handlers between its waits
+                call, done = calls.get(timeout=0.01)
+            except queue.Empty:
+                continue
+            if call is None:
+                break
+            call()
+            ran.append(call)
+            done.set()
+        assert seen == [0, signal.SIGUSR1]
+        assert ran == [faults.listen, faults.stop_listening]
+        assert signal.getsignal(signal.SIGUSR1) == faults._note  # kept: the process is exiting
+    finally:
+        signal.signal(signal.SIGUSR1, before)
+
+    seen = []
+    threading.Thread(target=loop, args=(faults.on_this_thread, seen)).start()
+    assert calls.get(timeout=60) == (None, None)
+    assert seen == [0] and signal.getsignal(signal.SIGUSR1) == before

@@ -287,6 +287,33 @@ def test_command_line_refuses_bad_input_before_ray_starts():
     assert "Started a local Ray instance" not in bad_space.stderr
 
 
+def test_a_stop_of_the_workers_is_the_drivers_exit_code(monkeypatch, capsys):
+    """Once Ray Train stops restarting a run, the stop that ended its workers (Ray hands back
+    each rank's exception wrapped with its traceback) is the driver's: one line and the exit
+    code of s4d_dist.train.faults — 75 for a preemption, so a scheduler requeues the command."""
+    from ray.train.v2._internal.exceptions import UserExceptionWithTraceback
+    from ray.train.v2.api.exceptions import WorkerGroupError
+
+    from s4d_dist.orchestrate import cli, ray_train
+    from s4d_dist.train.faults import EXIT_PREEMPTED, DataError, Preempted
+
+    said = "preempted (SIGTERM): checkpoint step000000004 (step 4) saved in /runs/x/checkpoints"
+    error = WorkerGroupError("workers failed", {
+        1: UserExceptionWithTraceback(DataError("rank 1 only"), "Traceback ..."),
+        0: UserExceptionWithTraceback(Preempted(said), "Traceback ...")})
+    assert str(ray_train.run_stopped(error)) == said  # the lowest rank's
+    crashed = WorkerGroupError("workers failed", {0: UserExceptionWithTraceback(
+        RuntimeError("a bug"), "Traceback ...")})
+    assert ray_train.run_stopped(crashed) is None
+
+    def preempted(cfg):
+        raise ray_train.run_stopped(error)
+
+    monkeypatch.setattr(ray_train, "fit", preempted)
+    assert cli.main(["--config", "demo_finetune", "--mode", "train"]) == EXIT_PREEMPTED
+    assert capsys.readouterr().err == f"launch/sweep.py: {said} (exit 75)\n"
+
+
 def test_trials_are_refused_on_a_cluster_without_the_state_api():
     """Without the dashboard's state API Ray Train cannot release a finished trial's placement
     group, and the next trials would wait forever: refused up front (in a child process, which

@@ -74,12 +74,14 @@ FORMAT = "%(asctime)s %(name)s %(levelname)s %(message)s"
 
 
 @contextlib.contextmanager
-def run_logs(path: Path, rank: int) -> Iterator[Path | None]:
-    """Log records to `path` (everything from INFO) and the console (rank 0: INFO, others:
-    WARNING) while the run lasts; yields `path`, or None where it cannot be created."""
-    console = logging.StreamHandler(sys.stderr)
-    console.setLevel(logging.INFO if rank == 0 else logging.WARNING)
-    handlers: list[logging.Handler] = [console]
+def run_logs(path: Path, rank: int, console: bool = True) -> Iterator[Path | None]:
+    """Log records to `path` (everything from INFO) and, with `console`, to the console (rank 0:
+    INFO, others: WARNING) while the run lasts; yields `path`, or None where it cannot be
+    created. (A Ray Train worker has no console of its own: Ray forwards its records.)"""
+    handlers: list[logging.Handler] = []
+    if console:
+        handlers.append(logging.StreamHandler(sys.stderr))
+        handlers[0].setLevel(logging.INFO if rank == 0 else logging.WARNING)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         handlers.append(logging.FileHandler(path))

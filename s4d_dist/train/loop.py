@@ -42,7 +42,7 @@ from s4d_dist.shards.layout import BuildError
 from s4d_dist.train import distributed, exports
 from s4d_dist.train.checkpoint import Checkpoints, export_fp32
 from s4d_dist.train.engine import Stepper, build_engine
-from s4d_dist.train.faults import DataError, Preempted, Preemption
+from s4d_dist.train.faults import DataError, MainThread, Preempted, Preemption, on_this_thread
 from s4d_dist.train.flops import peak_flops
 from s4d_dist.train.schedule import Schedule
 from s4d_dist.train.storage import check_shared, shard_files
@@ -201,16 +201,18 @@ def truncated_samples(loader: TrainLoader) -> dict[str, int]:
 EpochHook = Callable[[int, dict[str, float]], None]
 
 
-def train(cfg: DictConfig, task: Task, on_epoch_end: EpochHook | None = None) -> dict[str, Any]:
+def train(cfg: DictConfig, task: Task, on_epoch_end: EpochHook | None = None,
+          main_thread: MainThread = on_this_thread) -> dict[str, Any]:
     """Train `task` under `cfg` to the end (resuming when allowed) and return its final metrics.
 
     `on_epoch_end(epochs_done, metrics)` runs on every rank once each epoch's checkpoint is
     complete, with this rank's mean training loss (`train_loss`) and the task's validation
     metrics: the hook through which an orchestrator (Ray Tune's early stopping) follows a run
-    without the loop knowing about it.
+    without the loop knowing about it. `main_thread` installs the preemption signal handlers
+    where the loop does not run on the process's main thread (faults.Preemption).
     """
     distributed.init()
-    with Preemption(cfg.checkpoint.signal_check_every) as preemption:
+    with Preemption(cfg.checkpoint.signal_check_every, main_thread) as preemption:
         rank, world = distributed.rank(), distributed.world_size()
         seeds.seed_process(cfg.seed, rank)
         folder = run_dir(cfg)
