@@ -1,9 +1,12 @@
 """Ray orchestration without a cluster: search spaces checked before any trial, the cluster
 launcher YAMLs against Ray's own schema, resource packing, and the command line's refusals."""
 import copy
+import os
 import re
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import jsonschema
@@ -12,6 +15,7 @@ import yaml
 from ray import tune
 from ray.autoscaler._private.util import prepare_config, validate_config
 
+from conftest import ray_token_env
 from s4d_dist import config
 from s4d_dist.orchestrate import cluster, kfold_runs, runs, space, sweep
 
@@ -317,14 +321,19 @@ def test_a_stop_of_the_workers_is_the_drivers_exit_code(monkeypatch, capsys):
 def test_trials_are_refused_on_a_cluster_without_the_state_api():
     """Without the dashboard's state API Ray Train cannot release a finished trial's placement
     group, and the next trials would wait forever: refused up front (in a child process, which
-    starts a 1-CPU cluster without dashboard)."""
+    starts a 1-CPU cluster without dashboard, under a temp folder and token of its own)."""
+    temp = tempfile.mkdtemp(prefix="rp", dir="/tmp")  # short: Ray's socket paths
     probe = ("import ray\n"
              "from s4d_dist.orchestrate import cluster\n"
-             "ray.init(address='local', num_cpus=1, include_dashboard=False)\n"
+             f"ray.init(address='local', num_cpus=1, include_dashboard=False, _temp_dir={temp!r})\n"
              "try:\n"
              "    cluster.require_state_api()\n"
              "except cluster.ClusterError as error:\n"
              "    print('refused:', error)\n"
              "ray.shutdown()\n")
-    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300)
+    try:
+        done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                              timeout=300, env={**os.environ, **ray_token_env()})
+    finally:
+        shutil.rmtree(temp, ignore_errors=True)
     assert "refused: this Ray cluster has no dashboard (state API)" in done.stdout, done.stderr[-2000:]

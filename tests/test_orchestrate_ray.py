@@ -207,19 +207,28 @@ def test_preempted_then_killed_workers_end_as_the_uninterrupted_run(shards, tmp_
 
 def test_asha_sweep_stops_the_bad_trials_and_writes_the_best_preset(shards, tmp_path, two_nodes):
     """Four 1-worker trials, two at a time, in grid order: two learning rates that learn, then
-    two (1e-8, 1e-9) that cannot move the model within an epoch, so their validation WAR at
-    ASHA's first rung (epoch 1) is below the recorded ones and they are stopped there."""
-    base = tiny(shards, tmp_path, "optim.epochs=3", "run_name=lr_sweep", "sweep.grace_period=1")
+    two (1e-8, 1e-9) that cannot move the model within an epoch, so at ASHA's first rung (epoch
+    1) their training loss is above the two recorded ones and they are stopped there.
+
+    ASHA follows the epoch's mean training loss here, not validation WAR: on 11 validation
+    clips a learning run and a frozen one may differ by one clip after an epoch, or tie, while
+    the training loss of the same batches falls as soon as the weights move (measured: 1.935
+    and 1.927 against 1.952 frozen). Between the two learning trials ASHA keeps the better half
+    at each rung, among the trials recorded when one reports — which of them goes on depends on
+    which reports first, so the test asks only that one of them trains to the end."""
+    base = tiny(shards, tmp_path, "optim.epochs=3", "run_name=lr_sweep", "sweep.grace_period=1",
+                "sweep.metric=train_loss", "sweep.mode=min")
     cfg = runs.with_values(base, "test", {"sweep": {"space": {
         "optim.base_lr": {"grid": [3e-3, 1e-2, 1e-8, 1e-9]}}}})
     rows = sweep.sweep(cfg)
     folder = tmp_path / "lr_sweep"
     by_lr = {row["optim.base_lr"]: row for row in rows}
     assert len(rows) == 4 and all(row["error"] is None for row in rows)
+    learning = [by_lr[3e-3], by_lr[1e-2]]
     for bad in (1e-8, 1e-9):
         assert by_lr[bad]["status"] == "stopped early" and by_lr[bad]["epochs"] == 1
-        assert by_lr[bad]["val_war_best"] < by_lr[3e-3]["val_war_best"]
-    assert by_lr[3e-3]["status"] == "finished" and by_lr[3e-3]["epochs"] == 3
+        assert by_lr[bad]["train_loss_best"] > max(row["train_loss_best"] for row in learning)
+    assert [(row["status"], row["epochs"]) for row in learning].count(("finished", 3)) >= 1
     assert rows[0]["optim.base_lr"] in (3e-3, 1e-2)  # best first
     table = json.loads((folder / "sweep_results.json").read_text())
     assert [r["trial_id"] for r in table["trials"]] == [r["trial_id"] for r in rows]
