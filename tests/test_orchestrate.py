@@ -15,7 +15,7 @@ import yaml
 from ray import tune
 from ray.autoscaler._private.util import prepare_config, validate_config
 
-from conftest import ray_token_env
+from conftest import ray_token_env, tiny_overrides
 from s4d_dist import config
 from s4d_dist.orchestrate import cluster, kfold_runs, runs, space, sweep
 
@@ -316,6 +316,19 @@ def test_a_stop_of_the_workers_is_the_drivers_exit_code(monkeypatch, capsys):
     monkeypatch.setattr(ray_train, "fit", preempted)
     assert cli.main(["--config", "demo_finetune", "--mode", "train"]) == EXIT_PREEMPTED
     assert capsys.readouterr().err == f"launch/sweep.py: {said} (exit 75)\n"
+
+
+def test_driver_checks_every_split_a_run_reads_and_only_those(synthetic_shards, tmp_path):
+    """runs.check_data: a DFER-only run (no image shards) passes; a broken test split is refused
+    in the driver, before Ray starts any worker."""
+    cfg = config.load("demo", tiny_overrides(synthetic_shards, tmp_path, "finetune")
+                      + ["data.image_shards="])
+    runs.check_data(cfg)
+    shutil.copytree(synthetic_shards / "video", tmp_path / "video", ignore=shutil.ignore_patterns("test"))
+    broken = config.load("demo", tiny_overrides(synthetic_shards, tmp_path, "finetune")
+                         + [f"data.video_shards={tmp_path / 'video' / 'train'}"])
+    with pytest.raises(FileNotFoundError, match=f"{tmp_path / 'video' / 'test'}"):
+        runs.check_data(broken)
 
 
 def test_trials_are_refused_on_a_cluster_without_the_state_api():
