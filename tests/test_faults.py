@@ -16,6 +16,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+import torch
 from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
 
 from conftest import tiny_overrides
@@ -230,6 +231,54 @@ with atomic.replacing({str(fresh)!r}) as tmp:
     writer.kill()  # kill -9 in the middle of the export
     writer.wait()
     assert not fresh.exists()  # only a hidden temporary name holds the partial bytes
+
+
+KILLED_IN_EXPORT = """
+import io, os, signal, sys, torch
+from s4d_dist.train import cli
+real_save = torch.save
+
+def save(obj, f, *args, **kwargs):  # the fp32 export is killed half written, wherever it goes
+    if "weights_fp32" not in str(f):
+        return real_save(obj, f, *args, **kwargs)
+    data = io.BytesIO()
+    real_save(obj, data, *args, **kwargs)
+    with open(f, "wb") as out:
+        out.write(data.getvalue()[: data.tell() // 2])
+        out.flush()
+        os.fsync(out.fileno())
+    os.kill(os.getpid(), signal.SIGKILL)
+
+torch.save = save
+cli.main("pretrain", sys.argv[1:])
+"""
+
+
+def test_a_kill_while_exporting_zero_weights_leaves_no_truncated_export(synthetic_shards,
+                                                                          tmp_path, capsys):
+    """ZeRO-1: the fp32 weights are gathered from the checkpoint's optimizer partitions
+    (DeepSpeed's zero_to_fp32) and written by rank 0; kill -9 half-way through that write
+    leaves no weights file, nor any later export, under its name. The rerun exports them whole:
+    the fp32 master weights that DeepSpeed reads back from the last checkpoint."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    args = _args(synthetic_shards, tmp_path, "deepspeed.zero_stage=1")
+    killed = subprocess.run([sys.executable, "-c", KILLED_IN_EXPORT, *args], cwd=REPO,
+                            capture_output=True, text=True, timeout=600)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    run = tmp_path / "tiny"
+    exports = ["weights_fp32.pt", "weights_official.pth", "model.safetensors", "model.json",
+               "metrics.json", "finished.json"]
+    assert not [name for name in exports if (run / name).exists()]
+    assert [p.name for p in run.glob(".weights_fp32.pt.tmp*")]  # the half-written bytes
+
+    cli.main("pretrain", args)  # the same command: nothing left to train, exports written
+    assert "from checkpoint" in capsys.readouterr().out
+    tag = (run / "checkpoints" / "latest_complete").read_text()
+    want = get_fp32_state_dict_from_zero_checkpoint(str(run / "checkpoints"), tag=tag)
+    got = torch.load(run / "weights_fp32.pt", weights_only=True)
+    assert got.keys() <= want.keys() and len(got) > 10
+    assert all(torch.equal(got[k], want[k].float()) for k in got)
 
 
 NODE = """
