@@ -276,9 +276,9 @@ def test_kill_and_resume_reproduces_the_uninterrupted_run(synthetic_shards, tmp_
     ckpt = tmp_path / "crashed" / "checkpoints" / "latest_complete"
     with open(tmp_path / "crashed.txt", "w") as log:
         proc = _launch(crashed, {}, log)
-        deadline = time.time() + 300
-        while time.time() < deadline and not (ckpt.is_file() and ckpt.read_text() >= "step000000004"):
+        while proc.poll() is None and not (ckpt.is_file() and ckpt.read_text() >= "step000000004"):
             time.sleep(0.2)
+        assert proc.poll() is None, "the run ended before the checkpoint this test waits for"
         os.killpg(proc.pid, signal.SIGKILL)  # kill -9 mid-run
         proc.wait()
     assert not (tmp_path / "crashed" / "finished.json").exists()
