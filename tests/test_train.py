@@ -238,14 +238,17 @@ def run_two_ranks(args: list[str], log_path: Path, tries: int = 3, expect_code: 
     """`deepspeed --num_gpus 2` on a port the OS just handed out; the port is chosen before the
     launcher binds it, so a run that lost it to another process is retried on a fresh one."""
     for _ in range(tries):
+        port = distributed.free_port()
         launcher = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2",
-                    "--master_port", str(distributed.free_port())]
+                    "--master_port", str(port)]
         with open(log_path, "w") as log:
             code = _launch(launcher + args, env or {}, log).wait(timeout=600)
         text = log_path.read_text()
         if code == expect_code or "address already in use" not in text.lower():  # EADDRINUSE
             break
     assert code == expect_code, text[-3000:]
+    # DeepSpeed's CPU shared-memory buffers (66 MB of RAM per rank) do not outlive the run
+    assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_127.0.0.1_{port}_*"))
 
 
 @pytest.mark.parametrize("stage", [1, 2])

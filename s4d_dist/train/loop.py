@@ -238,6 +238,7 @@ def _train(run: Run, task: Task, loader: TrainLoader, resume_tag: str | None,
     rank, world = distributed.rank(), distributed.world_size()
     check_shared(folder, shard_files(loader))
     run.engine = build_engine(cfg, task.build_model(run, resuming=resume_tag is not None))
+    distributed.release_shared_memory()
     checkpoints.check_space(run.engine)
     stepper = Stepper(run.engine, cfg.optim.max_nonfinite_steps)
     run.dtype = stepper.dtype
