@@ -47,23 +47,26 @@ def tiny_overrides(shards, output_dir, task: str = "pretrain") -> list[str]:
             "logging.log_every=1", "logging.image_every=4"]
 
 
-def ray_token_env() -> dict[str, str]:
+def ray_cluster_env() -> dict[str, str]:
     """The environment of a Ray cluster a test starts, and of its clients: token authentication
     with a token of that cluster's own, so that nothing is read from or left in
-    ~/.ray/auth_token, whatever an earlier test (or anyone else here) put there."""
-    return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16)}
+    ~/.ray/auth_token, whatever an earlier test (or anyone else here) put there; and no memory
+    monitor, which kills workers once the machine's memory is 95 % used by anyone — on a shared
+    machine, not by the tests' workers of a few hundred MB."""
+    return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16),
+            "RAY_memory_monitor_refresh_ms": "0"}
 
 
 @contextlib.contextmanager
-def ray_token() -> Iterator[None]:
-    """ray_token_env() in this process's environment while the block runs, for a cluster
+def ray_cluster_environment() -> Iterator[None]:
+    """ray_cluster_env() in this process's environment while the block runs, for a cluster
     started in this process and its ray.init. Ray caches the mode and the token per process:
     the cache is dropped on the way in and on the way out."""
     from ray._private.authentication_test_utils import reset_auth_token_state
 
-    names = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")
-    saved = {name: os.environ.pop(name, None) for name in names}
-    os.environ.update(ray_token_env())
+    env = ray_cluster_env()
+    saved = {name: os.environ.pop(name, None) for name in [*env, "RAY_AUTH_TOKEN_PATH"]}
+    os.environ.update(env)
     reset_auth_token_state()
     try:
         yield

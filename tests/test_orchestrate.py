@@ -15,7 +15,7 @@ import yaml
 from ray import tune
 from ray.autoscaler._private.util import prepare_config, validate_config
 
-from conftest import ray_token_env, tiny_overrides
+from conftest import ray_cluster_env, tiny_overrides
 from s4d_dist import config
 from s4d_dist.orchestrate import cluster, kfold_runs, runs, space, sweep
 
@@ -346,7 +346,7 @@ def test_trials_are_refused_on_a_cluster_without_the_state_api():
              "ray.shutdown()\n")
     try:
         done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
-                              timeout=300, env={**os.environ, **ray_token_env()})
+                              timeout=300, env={**os.environ, **ray_cluster_env()})
     finally:
         shutil.rmtree(temp, ignore_errors=True)
     assert "refused: this Ray cluster has no dashboard (state API)" in done.stdout, done.stderr[-2000:]

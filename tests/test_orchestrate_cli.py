@@ -21,7 +21,7 @@ import psutil
 import pytest
 import yaml
 
-from conftest import ray_token_env, tiny_overrides
+from conftest import ray_cluster_env, tiny_overrides
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
@@ -82,9 +82,9 @@ def processes_mentioning(marker: str) -> list[psutil.Process]:
 
 
 def ray_env() -> dict[str, str]:
-    """The environment of one cluster's `ray` commands: Ray 2.60 clusters use token
-    authentication, and each cluster here has a token of its own (conftest.ray_token_env)."""
-    return {**os.environ, **ray_token_env()}
+    """The environment of one cluster's `ray` commands (conftest.ray_cluster_env): Ray 2.60
+    clusters use token authentication, and each cluster here has a token of its own."""
+    return {**os.environ, **ray_cluster_env()}
 
 
 def run(args, timeout=600, env=None, **kwargs) -> subprocess.CompletedProcess:
@@ -199,7 +199,9 @@ def ssh_localhost(tmp_path_factory):
         (home / ".ssh" / "authorized_keys").chmod(0o600)
         cache = Path(os.environ.get("TORCH_EXTENSIONS_DIR", Path.home() / ".cache" / "torch_extensions"))
         if cache.is_dir():  # DeepSpeed's JIT-built ops, not rebuilt for the new home
-            shutil.copytree(cache, home / ".cache" / "torch_extensions")
+            # without the lock a build in progress holds: nobody would release the copy's
+            shutil.copytree(cache, home / ".cache" / "torch_extensions",
+                            ignore=shutil.ignore_patterns("lock"))
         with open(home / ".bashrc", "a") as rc:
             rc.write(f"\nexport TMPDIR=$HOME/tmp; mkdir -p $TMPDIR\n. {sys.prefix}/bin/activate\n")
         Path("/run/sshd").mkdir(exist_ok=True)

@@ -2,10 +2,10 @@
 
 The cluster is `ray.cluster_utils.Cluster`: a head raylet and a second raylet on this machine,
 1 CPU each, so a 2-worker run necessarily spans both nodes and talks gloo between them, and a
-sweep runs two 1-worker trials at once. It is this module's own: its own temp folder and token
-(conftest.ray_token), nothing shared with other Ray clusters on the machine or left for later
-tests. Every test trains the tiny config of conftest with DeepSpeed in each worker; they take
-tens of seconds each (marked slow, run by default).
+sweep runs two 1-worker trials at once. It is this module's own: its own temp folder, token and
+environment (conftest.ray_cluster_environment), nothing shared with other Ray clusters on the
+machine or left for later tests. Every test trains the tiny config of conftest with DeepSpeed
+in each worker; they take tens of seconds each (marked slow, run by default).
 """
 import functools
 import json
@@ -24,7 +24,7 @@ import ray
 import ray._private.utils
 from ray.cluster_utils import Cluster
 
-from conftest import ray_token, tiny_overrides
+from conftest import ray_cluster_environment, tiny_overrides
 from s4d_dist import config
 from s4d_dist.orchestrate import cluster as cluster_module
 from s4d_dist.orchestrate import kfold_runs, ray_train, runs, sweep
@@ -58,7 +58,7 @@ def two_nodes():
     default temp folder, where other people's drivers look: that record goes to ours too."""
     temp = tempfile.mkdtemp(prefix="rt", dir="/tmp")
     record = functools.partial(ray._private.utils.write_ray_address, temp_dir=temp)
-    with ray_token(), pytest.MonkeyPatch.context() as patch:
+    with ray_cluster_environment(), pytest.MonkeyPatch.context() as patch:
         patch.setattr(ray._private.utils, "write_ray_address", record)
         # With its dashboard: Ray Train releases finished trials' placement groups through it.
         nodes = Cluster(initialize_head=True, head_node_args={
