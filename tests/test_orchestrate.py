@@ -1,9 +1,12 @@
 """Ray orchestration without a cluster: search spaces checked before any trial, the cluster
 launcher YAMLs against Ray's own schema, resource packing, and the command line's refusals."""
 import copy
+import os
 import re
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import jsonschema
@@ -12,6 +15,7 @@ import yaml
 from ray import tune
 from ray.autoscaler._private.util import prepare_config, validate_config
 
+from conftest import ray_cluster_env, tiny_overrides
 from s4d_dist import config
 from s4d_dist.orchestrate import cluster, kfold_runs, runs, space, sweep
 
@@ -287,17 +291,62 @@ def test_command_line_refuses_bad_input_before_ray_starts():
     assert "Started a local Ray instance" not in bad_space.stderr
 
 
+def test_a_stop_of_the_workers_is_the_drivers_exit_code(monkeypatch, capsys):
+    """Once Ray Train stops restarting a run, the stop that ended its workers (Ray hands back
+    each rank's exception wrapped with its traceback) is the driver's: one line and the exit
+    code of s4d_dist.train.faults — 75 for a preemption, so a scheduler requeues the command."""
+    from ray.train.v2._internal.exceptions import UserExceptionWithTraceback
+    from ray.train.v2.api.exceptions import WorkerGroupError
+
+    from s4d_dist.orchestrate import cli, ray_train
+    from s4d_dist.train.faults import EXIT_PREEMPTED, DataError, Preempted
+
+    said = "preempted (SIGTERM): checkpoint step000000004 (step 4) saved in /runs/x/checkpoints"
+    error = WorkerGroupError("workers failed", {
+        1: UserExceptionWithTraceback(DataError("rank 1 only"), "Traceback ..."),
+        0: UserExceptionWithTraceback(Preempted(said), "Traceback ...")})
+    assert str(ray_train.run_stopped(error)) == said  # the lowest rank's
+    crashed = WorkerGroupError("workers failed", {0: UserExceptionWithTraceback(
+        RuntimeError("a bug"), "Traceback ...")})
+    assert ray_train.run_stopped(crashed) is None
+
+    def preempted(cfg):
+        raise ray_train.run_stopped(error)
+
+    monkeypatch.setattr(ray_train, "fit", preempted)
+    assert cli.main(["--config", "demo_finetune", "--mode", "train"]) == EXIT_PREEMPTED
+    assert capsys.readouterr().err == f"launch/sweep.py: {said} (exit 75)\n"
+
+
+def test_driver_checks_every_split_a_run_reads_and_only_those(synthetic_shards, tmp_path):
+    """runs.check_data: a DFER-only run (no image shards) passes; a broken test split is refused
+    in the driver, before Ray starts any worker."""
+    cfg = config.load("demo", tiny_overrides(synthetic_shards, tmp_path, "finetune")
+                      + ["data.image_shards="])
+    runs.check_data(cfg)
+    shutil.copytree(synthetic_shards / "video", tmp_path / "video", ignore=shutil.ignore_patterns("test"))
+    broken = config.load("demo", tiny_overrides(synthetic_shards, tmp_path, "finetune")
+                         + [f"data.video_shards={tmp_path / 'video' / 'train'}"])
+    with pytest.raises(FileNotFoundError, match=f"{tmp_path / 'video' / 'test'}"):
+        runs.check_data(broken)
+
+
 def test_trials_are_refused_on_a_cluster_without_the_state_api():
     """Without the dashboard's state API Ray Train cannot release a finished trial's placement
     group, and the next trials would wait forever: refused up front (in a child process, which
-    starts a 1-CPU cluster without dashboard)."""
+    starts a 1-CPU cluster without dashboard, under a temp folder and token of its own)."""
+    temp = tempfile.mkdtemp(prefix="rp", dir="/tmp")  # short: Ray's socket paths
     probe = ("import ray\n"
              "from s4d_dist.orchestrate import cluster\n"
-             "ray.init(address='local', num_cpus=1, include_dashboard=False)\n"
+             f"ray.init(address='local', num_cpus=1, include_dashboard=False, _temp_dir={temp!r})\n"
              "try:\n"
              "    cluster.require_state_api()\n"
              "except cluster.ClusterError as error:\n"
              "    print('refused:', error)\n"
              "ray.shutdown()\n")
-    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300)
+    try:
+        done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                              timeout=300, env={**os.environ, **ray_cluster_env()})
+    finally:
+        shutil.rmtree(temp, ignore_errors=True)
     assert "refused: this Ray cluster has no dashboard (state API)" in done.stdout, done.stderr[-2000:]

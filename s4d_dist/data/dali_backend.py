@@ -13,8 +13,8 @@ must satisfy here —
 - one undecodable sample fails a DALI pipeline for good (the pipeline object is invalid after
   the error), and the reader offers no way to skip it.
 So Python reads each sample's members by offset (catalog.py, one pread each), checks them,
-draws the random parameters (plan.py, recipes.py) — on a thread a few batches ahead (prefetch.py) — and
-hands DALI the encoded bytes plus per-sample parameter tensors through one
+draws the random parameters (plan.py, recipes.py) — on a thread a few batches ahead
+(prefetch.py) — and hands DALI the encoded bytes plus per-sample parameter tensors through one
 `fn.external_source`; all the pixel work — decoding, resizing, RandAugment, normalisation,
 erasing — stays in DALI. Images are decoded with `fn.decoders.image_slice`, only the region
 their crop reads (ROI decoding), clips with `fn.decoders.video(frames=...)`, only the frames

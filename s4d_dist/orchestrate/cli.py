@@ -58,6 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     from s4d_dist.orchestrate import cluster, kfold_runs, ray_train, sweep
     from s4d_dist.shards.layout import BuildError
     from s4d_dist.train.checkpoint import ResumeError
+    from s4d_dist.train.faults import RunStopped
 
     run = {"train": ray_train.fit, "sweep": sweep.sweep, "kfold": kfold_runs.kfold}[mode]
     try:
@@ -66,6 +67,9 @@ def main(argv: list[str] | None = None) -> int:
         # Bad input found before training (config, search space, shards, run folder, cluster).
         print(f"launch/sweep.py: error: {error}", file=sys.stderr)
         return 2
+    except RunStopped as stop:  # the workers' stop, once Ray Train stopped restarting them
+        print(f"launch/sweep.py: {stop} (exit {stop.exit_code})", file=sys.stderr)
+        return stop.exit_code
     finally:
         ray.shutdown()
     if mode == "train":

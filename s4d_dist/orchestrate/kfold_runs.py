@@ -15,7 +15,7 @@ from typing import Any
 from omegaconf import DictConfig
 from ray import tune
 
-from s4d_dist import config
+from s4d_dist import atomic, config
 from s4d_dist.orchestrate import runs, trials
 from s4d_dist.train.loop import run_dir
 from s4d_dist.train.metrics import mean_std
@@ -72,7 +72,7 @@ def kfold(cfg: DictConfig) -> dict[str, Any]:
             failed[result.config["data"]["fold"]] = str(result.error).strip()[:2000]
     summary = summarize(results)
     summary["failed"] = failed
-    (folder / "kfold_summary.json").write_text(json.dumps(summary, indent=1))
+    atomic.write_text(folder / "kfold_summary.json", json.dumps(summary, indent=1))
     _print(summary)
     if failed or len(results) < len(folds):
         raise RuntimeError(f"folds {sorted(set(folds) - set(results))} did not finish "

@@ -10,15 +10,22 @@ already lies in the folder, so Ray records a pointer and copies nothing (NO_UPLO
 worker or its node dies, Ray restarts the worker group (`ray.max_failures` times) and the loop
 continues from the folder's last complete checkpoint (`resume=auto`) — the path a crashed
 `deepspeed` job takes when started again, so on several nodes `output_dir` must be shared.
-Any stop of the loop in a worker (preemption included: a node taken back kills its workers, and
-Ray's own SIGTERM never reaches the loop, which runs in a worker thread) is such a failure, and
-the restart resumes from the last complete checkpoint; a stop that would recur (bad data, a full
-disk: s4d_dist.train.faults) simply uses up `ray.max_failures`.
+
+Preemption works as under `deepspeed`: SIGTERM / SIGUSR1 sent to a worker process (SLURM's
+`--signal`, a node being reclaimed, `kill`) no longer ends it at once (Ray's handler would exit
+it, losing the steps since the last checkpoint): every rank saves a checkpoint at the next step
+boundary and stops with Preempted, and Ray's restart resumes from that checkpoint. The loop runs
+in a thread of the worker's actor, so the handlers are installed by its main thread
+(`on_actor_main_thread`). Any stop of the loop is a failure to Ray Train and uses up one of
+`ray.max_failures` — preemption too; a stop that would recur (bad data, a full disk:
+s4d_dist.train.faults) simply uses them all, after which `fit` raises that stop, so the driver
+exits with its code (75 preempted, 65 data, ...). Each worker, like each `deepspeed` rank, logs
+to `<run>/logs/rank<k>.log` and says why it stopped in one line (s4d_dist.train.cli.report).
 """
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -26,12 +33,15 @@ import ray.train
 from omegaconf import DictConfig
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
+from ray.train.v2.api.exceptions import WorkerGroupError
 from ray.train.v2.api.report_config import CheckpointUploadMode
 
 from s4d_dist import config
 from s4d_dist.orchestrate import cluster, runs
 from s4d_dist.train.checkpoint import Checkpoints
-from s4d_dist.train.cli import make_task
+from s4d_dist.train.cli import make_task, report
+from s4d_dist.train.logs import run_logs
+from s4d_dist.train.faults import RunStopped
 from s4d_dist.train.loop import run_dir, train
 
 
@@ -48,10 +58,25 @@ class EpochReporter:
                          checkpoint_upload_mode=CheckpointUploadMode.NO_UPLOAD)
 
 
+def on_actor_main_thread(call: Callable[[], None]) -> bool:
+    """faults.MainThread in a Ray Train worker: `call` (a module-level function: it travels
+    pickled) runs as a task of this worker's actor, which Ray runs on the process's main thread,
+    the one place signal handlers can be set."""
+    ray.get(ray.get_runtime_context().current_actor.execute.remote(call))
+    return True
+
+
 def worker_main(values: dict[str, Any]) -> None:
     """What every Ray Train worker runs: the loop of `values` (a resolved config)."""
     cfg = config.from_values(("config from the Ray driver", values))
-    train(cfg, make_task(cfg), on_epoch_end=EpochReporter(cfg))
+    rank = ray.train.get_context().get_world_rank()
+    with run_logs(run_dir(cfg) / "logs" / f"rank{rank}.log", rank, console=False) as log_file:
+        try:
+            train(cfg, make_task(cfg), on_epoch_end=EpochReporter(cfg),
+                  main_thread=on_actor_main_thread)
+        except Exception as error:
+            report(error, rank, log_file)
+            raise  # a failure to Ray Train: it restarts the workers, which resume (or gives up)
 
 
 def trainer(cfg: DictConfig, callbacks: Iterable = ()) -> TorchTrainer:
@@ -79,5 +104,22 @@ def fit(cfg: DictConfig) -> dict[str, Any]:
     runs.check_data(cfg)
     cfg = cluster.connect(cfg)
     cluster.runs_at_once(cfg)  # refuses a run the cluster can never hold
-    trainer(cfg).fit()
+    try:
+        trainer(cfg).fit()
+    except WorkerGroupError as error:
+        stop = run_stopped(error)
+        if stop is None:
+            raise
+        raise stop from error
     return json.loads((Path(run_dir(cfg)) / "metrics.json").read_text())
+
+
+def run_stopped(error: WorkerGroupError) -> RunStopped | None:
+    """The stop (faults.RunStopped) that ended the lowest rank stopped by one, in the last
+    attempt Ray Train made; None if the workers failed otherwise. Ray hands each worker's
+    exception back wrapped with its traceback text."""
+    for _, failure in sorted(error.worker_failures.items()):
+        cause = getattr(failure, "_base_exc", failure)
+        if isinstance(cause, RunStopped):
+            return cause
+    return None

@@ -14,6 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 from s4d_dist import config
 from s4d_dist.data.loaders import MODALITIES, train_catalog
 from s4d_dist.train.checkpoint import Checkpoints
+from s4d_dist.train.cli import make_task
 from s4d_dist.train.loop import run_dir
 
 PATH_KEYS = ("output_dir", "init_checkpoint", "data.image_shards", "data.video_shards",
@@ -72,6 +73,9 @@ def check_folder(cfg: DictConfig) -> None:
 
 
 def check_data(cfg: DictConfig) -> None:
-    """Refuse in the driver missing or empty training shards (see check_folder for why)."""
+    """Refuse in the driver training or evaluation shards that cannot be opened (see
+    check_folder for why). A modality without shards is left out, as the loop leaves it out."""
     for modality in MODALITIES[cfg.task]:
-        train_catalog(cfg, modality)
+        if cfg.data.image_shards if modality == "image" else cfg.data.video_shards:
+            train_catalog(cfg, modality)
+    make_task(cfg).eval_catalogs()

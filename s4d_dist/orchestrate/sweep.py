@@ -21,7 +21,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from ray.tune.schedulers import ASHAScheduler
 
-from s4d_dist import config
+from s4d_dist import atomic, config
 from s4d_dist.orchestrate import runs, space, trials
 from s4d_dist.train.loop import run_dir
 
@@ -97,13 +97,13 @@ def _ranked(rows: list[dict[str, Any]], cfg: DictConfig) -> list[dict[str, Any]]
 
 
 def write_table(rows: list[dict[str, Any]], cfg: DictConfig, folder: Path) -> None:
-    """sweep_results.csv and .json, best first."""
+    """sweep_results.csv and .json, best first (each whole or absent: atomic.py)."""
     columns = list(dict.fromkeys(k for row in rows for k in row))
-    with open(folder / "sweep_results.csv", "w", newline="") as f:
+    with atomic.replacing(folder / "sweep_results.csv") as tmp, open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
         writer.writerows(rows)
-    (folder / "sweep_results.json").write_text(json.dumps(
+    atomic.write_text(folder / "sweep_results.json", json.dumps(
         {"metric": cfg.sweep.metric, "mode": cfg.sweep.mode, "ranked_by": f"{cfg.sweep.metric}_best",
          "trials": rows}, indent=1, default=float))
 
@@ -117,7 +117,7 @@ def write_best_preset(cfg: DictConfig, values: dict[str, Any], row: dict[str, An
     best["sweep"]["space"] = {}
     config.from_values((str(path), best))  # what config.load will do with the file
     metric = cfg.sweep.metric
-    path.write_text(f"# Best trial {row['trial_id']} of sweep {cfg.run_name}: {metric} "
+    atomic.write_text(path, f"# Best trial {row['trial_id']} of sweep {cfg.run_name}: {metric} "
                     f"{row[f'{metric}_best']} (best epoch). Train it with\n"
                     f"#   python launch/sweep.py --config {path} --mode train\n"
                     + OmegaConf.to_yaml(OmegaConf.create(best)))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import os
 import socket
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -140,3 +141,19 @@ def gather_arrays(array: np.ndarray) -> np.ndarray:
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
+
+
+def release_shared_memory() -> None:
+    """Collective, once DeepSpeed's communication backend is up on every rank (its engine
+    built). On CPU, when every rank runs on this machine, that backend maps a shared-memory
+    buffer per rank (about 66 MB of RAM, /dev/shm/deepspeed_allreduce_buffer_<uid>_<addr>_
+    <port>_<rank>) and never unlinks it, so every such run left its buffers in RAM until reboot
+    — on a machine running the tests, gigabytes, until Ray's memory monitor killed workers.
+    Every rank has mapped every buffer by now, so each rank removes its own buffer's name: the
+    memory goes with the last process that maps it."""
+    name = Path("/dev/shm") / (f"deepspeed_allreduce_buffer_{os.getuid()}_"
+                               f"{os.environ.get('MASTER_ADDR', '')}_"
+                               f"{os.environ.get('MASTER_PORT', '')}_{rank()}")
+    if name.exists():  # on every rank or none: all on this machine, on CPU
+        barrier()
+        name.unlink(missing_ok=True)

@@ -21,7 +21,9 @@ from __future__ import annotations
 import errno
 import signal
 import threading
+from collections.abc import Callable
 from types import FrameType, TracebackType
+from typing import Any
 
 from s4d_dist.train import distributed
 
@@ -89,6 +91,51 @@ def human_bytes(n_bytes: float) -> str:
     return f"{n_bytes:.3g} TB"
 
 
+# Signal handlers belong to the process, so the note does too: the handler may be installed from
+# another thread than the loop's (a Ray Train worker's loop runs beside the actor's main thread).
+_received = 0  # the first preemption signal noted since `listen()`
+_previous: dict[int, Any] = {}  # the handlers `listen()` replaced
+
+
+def _note(signum: int, frame: FrameType | None) -> None:
+    global _received
+    _received = _received or signum
+
+
+def listen() -> None:
+    """Main thread only: from now on note SIGTERM / SIGUSR1 instead of dying of them (a note
+    from an earlier run in this process is forgotten)."""
+    global _received
+    _received = 0
+    for signum in PREEMPTION_SIGNALS:
+        previous = signal.signal(signum, _note)
+        _previous.setdefault(signum, previous)
+
+
+def stop_listening() -> None:
+    """Main thread only: put back the handlers `listen()` replaced — unless a signal was noted:
+    the process is then on its way out (exit 75), and a repeated signal must not turn that clean
+    exit into a kill, so the noting handler stays."""
+    if _received:
+        return
+    for signum, handler in _previous.items():
+        signal.signal(signum, handler)
+    _previous.clear()
+
+
+# Runs a call on the process's main thread; False where it has none to run it on.
+MainThread = Callable[[Callable[[], None]], bool]
+
+
+def on_this_thread(call: Callable[[], None]) -> bool:
+    """The MainThread of a loop started by deepspeed / torchrun / python: `call` runs here if
+    this is the main thread (elsewhere, with none to ask, signals keep their effect)."""
+    if threading.current_thread() is not threading.main_thread():
+        return False
+    call()
+    return True
+
+
 class Preemption:
     """SIGTERM / SIGUSR1 turned into a stop at a step boundary that every rank agrees on.
 
@@ -96,31 +143,33 @@ class Preemption:
     finishes undisturbed; a second signal during the save changes nothing. `requested(step)`
     agrees on the note with one int all-reduced over gloo every `check_every` steps (it waits
     for no GPU work; every rank calls it at the same steps), after which `signal` names it on
-    every rank. Handlers can be installed only from the main thread (not in a Ray Train
-    worker's thread: there Ray's own restarts resume from the last checkpoint).
+    every rank.
+
+    Handlers can be installed only on the process's main thread: `main_thread(call)` runs
+    `call` there — the caller itself by default; a Ray Train worker, whose loop runs in a thread
+    of its own, asks its actor's main thread (orchestrate/ray_train.py).
     """
 
-    def __init__(self, check_every: int = 1) -> None:
+    def __init__(self, check_every: int = 1,
+                 main_thread: MainThread = on_this_thread) -> None:
         self.check_every = max(1, check_every)
-        self.received = 0  # the first signal number noted on this rank
         self.signal = ""  # the signal the ranks agreed on
-        self._previous: dict[int, object] = {}
+        self._main_thread = main_thread
+        self._listening = False
+
+    @property
+    def received(self) -> int:
+        """The first signal number noted on this rank since the run began (0: none)."""
+        return _received if self._listening else 0
 
     def __enter__(self) -> Preemption:
-        if threading.current_thread() is threading.main_thread():
-            for signum in PREEMPTION_SIGNALS:
-                self._previous[signum] = signal.signal(signum, self._note)
+        self._listening = self._main_thread(listen)
         return self
 
     def __exit__(self, kind: type | None, error: BaseException | None,
                  trace: TracebackType | None) -> None:
-        if self.received:  # the process is on its way out (exit 75): a repeated signal must not
-            return         # turn that clean exit into a kill, so the noting handler stays
-        for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
-
-    def _note(self, signum: int, frame: FrameType | None) -> None:
-        self.received = self.received or signum
+        if self._listening:
+            self._main_thread(stop_listening)
 
     def requested(self, step: int) -> bool:
         if step % self.check_every:

@@ -26,7 +26,7 @@ image_test_* tags.
 from __future__ import annotations
 
 import logging
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 import torch
@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 from torch import nn
 
+from s4d_dist.data.catalog import Catalog
 from s4d_dist.data.loaders import eval_catalog, eval_loader
 from s4d_dist.models import official
 from s4d_dist.models.factory import build_classifier
@@ -113,7 +114,7 @@ class FinetuneTask:
                      f"{report['fresh']} fresh")
         return model
 
-    def class_names(self) -> Optional[list[str]]:
+    def class_names(self) -> list[str] | None:
         """The video classes' names, as the shards were built with them (for the figures)."""
         return class_names(self.cfg.data.video_shards)
 
@@ -140,6 +141,18 @@ class FinetuneTask:
     def on_log(self, run: Run, batch: dict, step: int) -> None:
         layers = {i: layer.stats for i, layer in run.engine.module.moae_layers().items()}
         run.logger.expert_load(layers, step)
+
+    def eval_catalogs(self) -> list[Catalog]:
+        """Every split this run will evaluate — the selection split each epoch, the test splits
+        at the end — opened, so that the loop can stop on shards it cannot read before step 0
+        rather than after training (loop.open_eval_data)."""
+        catalogs = [eval_catalog(self.cfg, "test", "video")]
+        split = self.selection_split()
+        if split is not None:
+            catalogs.append(eval_catalog(self.cfg, split, "video"))
+        if self._scores_images():
+            catalogs.append(eval_catalog(self.cfg, "test", "image"))
+        return catalogs
 
     def _evaluate(self, run: Run, split: str, modality: str = "video") -> dict:
         loader = eval_loader(self.cfg, split, modality, distributed.rank(),

@@ -8,6 +8,8 @@ from __future__ import annotations
 import torch
 from omegaconf import DictConfig
 
+from s4d_dist.data.masking import num_masked
+
 # Dense bf16 peak per GPU (no sparsity) from the vendor's datasheets, matched against the device
 # name in this order (the first substring found wins, so variants precede their family): the
 # PCIe and NVL parts run lower clocks, fewer SMs or a lower power limit than the SXM parts.
@@ -25,10 +27,11 @@ def transformer_flops(tokens: int, dim: int, depth: int, mlp_ratio: float) -> fl
 
 
 def mae_step_flops(cfg: DictConfig, tokens: int, mask_ratio: float, batch: int) -> float:
-    """Encoder on the visible tokens, decoder on all of them, for fwd + bwd."""
+    """Patch embedding of every token (the visible ones are picked from its output), encoder
+    blocks on the visible tokens, decoder on all of them, for fwd + bwd."""
     m = cfg.model
-    visible = tokens - int(mask_ratio * tokens)
-    encoder = 2 * visible * m.in_chans * m.tubelet * m.patch ** 2 * m.embed_dim + \
+    visible = tokens - num_masked(tokens, mask_ratio)
+    encoder = 2 * tokens * m.in_chans * m.tubelet * m.patch ** 2 * m.embed_dim + \
         transformer_flops(visible, m.embed_dim, m.depth, m.mlp_ratio)
     decoder = 2 * visible * m.embed_dim * m.decoder_dim + \
         transformer_flops(tokens, m.decoder_dim, m.decoder_depth, m.mlp_ratio) + \

@@ -33,17 +33,20 @@ class _Ours(logging.Filter):
 
 
 @contextlib.contextmanager
-def run_logs(path: Path, rank: int) -> Iterator[Path | None]:
-    """Log to `path` and the console (see the module docstring) while the block runs; yields
-    `path`, or None where it cannot be created (a full disk: the console still works)."""
+def run_logs(path: Path, rank: int, console: bool = True) -> Iterator[Path | None]:
+    """Log to `path` and, with `console`, the console (see the module docstring) while the block
+    runs; yields `path`, or None where it cannot be created (a full disk: the console still
+    works). A Ray Train worker passes console=False: it has no console of its own."""
     if _active:
         yield _active[-1]
         return
-    problems = logging.StreamHandler(sys.stderr)
-    problems.setLevel(logging.WARNING)
-    problems.setFormatter(logging.Formatter(f"%(levelname)s rank {rank} %(name)s: %(message)s"))
-    handlers: list[logging.Handler] = [problems]
-    if rank == 0:
+    handlers: list[logging.Handler] = []
+    if console:
+        problems = logging.StreamHandler(sys.stderr)
+        problems.setLevel(logging.WARNING)
+        problems.setFormatter(logging.Formatter(f"%(levelname)s rank {rank} %(name)s: %(message)s"))
+        handlers.append(problems)
+    if console and rank == 0:
         said = logging.StreamHandler(sys.stdout)
         said.setFormatter(logging.Formatter("[s4d] %(message)s"))
         said.addFilter(_Ours())

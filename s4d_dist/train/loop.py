@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 import torch
@@ -34,12 +34,14 @@ from tqdm import tqdm
 
 from s4d_dist import atomic, seeds
 from s4d_dist import config as config_module
+from s4d_dist.data.catalog import Catalog
 from s4d_dist.data.loaders import TrainLoader, train_loader
 from s4d_dist.models import official
+from s4d_dist.shards.layout import BuildError
 from s4d_dist.train import distributed, exports
 from s4d_dist.train.checkpoint import Checkpoints, export_fp32
 from s4d_dist.train.engine import Stepper, build_engine
-from s4d_dist.train.faults import DataError, Preempted, Preemption
+from s4d_dist.train.faults import DataError, MainThread, Preempted, Preemption, on_this_thread
 from s4d_dist.train.flops import peak_flops
 from s4d_dist.train.logs import run_logs
 from s4d_dist.train.schedule import Schedule
@@ -48,6 +50,7 @@ from s4d_dist.train.tracking import RunLogger
 from s4d_dist.tubelets import model_tokens
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 def run_dir(cfg: DictConfig) -> Path:
@@ -77,6 +80,7 @@ class Task(Protocol):
     def build_model(self, run: Run, resuming: bool) -> nn.Module: ...
     def loss(self, run: Run, batch: dict, rng: np.random.Generator) -> torch.Tensor: ...
     def step_flops(self, batch: dict) -> float: ...
+    def eval_catalogs(self) -> list[Catalog]: ...
     def on_log(self, run: Run, batch: dict, step: int) -> None: ...
     def after_epoch(self, run: Run, epoch: int) -> dict[str, float]: ...
     def finish(self, run: Run) -> dict[str, Any]: ...
@@ -147,22 +151,40 @@ def _tokens(batch: dict, cfg: DictConfig) -> int:
     return len(batch["pixels"]) * model_tokens(cfg.model, batch["modality"])
 
 
-def open_train_data(cfg: DictConfig, rank: int, world: int) -> TrainLoader:
-    """The training loader; shards that are missing, empty or truncated (on any rank) stop the
-    run here, before step 0, as a DataError on every rank (one line: what and where)."""
-    error = None
+def open_data(opener: Callable[[], T]) -> T:
+    """`opener()`, which opens shards, on every rank. Shards that are missing, empty, truncated,
+    badly indexed or from an unfinished build (on any rank) stop the run here, before step 0,
+    as a DataError on every rank (one line: what and where)."""
+    error = opened = None
     try:
-        loader = train_loader(cfg, rank, world)
-    except (OSError, ValueError) as caught:
+        opened = opener()
+    except (OSError, ValueError, BuildError) as caught:
         error = caught
     problem = distributed.first_problem(None if error is None else str(error))
     if problem is not None:
         raise DataError(problem) from error
-    truncated = truncated_samples(loader)
-    if truncated:
-        log.info(f"data.skip_truncated: training without {sum(truncated.values())} samples beyond "
-                 f"the end of truncated shards: " + ", ".join(f"{t} ({n})" for t, n in truncated.items()))
+    return opened
+
+
+def open_train_data(cfg: DictConfig, rank: int, world: int) -> TrainLoader:
+    """The training loader (open_data), saying which samples data.skip_truncated leaves out."""
+    loader = open_data(lambda: train_loader(cfg, rank, world))
+    _say_truncated("training", truncated_samples(loader))
     return loader
+
+
+def open_eval_data(task: Task) -> None:
+    """Open the shards of every split the task will evaluate (open_data): a broken test split
+    stops the run before training, not after it."""
+    catalogs = open_data(task.eval_catalogs)
+    _say_truncated("evaluating", {tar: n for catalog in catalogs
+                                  for tar, n in catalog.truncated.items()})
+
+
+def _say_truncated(doing: str, truncated: dict[str, int]) -> None:
+    if truncated:
+        log.info(f"data.skip_truncated: {doing} without {sum(truncated.values())} samples beyond "
+                 f"the end of truncated shards: " + ", ".join(f"{t} ({n})" for t, n in truncated.items()))
 
 
 def truncated_samples(loader: TrainLoader) -> dict[str, int]:
@@ -173,18 +195,20 @@ def truncated_samples(loader: TrainLoader) -> dict[str, int]:
 EpochHook = Callable[[int, dict[str, float]], None]
 
 
-def train(cfg: DictConfig, task: Task, on_epoch_end: EpochHook | None = None) -> dict[str, Any]:
+def train(cfg: DictConfig, task: Task, on_epoch_end: EpochHook | None = None,
+          main_thread: MainThread = on_this_thread) -> dict[str, Any]:
     """Train `task` under `cfg` to the end (resuming when allowed) and return its final metrics.
 
     `on_epoch_end(epochs_done, metrics)` runs on every rank once each epoch's checkpoint is
     complete, with this rank's mean training loss (`train_loss`) and the task's validation
     metrics: the hook through which an orchestrator (Ray Tune's early stopping) follows a run
-    without the loop knowing about it.
+    without the loop knowing about it. `main_thread` installs the preemption signal handlers
+    where the loop does not run on the process's main thread (faults.Preemption).
     """
     distributed.init()
     rank, world = distributed.rank(), distributed.world_size()
     with (run_logs(run_dir(cfg) / "logs" / f"rank{rank}.log", rank),
-          Preemption(cfg.checkpoint.signal_check_every) as preemption):
+          Preemption(cfg.checkpoint.signal_check_every, main_thread) as preemption):
         seeds.seed_process(cfg.seed, rank)
         folder = run_dir(cfg)
         checkpoints = Checkpoints(folder, cfg, keep=cfg.checkpoint.keep)
@@ -193,6 +217,7 @@ def train(cfg: DictConfig, task: Task, on_epoch_end: EpochHook | None = None) ->
         checkpoints.drop_incomplete(resume_tag)
         if distributed.is_main():
             config_module.save(cfg, folder / "config.yaml")
+        open_eval_data(task)
         loader = open_train_data(cfg, rank, world)
         run = Run(cfg, folder, RunLogger(folder, cfg.logging.tensorboard), checkpoints)
         try:
@@ -208,6 +233,7 @@ def _train(run: Run, task: Task, loader: TrainLoader, resume_tag: str | None,
     rank, world = distributed.rank(), distributed.world_size()
     check_shared(folder, shard_files(loader))
     run.engine = build_engine(cfg, task.build_model(run, resuming=resume_tag is not None))
+    distributed.release_shared_memory()
     checkpoints.check_space(run.engine)
     stepper = Stepper(run.engine, cfg.optim.max_nonfinite_steps)
     run.dtype = stepper.dtype

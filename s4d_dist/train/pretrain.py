@@ -62,6 +62,9 @@ class PretrainTask:
         masked = shown.masked_fill(pixel_mask(mask, shown.shape, m.tubelet, m.patch), 0.5)
         run.logger.reconstruction(f"mae/{batch['modality']}", shown, masked, recon, step)
 
+    def eval_catalogs(self) -> list:
+        return []  # nothing is evaluated
+
     def after_epoch(self, run: Run, epoch: int) -> dict[str, float]:
         return {}
 
