@@ -183,10 +183,10 @@ def test_preempted_then_killed_workers_end_as_the_uninterrupted_run(shards, tmp_
     assert not psutil.pid_exists(second[-1].pid)
 
     rank0 = (run / "logs" / "rank0.log").read_text()
-    said = set(re.findall(r"\[s4d\] preempted \(SIGTERM\): checkpoint (step\d+) \(step", rank0))
+    said = set(re.findall(r"preempted \(SIGTERM\): checkpoint (step\d+) \(step", rank0))
     assert said == {preempted}, rank0[-3000:]
     assert preempted > epoch_1  # written at the signal, not the last epoch's
-    resumed = re.findall(r"\[s4d\] resuming \S+ from checkpoint (step\d+)", rank0)
+    resumed = re.findall(r"resuming \S+ from checkpoint (step\d+)", rank0)
     assert resumed[:1] == [preempted] and len(resumed) == 2 and resumed[1] >= later
 
     whole = losses_by_step(uninterrupted / "tb")

@@ -112,6 +112,9 @@ def report(error: BaseException, rank: int, log_file: Path | None) -> int:
                 f"reached; read every rank's log in its logs/ folder (exit {code}{where})")
     else:
         line = f"error: {message} (exit {code}{where})"
+    if where:  # the rank's log ends with what its console said (a Ray worker has no console)
+        with open(log_file, "a") as log:  # type: ignore[arg-type]
+            log.write(f"[s4d] {line}\n")
     if code in (EXIT_FAILED, EXIT_PEERS) or rank == 0:
         print(f"[s4d] {line}", file=sys.stderr, flush=True)
     return code
