@@ -34,6 +34,7 @@ crops identical (§3.9).
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Literal
 
@@ -285,17 +286,23 @@ def mirrored(roi: Roi, flip: bool) -> Roi:
     return (y0, x1, y1, x0) if flip else roi
 
 
-def random_resized_crop(height: int, width: int, scale: tuple[float, float],
-                        rng: np.random.Generator, ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> Roi:
-    """torchvision RandomResizedCrop.get_params: up to 10 tries of an area fraction in `scale`
-    and a log-uniform aspect ratio, else the largest central crop within `ratio`."""
-    area = height * width
+def _box_tries(area: int, scale: tuple[float, float], ratio: tuple[float, float],
+               rng: np.random.Generator) -> Iterator[tuple[int, int]]:
+    """The 10 tries of torchvision's RandomResizedCrop and RandomErasing: an area fraction
+    uniform in `scale`, a log-uniform aspect ratio in `ratio`, drawn in that order; each try as
+    (round(√(area·aspect)), round(√(area / aspect)))."""
     log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
     for _ in range(10):
         target_area = area * rng.uniform(scale[0], scale[1])
         aspect = math.exp(rng.uniform(log_ratio[0], log_ratio[1]))
-        w = int(round(math.sqrt(target_area * aspect)))
-        h = int(round(math.sqrt(target_area / aspect)))
+        yield int(round(math.sqrt(target_area * aspect))), int(round(math.sqrt(target_area / aspect)))
+
+
+def random_resized_crop(height: int, width: int, scale: tuple[float, float],
+                        rng: np.random.Generator, ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> Roi:
+    """torchvision RandomResizedCrop.get_params: up to 10 tries of an area fraction in `scale`
+    and a log-uniform aspect ratio, else the largest central crop within `ratio`."""
+    for w, h in _box_tries(height * width, scale, ratio, rng):
         if 0 < w <= width and 0 < h <= height:
             top = int(rng.integers(0, height - h + 1))
             left = int(rng.integers(0, width - w + 1))
@@ -343,13 +350,7 @@ def erase_box(height: int, width: int, rng: np.random.Generator, scale: tuple[fl
     """timm / torchvision RandomErasing box (probability applied by the caller): up to 10 tries
     of an area fraction in `scale` and a log-uniform aspect ratio; (top, left, h, w) or None
     when no try fits."""
-    area = height * width
-    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
-    for _ in range(10):
-        target_area = area * rng.uniform(scale[0], scale[1])
-        aspect = math.exp(rng.uniform(log_ratio[0], log_ratio[1]))
-        h = int(round(math.sqrt(target_area * aspect)))
-        w = int(round(math.sqrt(target_area / aspect)))
+    for h, w in _box_tries(height * width, scale, ratio, rng):  # h along the aspect, as timm
         if w < width and h < height:
             return int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1)), h, w
     return None
