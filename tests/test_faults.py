@@ -4,12 +4,14 @@ stops with one console line and its documented exit code, and resumes where it a
 import contextlib
 import errno
 import json
+import logging
 import os
 import queue
 import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections import namedtuple
 from pathlib import Path
@@ -283,6 +285,7 @@ def test_a_kill_while_exporting_zero_weights_leaves_no_truncated_export(syntheti
 
 NODE = """
 import sys
+import threading
 import torch.distributed as dist
 from s4d_dist.train.faults import StorageError
 from s4d_dist.train.storage import check_shared
@@ -478,3 +481,25 @@ def test_a_loop_off_the_main_thread_listens_through_the_main_thread_it_is_given(
     threading.Thread(target=loop, args=(faults.on_this_thread, seen)).start()
     assert calls.get(timeout=60) == (None, None)
     assert seen == [0] and signal.getsignal(signal.SIGUSR1) == before
+
+
+def test_a_build_lock_left_by_a_killed_process_does_not_hang_the_next_run(tmp_path, monkeypatch,
+                                                                            caplog):
+    # A process killed while DeepSpeed JIT-loads its CPU op leaves torch's build lock; the next
+    # run on the machine would wait for it forever. A live build's lock is waited for; a lock
+    # older than any build is removed, with a warning.
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    monkeypatch.setattr(distributed, "STALE_BUILD_LOCK_S", 60.0)
+    lock = tmp_path / "deepspeed_shm_comm" / "lock"
+    lock.parent.mkdir()
+    lock.touch()
+    released = threading.Timer(1.5, lock.unlink)  # a live build finishing
+    released.start()
+    started = time.monotonic()
+    distributed.wait_for_build_lock("deepspeed_shm_comm")
+    assert time.monotonic() - started >= 1.0 and not lock.exists()
+    lock.touch()
+    os.utime(lock, (time.time() - 61, time.time() - 61))  # left by a process killed a minute ago
+    with caplog.at_level(logging.WARNING):
+        distributed.wait_for_build_lock("deepspeed_shm_comm")
+    assert not lock.exists() and f"removing {lock}" in caplog.text

@@ -7,14 +7,20 @@ since DeepSpeed would otherwise try MPI discovery (and fail without mpi4py).
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import socket
+import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
+
+log = logging.getLogger(__name__)
+# Longer than any build of DeepSpeed's CPU communication op takes (about a minute on 2 cores).
+STALE_BUILD_LOCK_S = 600.0
 
 
 def free_port() -> int:
@@ -45,6 +51,8 @@ def init(backend: str | None = None) -> None:
             raise RuntimeError(f"LOCAL_RANK {local_rank} but this process sees {visible} GPU(s): "
                                "start at most one rank per visible GPU")
         torch.cuda.set_device(local_rank)
+    else:
+        wait_for_build_lock("deepspeed_shm_comm")
     attempts = 0 if dist.is_initialized() else 3 if solo else 1
     for attempt in range(attempts):
         try:
@@ -57,6 +65,35 @@ def init(backend: str | None = None) -> None:
             if "EADDRINUSE" not in str(error) or attempt == attempts - 1:
                 raise
             os.environ["MASTER_PORT"] = str(free_port())
+
+
+def wait_for_build_lock(extension: str) -> None:
+    """Wait while torch's JIT build lock of `extension` is held, removing it once it is older
+    than any build takes.
+
+    DeepSpeed's CPU backend JIT-loads its shared-memory op at every start, holding that lock for
+    a moment; a process killed in that moment (preempted, kill -9) leaves it behind, and every
+    later run on the machine would wait for it forever inside torch, silently. Ranks that wait
+    for a live build just wait here instead.
+    """
+    from torch.utils.cpp_extension import _get_build_directory
+
+    lock = Path(_get_build_directory(extension, verbose=False)) / "lock"
+    said = False
+    while True:
+        try:
+            age = time.time() - lock.stat().st_mtime
+        except FileNotFoundError:
+            return
+        if age > STALE_BUILD_LOCK_S:
+            log.warning(f"removing {lock}: left {age:.0f} s ago by a process that stopped while "
+                        "building or loading DeepSpeed's CPU op")
+            lock.unlink(missing_ok=True)
+            return
+        if not said:
+            log.info(f"waiting for {lock} (another process is building DeepSpeed's CPU op)")
+            said = True
+        time.sleep(1.0)
 
 
 def rank() -> int:
