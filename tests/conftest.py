@@ -98,3 +98,19 @@ def ray_cluster_environment() -> Iterator[None]:
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: a multi-process Ray/DeepSpeed test (runs by default)")
+    config.addinivalue_line("markers", f"machine: changes the machine (apt-get, useradd, sshd on "
+                                       f"port 22); runs only with {MACHINE_TESTS}=1 (.ci/run sets it)")
+
+
+MACHINE_TESTS = "S4D_MACHINE_TESTS"
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `machine` are opt-in: a developer's `pytest tests` never installs packages or
+    adds logins on their machine; CI's throwaway machine opts in."""
+    if os.environ.get(MACHINE_TESTS) == "1":
+        return
+    skip = pytest.mark.skip(reason=f"changes the machine; set {MACHINE_TESTS}=1 to run it")
+    for item in items:
+        if "machine" in item.keywords:
+            item.add_marker(skip)

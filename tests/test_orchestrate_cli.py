@@ -233,6 +233,7 @@ def ssh_localhost(tmp_path_factory):
         shutil.rmtree(home, ignore_errors=True)
 
 
+@pytest.mark.machine
 def test_ray_up_and_ray_submit_with_the_local_cluster_yaml(ssh_localhost, synthetic_shards, tmp_path):
     """launch/sweep_local.yaml with head_ip 127.0.0.1 and the throwaway login. Changed for this
     machine: the setup commands (a pip install of the whole stack) become a check that the stack
