@@ -13,7 +13,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from conftest import tiny_overrides
 from s4d_dist import config
 from s4d_dist.data.masking import num_masked
-from s4d_dist.models.build import build_classifier, build_mae
+from s4d_dist.models.factory import build_classifier, build_mae
 from s4d_dist.train import flops
 from s4d_dist.tubelets import model_tokens
 
