@@ -100,8 +100,9 @@ def test_finetune_from_pretrain_evaluates_last_and_best(synthetic_shards, tmp_pa
     carried = {k for k in fresh if f"encoder.{k}" in pre_weights}
     assert len(carried) == 2 + 2 * 13  # patch_embed.proj.{weight,bias}; 13 tensors per block
     results = train(cfg, FinetuneTask(cfg))
-    assert (f"initialised from {tmp_path / 'pre' / 'weights_fp32.pt'}: {len(carried)} keys "
-            f"carried, {len(fresh) - len(carried)} fresh") in capsys.readouterr().out
+    said = capsys.readouterr().out
+    assert f"[s4d] initialised from {tmp_path / 'pre' / 'weights_fp32.pt'}: {len(carried)} keys carried" in said
+    assert f"{len(fresh) - len(carried)} fine-tuning keys freshly initialised" in said
     initialised = FinetuneTask(cfg).build_model(None, resuming=False).state_dict()
     for key in fresh:
         if key in carried:

@@ -109,9 +109,7 @@ class FinetuneTask:
     def build_model(self, run: Run, resuming: bool) -> nn.Module:
         model = build_classifier(self.cfg)
         if self.cfg.init_checkpoint and not resuming:  # resuming restores fine-tuned weights
-            report = official.init_from_pretrained(model, self.cfg.init_checkpoint)
-            log.info(f"initialised from {self.cfg.init_checkpoint}: {report['carried']} keys carried, "
-                     f"{report['fresh']} fresh")
+            official.init_from_pretrained(model, self.cfg.init_checkpoint)  # logs what it carried
         return model
 
     def class_names(self) -> list[str] | None:
