@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from moae import device_name  # benchmarks/moae_backends.py, next to this script
+from moae_backends import device_name  # next to this script
 from s4d_dist.kernels import moae_routing as routing
 from s4d_dist.kernels.moae_triton import batched_experts, triton_available, triton_backend
 

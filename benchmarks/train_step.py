@@ -145,7 +145,7 @@ def worker(args: argparse.Namespace) -> None:
 
         def step(measure: bool = False) -> None:
             engine.backward = backward_and_measure if measure else backward
-            stepper(lambda: torch.nn.functional.cross_entropy(
+            stepper(torch.nn.functional.cross_entropy(
                 engine(pixels.to(stepper.dtype), "video").float(), labels), 1e-5)
 
     for i in range(args.warmup):

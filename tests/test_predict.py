@@ -87,7 +87,7 @@ def test_folder_of_images_videos_frames_and_bad_inputs(run, media, tmp_path):
             ("image", "image", "centre", 1)
         assert list(line["probs"]) == list(AFFECTNET7)  # class names from the model card
         assert sum(line["probs"].values()) == pytest.approx(1, abs=1e-5)
-        assert line["top1"] == max(line["probs"], key=line["probs"].get) and line["frames"] == 120
+        assert line["top1"] == max(line["probs"], key=line["probs"].get)
     for name, kind in (("clip.mp4", "video"), ("clip_frames", "frames")):
         line = by_name[name]
         assert (line["kind"], line["head"], line["frames"], line["views"]) == (kind, "video", 12, 4)

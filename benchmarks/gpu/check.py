@@ -151,10 +151,11 @@ def train_step(ctx: Context) -> dict:
 
 # ------------------------------------------------------------------------------------ D
 def moae_backends(ctx: Context) -> dict:
-    """Whole MoAE layers per backend (moae.py), then the triton backend split (moae_glue.py)."""
+    """Whole MoAE layers per backend (moae_backends.py), then the triton backend split
+    (moae_glue.py)."""
     layer, glue = ctx.out / "moae.json", ctx.out / "moae_glue.json"
     size = ["--batch", "1", "--dim", "64", "--hidden", "16"] if ctx.smoke else []
-    first = ctx.run([sys.executable, str(BENCHMARKS / "moae.py"), "--shapes", "video",
+    first = ctx.run([sys.executable, str(BENCHMARKS / "moae_backends.py"), "--shapes", "video",
                      "--reps", "2" if ctx.smoke else "20", "--out", str(layer), *size],
                     timeout=300, log="moae.log")
     glue_size = ["--batch", "1", "--tokens", "100", "--dim", "64", "--hidden", "16",
