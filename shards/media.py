@@ -149,7 +149,7 @@ def image_file_to_jpeg(path: str, quality: int = DEFAULT_JPEG_QUALITY
 
 
 # --------------------------------------------------------------------------------------- videos
-def _stack_frames(frames: list[np.ndarray], source: str) -> tuple[np.ndarray, int]:
+def stack_frames(frames: list[np.ndarray], source: str) -> tuple[np.ndarray, int]:
     """One array from frames; frames of another size are resized to the first one's.
 
     Video encoders need a constant frame size, and a face-crop tool may emit a stray frame of
@@ -169,30 +169,42 @@ def _stack_frames(frames: list[np.ndarray], source: str) -> tuple[np.ndarray, in
 def load_frames(paths: Sequence[str]) -> tuple[np.ndarray, int]:
     """Decode an ordered frame folder → ``(T, H, W, 3)`` uint8, the number of resized frames."""
     source = f"the frame folder of {paths[0]}" if paths else "an empty frame folder"
-    return _stack_frames([load_image(p) for p in paths], source)
+    return stack_frames([load_image(p) for p in paths], source)
 
 
 def load_video(path: str) -> tuple[np.ndarray, float | None, int]:
     """Decode a video file → ``(T, H, W, 3)`` uint8, its frame rate, the number of resized frames.
 
     FFmpeg decodes what it can of a cut file without an error, so the frame count is checked
-    against the one the container declares (MP4), or its duration × frame rate (Matroska);
-    one frame short is tolerated (rounding).
+    against the one the container declares (`check_frame_count`).
     """
     try:
         with av.open(path) as container:
             stream = container.streams.video[0]
             fps = float(stream.average_rate) if stream.average_rate else None
             frames = [frame.to_ndarray(format="rgb24") for frame in container.decode(stream)]
-            expected = stream.frames or round((container.duration or 0) / av.time_base * (fps or 0))
+            expected = declared_frames(container, stream)
     except FileNotFoundError:
         raise
     except (av.FFmpegError, IndexError, ValueError) as err:
         raise MediaError(f"unreadable video {path}: {err}") from err
-    if len(frames) < expected - 1:
-        raise MediaError(f"truncated video {path}: {len(frames)} of {expected} frames decode")
-    clip, resized = _stack_frames(frames, path)
+    check_frame_count(path, len(frames), expected)
+    clip, resized = stack_frames(frames, path)
     return clip, fps, resized
+
+
+def declared_frames(container: av.container.InputContainer, stream: av.VideoStream) -> int:
+    """The frame count a video's container declares (MP4), or its duration × frame rate
+    (Matroska); 0 when it says neither. Read from the header, nothing decoded."""
+    fps = float(stream.average_rate) if stream.average_rate else 0
+    return stream.frames or round((container.duration or 0) / av.time_base * fps)
+
+
+def check_frame_count(path: str, decoded: int, declared: int) -> None:
+    """MediaError if fewer frames decoded than declared: decoders return what they can of a cut
+    file without an error. One frame short is tolerated (rounding)."""
+    if decoded < declared - 1:
+        raise MediaError(f"truncated video {path}: {decoded} of {declared} frames decode")
 
 
 def chunk_bounds(n_frames: int, chunk_frames: int) -> list[tuple[int, int]]:
