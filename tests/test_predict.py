@@ -16,12 +16,13 @@ from safetensors.torch import load_file
 from conftest import tiny_overrides
 from s4d_dist import config
 from s4d_dist.data.loaders import eval_loader
+from s4d_dist.shards.media import EncodeOptions, encode_clip
 from s4d_dist.shards.synthetic_faces import AFFECTNET7, render_clip, render_image
 from s4d_dist.predict import model as predict_model
 from s4d_dist.predict.__main__ import main
 from s4d_dist.predict.core import Predictor
 from s4d_dist.predict.faces import centre_box, square_around
-from s4d_dist.predict.inputs import Input, expand
+from s4d_dist.predict.inputs import Input, choose_decoder, decode, expand
 from s4d_dist.train.evaluate import predict as evaluation_rows
 from s4d_dist.train.finetune import FinetuneTask
 from s4d_dist.train.loop import train
@@ -115,10 +116,91 @@ def test_csv_output_and_missing_file(run, media, tmp_path):
                    str(media / "face0.png"), str(tmp_path / "missing.png")])
     header, good, bad = out.read_text().splitlines()
     assert status == 1
-    assert header.split(",")[:8] == ["input", "kind", "head", "crop", "frames", "views", "top1",
-                                     "top1_prob"]
+    assert header.split(",")[:9] == ["input", "kind", "head", "crop", "decoder", "frames", "views",
+                                     "top1", "top1_prob"]
     assert header.endswith(",error") and f"prob_{AFFECTNET7[0]}" in header
     assert good.split(",")[2] == "image" and bad.endswith("missing file")
+
+
+@pytest.fixture(scope="module")
+def dali_media(media, tmp_path_factory):
+    """What DALI's CPU backend decodes (a JPEG face, a VP9 and an MJPEG clip) and what it cannot:
+    a cut JPEG and a cut VP9 clip whose headers still read (a DALI batch fails, or decodes 2 of
+    the 12 frames the container declares). `media` adds PNGs, frames, H.264 and broken files."""
+    root = tmp_path_factory.mktemp("dali_media")
+    rng = np.random.default_rng(1)
+    Image.fromarray(render_image(rng, 4, 48)).save(root / "face.jpg", quality=90)
+    clip = render_clip(rng, 5, 12, 48)
+    for codec, ext in (("vp9", "webm"), ("mjpeg", "mkv")):
+        options = EncodeOptions(video_codec=codec)
+        (root / f"clip.{ext}").write_bytes(encode_clip(clip, 25.0, options))
+    for name in ("face.jpg", "clip.webm"):
+        data = (root / name).read_bytes()
+        (root / f"cut_{name}").write_bytes(data[:len(data) // 2])
+    return root
+
+
+def test_dali_cpu_decodes_as_python(media, dali_media):
+    """Frames from DALI's CPU backend, whole chunk in one call, against Pillow / PyAV's."""
+    pytest.importorskip("nvidia.dali")
+    from s4d_dist.predict.dali import DaliDecoder
+
+    items = expand([str(media / "face0.png"), str(media / "clip_frames"),
+                    *(str(dali_media / n) for n in ("face.jpg", "clip.webm", "clip.mkv"))],
+                   clip_folders=True)
+    assert [item.kind for item in items] == ["image", "frames", "image", "video", "video"]
+    decoded = DaliDecoder(torch.device("cpu"), batch_size=4, threads=1)(items)
+    for item, frames in zip(items, decoded):
+        expected = decode(item).astype(int)
+        assert frames.dtype == np.uint8 and frames.shape == expected.shape, item
+        if item.kind != "video":  # PNG exactly; JPEG within a grey level (both libjpeg-turbo)
+            assert np.abs(frames - expected).max() <= 1, item
+        else:  # YUV → RGB conversion differs: a level or two, tens at colour edges (chroma)
+            difference = np.abs(frames - expected)
+            assert np.median(difference) <= 2 and difference.mean() < 4, item
+
+
+def test_decoder_dali_scores_as_python_and_falls_back_per_input(run, media, dali_media, tmp_path):
+    """--decoder dali on the CPU: what DALI decodes scores as Python's decoding does; the H.264
+    clip (no CPU decoder in DALI), the cut files (one fails a DALI batch, one decodes short) and
+    the broken ones are decoded in Python instead, each alone, and reported as with Python."""
+    pytest.importorskip("nvidia.dali")
+    inputs = [str(media / n) for n in ("face0.png", "wide.jpg", "clip_frames", "clip.mp4",
+                                       "broken.jpg", "broken.webm")]
+    inputs += [str(dali_media / n) for n in ("face.jpg", "cut_face.jpg", "clip.webm", "clip.mkv",
+                                             "cut_clip.webm")]
+    inputs.append("--clip-folders")
+    _, python = predict_lines(tmp_path, "--model", str(run), "--decoder", "python", *inputs)
+    status, dali = predict_lines(tmp_path, "--model", str(run), "--decoder", "dali", *inputs)
+    assert status == 1 and len(dali) == len(python) == len(inputs) - 1
+    decoders = {line["input"].rsplit("/", 1)[1]: line.get("decoder") for line in dali}
+    assert decoders == {"face0.png": "dali", "wide.jpg": "dali", "clip_frames": "dali",
+                        "clip.mp4": "python", "broken.jpg": None, "broken.webm": None,
+                        "face.jpg": "dali", "cut_face.jpg": None, "clip.webm": "dali",
+                        "clip.mkv": "dali", "cut_clip.webm": None}
+    assert {line.get("decoder") for line in python} == {"python", None}
+    for by_dali, by_python in zip(dali, python):
+        name = by_dali["input"].rsplit("/", 1)[1]
+        if "error" in by_python:
+            assert by_dali == by_python, name  # the same error message
+            continue
+        assert {k: v for k, v in by_dali.items() if k not in ("decoder", "probs", "top1_prob")} \
+            == {k: v for k, v in by_python.items() if k not in ("decoder", "probs", "top1_prob")}
+        tolerance = 0.005 if name in ("clip.webm", "clip.mkv") else 1e-6  # pixels differ: above
+        np.testing.assert_allclose(list(by_dali["probs"].values()),
+                                   list(by_python["probs"].values()), rtol=0, atol=tolerance,
+                                   err_msg=name)
+    errors = {line["input"].rsplit("/", 1)[1]: line["error"] for line in dali if "error" in line}
+    assert "unreadable image" in errors["cut_face.jpg"]
+    assert "truncated video" in errors["cut_clip.webm"]
+
+
+def test_auto_decoder_is_dali_on_a_gpu_only():
+    """No GPU is needed: the choice only reads the device the model runs on."""
+    pytest.importorskip("nvidia.dali")
+    assert choose_decoder("auto", torch.device("cpu")) == "python"
+    assert choose_decoder("auto", torch.device("cuda", 0)) == "dali"
+    assert choose_decoder("dali", torch.device("cpu")) == "dali"
 
 
 def test_predict_equals_evaluation_for_the_same_clip_and_views(run, tmp_path):

@@ -4,9 +4,16 @@ Expression probabilities for images, video files (mp4, webm, avi, mov, mkv) and 
 folders, from a fine-tuning run folder or an official S4D checkpoint.
 
 Output: one line per input, in input order — JSON lines (default) or CSV (--format csv):
-  {"input", "kind": image|video|frames, "head": image|video, "crop": centre|face, "frames",
-   "views", "top1", "top1_prob", "probs": {class: p}}   or   {"input", "kind", "error"}
+  {"input", "kind": image|video|frames, "head": image|video, "crop": centre|face,
+   "decoder": dali|python, "frames", "views", "top1", "top1_prob", "probs": {class: p}}
+  or   {"input", "kind", "error"}
 A bad input (unreadable, no face found, too short) gets an "error" line and the rest go on.
+
+Decoding (--decoder): `python` is Pillow / PyAV in threads; `dali` is NVIDIA DALI, a chunk of
+inputs per batch, on the GPU (nvJPEG, NVDEC) when the model runs on one, else on the CPU; an
+input DALI cannot decode (on the CPU: H.264, HEVC, AV1 video) is decoded in Python, and the
+"decoder" field says which one did. `auto` (default) is DALI on a GPU, Python on the CPU,
+where DALI's decoders are no faster (predict/dali.py).
 
 Exit status: 0 every input scored; 1 some inputs have an error line; 2 bad command line, no
 inputs, or a model that cannot be loaded.
@@ -60,6 +67,9 @@ def make_parser() -> argparse.ArgumentParser:
                         help="shorter videos are reported, not scored (default %(default)s)")
     parser.add_argument("--batch-size", type=int, default=32, help="rows per forward pass")
     parser.add_argument("--workers", type=int, default=2, help="decoding threads")
+    parser.add_argument("--decoder", choices=("auto", "dali", "python"), default="auto",
+                        help="dali (NVIDIA DALI, on the GPU when --device is one) or python "
+                             "(Pillow / PyAV); default: dali on a GPU, else python")
     parser.add_argument("--device", default="auto", help="auto (cuda if present), cpu, cuda:N")
     parser.add_argument("--format", choices=("jsonl", "csv"), default="jsonl",
                         help="one JSON object per input (default), or CSV with a prob_<class> "
@@ -75,8 +85,9 @@ def _names(text: str) -> list[str]:
 def as_record(p: Prediction) -> dict:
     if p.error is not None:
         return {"input": p.input, "kind": p.kind, "error": p.error}
-    return {"input": p.input, "kind": p.kind, "head": p.head, "crop": p.crop, "frames": p.frames,
-            "views": p.views, "top1": p.top1, "top1_prob": p.probs[p.top1], "probs": p.probs}
+    return {"input": p.input, "kind": p.kind, "head": p.head, "crop": p.crop,
+            "decoder": p.decoder, "frames": p.frames, "views": p.views, "top1": p.top1,
+            "top1_prob": p.probs[p.top1], "probs": p.probs}
 
 
 def write_jsonl(predictions: Iterable[Prediction], out: IO[str]) -> None:
@@ -88,7 +99,8 @@ def write_jsonl(predictions: Iterable[Prediction], out: IO[str]) -> None:
 def write_csv(predictions: Iterable[Prediction], out: IO[str], classes: list[str]) -> None:
     """One column per class name of either head (`prob_<name>`), empty where the input's head
     has no such class."""
-    fields = ["input", "kind", "head", "crop", "frames", "views", "top1", "top1_prob"]
+    fields = ["input", "kind", "head", "crop", "decoder", "frames", "views", "top1",
+              "top1_prob"]
     writer = csv.DictWriter(out, fields + [f"prob_{c}" for c in classes] + ["error"])
     writer.writeheader()
     for p in predictions:
@@ -105,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     from tqdm import tqdm
 
     from .core import Predictor
-    from .inputs import expand
+    from .inputs import choose_decoder, expand
     from .model import ModelError, load
 
     items = expand(args.inputs, args.clip_folders)
@@ -116,7 +128,8 @@ def main(argv: list[str] | None = None) -> int:
         device = torch.device(("cuda" if torch.cuda.is_available() else "cpu")
                               if args.device == "auto" else args.device)
         predictor = Predictor(model, device, args.batch_size, args.face_detect, args.min_frames,
-                              args.temporal_views, args.spatial_crops, args.workers)
+                              args.temporal_views, args.spatial_crops, args.workers,
+                              choose_decoder(args.decoder, device))
     except (ModelError, ImportError, ValueError) as error:  # ValueError: config.ConfigError
         print(f"{parser.prog}: error: {error}", file=sys.stderr)
         return 2

@@ -7,6 +7,9 @@ windows, crops and pixels the test-set evaluation would give the same clip: a cl
 a clip's rows are averaged as in evaluation. Images go to the image (SFER) head, clips and
 frame folders to the video (DFER) head.
 
+Inputs are decoded one chunk ahead of the model, by DALI for the whole chunk at once (dali.py)
+or by Pillow / PyAV in threads (inputs.decode); each prediction says which decoder it used.
+
 Rows of several inputs share a forward pass (`batch_size` rows). An MoAE layer's expert
 capacity is a fraction of its batch's tokens, exactly as in training and evaluation, so a
 score can move in the last digits with the batch it shares; scored alone, an input's views are
@@ -37,6 +40,7 @@ class Prediction:
     kind: str
     head: str | None = None
     crop: str | None = None      # "centre" | "face"
+    decoder: str | None = None   # "dali" | "python"
     frames: int = 0
     views: int = 0
     probs: dict[str, float] | None = None
@@ -51,6 +55,7 @@ class Prediction:
 class _Views:
     pixels: torch.Tensor  # (V, 3, [T,] S, S) float
     crop: str
+    decoder: str
     frames: int
 
 
@@ -60,8 +65,16 @@ class Predictor:
     def __init__(self, model: Model, device: torch.device, batch_size: int = 32,
                  face_detect: bool = False, min_frames: int = 2,
                  temporal_views: int | None = None, spatial_crops: int | None = None,
-                 workers: int = 2) -> None:
+                 workers: int = 2, decoder: str = "python") -> None:
         self.model, self.device, self.batch_size = model, device, batch_size
+        self.dali = None
+        if decoder == "dali":
+            try:
+                from .dali import DaliDecoder
+            except ImportError as error:  # DALI is optional
+                raise ImportError(f"decoding with DALI needs it installed (pip install -e "
+                                  f"'.[dali]'): {error}") from None
+            self.dali = DaliDecoder(device, batch_size, workers)
         self.network = model.network.to(device)
         self.detector = FaceDetector() if face_detect else None
         self.min_frames, self.workers = min_frames, workers
@@ -72,9 +85,9 @@ class Predictor:
                 recipe, temporal_views=temporal_views or recipe.temporal_views,
                 spatial_crops=spatial_crops or recipe.spatial_crops)
 
-    def views(self, item: Input) -> _Views:
-        """Decode, crop and cut an input into its evaluation views; InputError if it cannot."""
-        frames = decode(item)
+    def views(self, item: Input, frames: np.ndarray, decoder: str) -> _Views:
+        """Crop and cut an input's decoded frames into its evaluation views; InputError if it
+        cannot."""
         if item.modality == "video" and len(frames) < self.min_frames:
             raise InputError(f"too short: {len(frames)} frame(s), at least {self.min_frames} "
                              "needed")
@@ -94,13 +107,21 @@ class Predictor:
             chosen = frames if params.frames is None else frames[params.frames]
             cut.append(transform(recipe, torch.from_numpy(chosen.copy()), params))
         pixels = normalized(recipe, torch.stack(cut), [], torch.Generator())[:, 0]
-        return _Views(pixels, crop, len(frames))
+        return _Views(pixels, crop, decoder, len(frames))
 
-    def _prepare(self, item: Input) -> _Views | Prediction:
+    def _prepare(self, item: Input, decoded: np.ndarray | None) -> _Views | Prediction:
+        """The input's views from DALI's frames, or decoded here when DALI has none for it."""
         try:
-            return self.views(item)
+            if decoded is None:
+                return self.views(item, decode(item), "python")
+            return self.views(item, decoded, "dali")
         except InputError as error:
             return Prediction(item.path, item.kind, error=str(error))
+
+    def _prepare_chunk(self, chunk: list[Input], pool: ThreadPoolExecutor
+                       ) -> list[_Views | Prediction]:
+        decoded = self.dali(chunk) if self.dali is not None else [None] * len(chunk)
+        return list(pool.map(self._prepare, chunk, decoded))
 
     @torch.no_grad()
     def _probabilities(self, pixels: torch.Tensor, modality: str) -> np.ndarray:
@@ -124,20 +145,22 @@ class Predictor:
             for i, rows in zip(mine, np.split(probs, ends[:-1])):
                 views = prepared[i]
                 results[i] = Prediction(items[i].path, items[i].kind, modality, views.crop,
-                                        views.frames, len(rows),
+                                        views.decoder, views.frames, len(rows),
                                         dict(zip(names, rows.mean(0).tolist())))
         return results
 
     def __call__(self, items: list[Input]) -> Iterator[Prediction]:
-        """Predictions in input order; inputs are decoded (in threads: PyAV and Pillow release
-        the GIL) one chunk of `batch_size` inputs ahead of the model."""
+        """Predictions in input order. While the model scores a chunk of `batch_size` inputs,
+        the next one is decoded and cut into views on a thread of its own: DALI decodes the
+        chunk in one go, the `workers` threads decode the rest (Pillow and PyAV release the
+        GIL) and cut the views."""
         chunks = [items[i:i + self.batch_size] for i in range(0, len(items), self.batch_size)]
-        with ThreadPoolExecutor(max(self.workers, 1)) as pool:
-            def submit(chunk: list[Input]) -> list[Future]:
-                return [pool.submit(self._prepare, item) for item in chunk]
+        with ThreadPoolExecutor(max(self.workers, 1)) as pool, ThreadPoolExecutor(1) as ahead:
+            def submit(chunk: list[Input]) -> Future[list[_Views | Prediction]]:
+                return ahead.submit(self._prepare_chunk, chunk, pool)
 
-            pending = submit(chunks[0]) if chunks else []
+            pending = submit(chunks[0]) if chunks else None
             for k, chunk in enumerate(chunks):
-                prepared = [f.result() for f in pending]
-                pending = submit(chunks[k + 1]) if k + 1 < len(chunks) else []
+                prepared = pending.result()
+                pending = submit(chunks[k + 1]) if k + 1 < len(chunks) else None
                 yield from self._score(chunk, prepared)

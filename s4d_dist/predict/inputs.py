@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import csv
 import glob
+import importlib.util
 import os
 from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
+import torch
 
 from s4d_dist.shards.media import MediaError, load_frames, load_image, load_video
 from s4d_dist.shards.sources.files import (IMAGE_EXTENSIONS, Unusable, check_file,
@@ -91,8 +93,18 @@ def expand(arguments: list[str], clip_folders: bool = False) -> list[Input]:
     return found
 
 
+def choose_decoder(decoder: str, device: torch.device) -> str:
+    """`--decoder`: auto = DALI (dali.py) when the model runs on a GPU and DALI imports, else
+    python (this module's `decode`); dali.py says why."""
+    if decoder != "auto":
+        return decoder
+    dali = importlib.util.find_spec("nvidia.dali") is not None
+    return "dali" if dali and device.type == "cuda" else "python"
+
+
 def decode(item: Input) -> np.ndarray:
-    """An input's frames, uint8 (T, H, W, 3) (T = 1 for an image); InputError if unusable."""
+    """An input's frames decoded by Pillow / PyAV, uint8 (T, H, W, 3) (T = 1 for an image);
+    InputError if unusable."""
     try:
         if item.kind == "frames":
             return load_frames(list(list_frames(item.path, IMAGE_EXTENSIONS)))[0]
