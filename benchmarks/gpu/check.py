@@ -13,7 +13,8 @@ Sections (each independent; a failing one is recorded and the next runs):
                                                    (benchmarks/moae_backends.py, benchmarks/moae_glue.py)
   E  DALI "mixed" against "cpu": every recipe, corrupt samples, stream safety  (dali_checks.py)
   F  data throughput: DALI mixed, DALI CPU, torch fallback                     (dali_checks.py)
-  G  end to end: `deepspeed launch/finetune.py` and `launch/pretrain.py` with DALI mixed
+  G  end to end: `deepspeed launch/finetune.py` and `launch/pretrain.py` with DALI mixed, then
+     `predict` on the fine-tuned run with `--decoder dali` against `--decoder python`
 
 The JSON (`<out>/gpu_<device>.json`) holds, per section, `ok` (the checks passed), `targets`
 (measured value, target, met) and every figure; a section's entry is written as soon as it
@@ -236,7 +237,59 @@ def end_to_end(ctx: Context) -> dict:
         entry["ok"] = result.returncode == 0 and all(present.values())
         out[name] = entry
         out["ok"] &= entry["ok"]
+    if out["finetune"]["ok"]:
+        out["predict"] = predict_decoders(ctx, root / "runs" / "finetune", root / "predict")
+        out["ok"] &= out["predict"]["ok"]
     return out
+
+
+def predict_media(folder: Path) -> list[str]:
+    """JPEG faces (nvJPEG on a GPU), VP9 and H.264 clips at 160 px (NVDEC; its minimum is
+    128 px) and at 64 px (below it: decoded in Python instead)."""
+    import av
+    import numpy as np
+    from PIL import Image
+
+    from s4d_dist.shards.media import EncodeOptions, encode_clip
+    from s4d_dist.shards.synthetic_faces import render_clip, render_image
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for label in range(4):
+        Image.fromarray(render_image(rng, label, 112)).save(folder / f"face{label}.jpg", quality=90)
+    for size in (160, 64):
+        clip = render_clip(rng, 5, 16, size)
+        (folder / f"clip{size}.webm").write_bytes(encode_clip(clip, 25.0, EncodeOptions()))
+        with av.open(str(folder / f"clip{size}.mp4"), "w") as mp4:  # H.264: what users bring
+            stream = mp4.add_stream("libx264", rate=25)
+            stream.height = stream.width = size
+            stream.pix_fmt = "yuv420p"
+            for image in [*clip, None]:  # None flushes the encoder
+                frame = None if image is None else av.VideoFrame.from_ndarray(image, format="rgb24")
+                mp4.mux(stream.encode(frame))
+    return sorted(str(p) for p in folder.iterdir())
+
+
+def predict_decoders(ctx: Context, run: Path, folder: Path) -> dict:
+    """The same inputs through `python -m s4d_dist.predict` with each decoder: every input
+    scored by both, images decoded by DALI, and the probabilities agreeing (decoders differ by
+    a grey level on JPEG and by YUV→RGB rounding on video, nothing more)."""
+    inputs = predict_media(folder)
+    lines = {}
+    for decoder in ("python", "dali"):
+        report = folder.parent / f"predict_{decoder}.jsonl"
+        cmd = [sys.executable, "-m", "s4d_dist.predict", "--model", str(run), "--decoder",
+               decoder, "--out", str(report), *inputs]
+        result = ctx.run(cmd, timeout=300, log=f"predict_{decoder}.log")
+        if result.returncode:
+            return {"ok": False, "decoder": decoder, "error": tail(result.stderr)}
+        lines[decoder] = [json.loads(line) for line in report.read_text().splitlines()]
+    names = [Path(line["input"]).name for line in lines["dali"]]
+    gaps = {name: max(abs(a - b) for a, b in zip(d["probs"].values(), p["probs"].values()))
+            for name, d, p in zip(names, lines["dali"], lines["python"])}
+    used = {name: line["decoder"] for name, line in zip(names, lines["dali"])}
+    images_by_dali = all(used[n] == "dali" for n in names if n.endswith(".jpg"))
+    return {"ok": images_by_dali and max(gaps.values()) < 0.02, "decoder_used": used,
+            "max_prob_gap": {n: round(g, 6) for n, g in gaps.items()}}
 
 
 # ------------------------------------------------------------------------------ driver
