@@ -113,14 +113,21 @@ def listen() -> None:
 
 
 def stop_listening() -> None:
-    """Main thread only: put back the handlers `listen()` replaced — unless a signal was noted:
-    the process is then on its way out (exit 75), and a repeated signal must not turn that clean
-    exit into a kill, so the noting handler stays."""
-    if _received:
-        return
+    """Main thread only: put back the handlers `listen()` replaced."""
     for signum, handler in _previous.items():
         signal.signal(signum, handler)
     _previous.clear()
+
+
+def ignore_further() -> None:
+    """Main thread only: a process stopping for a preemption (on its way to exit 75) ignores
+    any further preemption signal. A scheduler may repeat SIGTERM, and DeepSpeed's launcher
+    SIGTERMs the ranks still exiting once the first has exited 75; either would turn the clean
+    exit into a death by signal, which the launcher then reports instead of 75. A Python handler
+    cannot prevent that: the interpreter puts its handlers back to the default while it shuts
+    down, and only SIG_IGN lasts. SIGKILL still ends an exit that hangs."""
+    for signum in PREEMPTION_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
 
 
 # Runs a call on the process's main thread; False where it has none to run it on.
@@ -140,7 +147,8 @@ class Preemption:
     """SIGTERM / SIGUSR1 turned into a stop at a step boundary that every rank agrees on.
 
     The handler only notes the signal, so whatever runs (a step, a checkpoint being written)
-    finishes undisturbed; a second signal during the save changes nothing. `requested(step)`
+    finishes undisturbed; a second signal during the save changes nothing, and a rank leaving
+    the context to stop ignores any later one (`ignore_further`). `requested(step)`
     agrees on the note with one int all-reduced over gloo every `check_every` steps (it waits
     for no GPU work; every rank calls it at the same steps), after which `signal` names it on
     every rank.
@@ -168,8 +176,8 @@ class Preemption:
 
     def __exit__(self, kind: type | None, error: BaseException | None,
                  trace: TracebackType | None) -> None:
-        if self._listening:
-            self._main_thread(stop_listening)
+        if self._listening:  # stopping for a signal, this rank's or another's: see ignore_further
+            self._main_thread(ignore_further if self.signal or self.received else stop_listening)
 
     def requested(self, step: int) -> bool:
         if step % self.check_every:
