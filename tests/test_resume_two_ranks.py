@@ -20,7 +20,7 @@ from s4d_dist.train.finetune import FinetuneTask
 from s4d_dist.train.loop import train
 from test_train import run_two_ranks, scalars
 
-KILL_AT = 6  # checkpoints every 2 steps: the run dies after saving step 4 and before step 6
+KILL_AT = 6  # the run dies before step 6, after its last checkpoint (step 5 or 4: see below)
 
 
 def event_files(run: Path) -> list[Path]:
@@ -41,14 +41,18 @@ def losses_by_step(source: Path) -> dict[int, float]:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("task,stage,sizes", [
-    ("pretrain", 1, ["optim.epochs=6"]),  # 2 steps per epoch and rank
-    # 3 steps per epoch: the crash falls mid-epoch 2, after epoch 1 was chosen best so far.
-    ("finetune", 2, ["optim.epochs=3", "data.video_batch_size=2", "data.image_batch_size=2"]),
+    # 2 steps per epoch and rank; the checkpoint of step 5 is mid-epoch 3, so each rank must
+    # restore its position in the epoch (epoch ends are checkpointed too: steps 2, 4).
+    ("pretrain", 1, ["optim.epochs=6", "checkpoint.every_steps=5"]),
+    # 3 steps per epoch: the crash falls mid-epoch 2 (checkpoint of step 4), after epoch 1 was
+    # chosen best so far.
+    ("finetune", 2, ["optim.epochs=3", "data.video_batch_size=2", "data.image_batch_size=2",
+                     "checkpoint.every_steps=2"]),
 ])
 def test_two_rank_kill_and_resume_equals_the_uninterrupted_run(synthetic_shards, tmp_path, task, stage, sizes):
     common = [f"launch/{task}.py", "--config", "demo",
               *tiny_overrides(synthetic_shards, tmp_path, task)[1:], *sizes,
-              "checkpoint.every_steps=2", f"deepspeed.zero_stage={stage}"]
+              f"deepspeed.zero_stage={stage}"]
     run_two_ranks(common + ["run_name=whole"], tmp_path / "whole.txt")
     whole = losses_by_step(tmp_path / "whole" / "tb")
     assert len(whole) > KILL_AT + 2 and sorted(whole) == list(range(1, len(whole) + 1))
