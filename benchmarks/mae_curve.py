@@ -31,11 +31,12 @@ RESULTS = Path(__file__).parent / "results"
 
 def pretrain_curve(shards: list[str], epochs: int, overrides: list[str]) -> dict:
     """Train one budget and return its per-epoch losses; a budget already measured in this
-    output folder is read back instead of trained again."""
+    output folder with the same config is read back instead of trained again (another config
+    there is refused, see demo.finished)."""
     cfg = config.load("demo", [*shards, f"run_name=mae_{epochs}ep", f"optim.epochs={epochs}",
                                *overrides])
     record = run_dir(cfg) / "curve.json"
-    if record.is_file():
+    if demo.finished(run_dir(cfg), cfg) and record.is_file():
         return json.loads(record.read_text())
     losses: list[float] = []
     started = time.time()

@@ -8,7 +8,8 @@ The whole S4D pipeline at toy scale, on a CPU in minutes:
    epoch chosen on a held-out validation split, then the test split scored with multi-view
    evaluation for the last and the best epoch.
 Each stage uses the same code as the paper presets (DeepSpeed engine, data pipelines,
-checkpoints, TensorBoard); a stage that already finished in the output folder is reused.
+checkpoints, TensorBoard); a stage that already finished in the output folder with the same
+config is reused.
 """
 from __future__ import annotations
 
@@ -18,11 +19,15 @@ import time
 from pathlib import Path
 
 import numpy as np
+from omegaconf import DictConfig, OmegaConf
 
 from s4d_dist import config
 from s4d_dist.shards.layout import DATASET_JSON, read_dataset
 from s4d_dist.train import metrics
+from s4d_dist.train.checkpoint import ResumeError, config_differences
+from s4d_dist.train.cli import report as report_stop
 from s4d_dist.train.finetune import FinetuneTask
+from s4d_dist.train.logs import run_logs
 from s4d_dist.train.loop import run_dir, train
 from s4d_dist.train.pretrain import PretrainTask
 
@@ -45,17 +50,43 @@ def build_data(root: Path, cfg) -> dict[str, Path]:
     return paths
 
 
+# What does not change what a run computes: where it lives, how it checkpoints, logs and is
+# orchestrated. A finished run that differs in anything else is another experiment.
+NOT_RESULT = ("run_name", "output_dir", "resume", "checkpoint", "logging", "ray", "sweep")
+
+
+def finished(folder: Path, cfg: DictConfig) -> bool:
+    """Whether `folder` holds a finished run of `cfg`, to be reused instead of trained again.
+
+    A finished run of another config stops with the differences (ResumeError): reusing it would
+    report another experiment's scores as this one's.
+    """
+    if not (folder / "finished.json").is_file():
+        return False
+    saved = OmegaConf.to_container(OmegaConf.load(folder / "config.yaml"), resolve=True)
+    differences = config_differences(saved, cfg, [k for k in cfg if k not in NOT_RESULT])
+    if differences:
+        raise ResumeError(f"{folder} holds a finished run of another config "
+                          f"({'; '.join(differences)}); pick another --output or delete it")
+    return True
+
+
 def stage(preset: str, overrides: list[str], task_type) -> Path:
-    """Train one stage into its run folder, or reuse the folder when that run has finished (a
-    rerun of the demo, or of a benchmark built on it, continues where it stopped)."""
+    """Train one stage into its run folder, or reuse the folder when that run has finished with
+    the same config (a rerun of the demo, or of a benchmark built on it, continues where it
+    stopped). A stop prints one line and exits with the code of the training commands."""
     cfg = config.load(preset, overrides)
     folder = run_dir(cfg)
-    if (folder / "finished.json").is_file():
-        print(f"[demo] {cfg.task}: reusing the finished run in {folder}", flush=True)
-        return folder
-    print(f"[demo] {cfg.task}: {folder}", flush=True)
-    started = time.time()
-    train(cfg, task_type(cfg))
+    with run_logs(folder / "logs" / "rank0.log", 0) as log_file:
+        try:
+            if finished(folder, cfg):
+                print(f"[demo] {cfg.task}: reusing the finished run in {folder}", flush=True)
+                return folder
+            print(f"[demo] {cfg.task}: {folder}", flush=True)
+            started = time.time()
+            train(cfg, task_type(cfg))
+        except Exception as error:  # noqa: BLE001 - every stop becomes one line and an exit code
+            raise SystemExit(report_stop(error, 0, log_file)) from None
     print(f"[demo] {cfg.task} took {time.time() - started:.0f}s", flush=True)
     return folder
 
@@ -90,7 +121,11 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     start = time.time()
     out = Path(args.output)
-    data = build_data(out / "data", config.load("demo", args.overrides))
+    try:
+        demo_cfg = config.load("demo", args.overrides)
+    except config.ConfigError as error:
+        parser.error(str(error))
+    data = build_data(out / "data", demo_cfg)
     shards = [f"data.image_shards={data['image'] / 'train'}",
               f"data.video_shards={data['video'] / 'train'}", f"output_dir={out}"]
     stage("demo", shards + ["run_name=pretrain", *args.overrides], PretrainTask)

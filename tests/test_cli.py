@@ -55,6 +55,9 @@ def test_help_lists_presets_and_examples_and_bad_overrides_are_one_line():
     bad = run("launch/finetune.py", "--config", "demo", "data.sed=1", "--print-config")
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
     assert "unknown config key 'data.sed'" in bad.stderr
+    bad_demo = run("-m", "s4d_dist.demo", "--output", "/nonexistent/demo", "data.sed=1")
+    assert bad_demo.returncode == 2 and "Traceback" not in bad_demo.stderr
+    assert "unknown config key 'data.sed'" in bad_demo.stderr
 
 
 def test_shards_help_lists_every_dataset_and_its_options(capsys):
@@ -125,3 +128,33 @@ def test_installed_commands(command, args, expected):
     done = subprocess.run([str(executable), *args], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert expected in done.stdout
+
+
+def test_demo_reuses_a_finished_stage_only_under_the_same_config(finished_finetune_runs,
+                                                                 synthetic_shards, tmp_path,
+                                                                 capsys, monkeypatch):
+    """A rerun of the demo (or of a benchmark built on it) reuses a finished stage, but never
+    one trained under other settings: that would report another experiment's scores."""
+    import shutil
+
+    from s4d_dist import demo
+    from s4d_dist.train.faults import EXIT_USAGE
+    from conftest import tiny_overrides
+
+    shutil.copytree(finished_finetune_runs[0], tmp_path / "seed0")
+    same = tiny_overrides(synthetic_shards, tmp_path, "finetune") + [
+        "run_name=seed0", "seed=0", "optim.epochs=1", "data.backend=torch"]
+    monkeypatch.setattr(demo, "train", lambda *_: pytest.fail("a finished stage was trained again"))
+
+    # Settings that change nothing the run computed (where it logs, how it checkpoints) reuse it.
+    for overrides in (same, same + ["logging.log_every=3", "checkpoint.keep=5"]):
+        assert demo.stage("demo_finetune", overrides, None) == tmp_path / "seed0"
+        assert "reusing the finished run" in capsys.readouterr().out
+
+    with pytest.raises(SystemExit) as stop:
+        demo.stage("demo_finetune", same + ["optim.min_lr=1e-7", "model.moae.top_k=2"], None)
+    assert stop.value.code == EXIT_USAGE
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "Traceback" not in err[0], err
+    assert str(tmp_path / "seed0") in err[0] and "another config" in err[0]
+    assert "model.moae.top_k: 1 → 2" in err[0] and "optim.min_lr:" in err[0], err[0]

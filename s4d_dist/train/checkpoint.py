@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import random
 import shutil
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -55,11 +56,12 @@ def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix.rstrip("."): node}
 
 
-def config_differences(saved: dict, current: DictConfig) -> list[str]:
-    """'key: saved → current' for every MUST_MATCH key that differs."""
+def config_differences(saved: dict, current: DictConfig,
+                       sections: Iterable[str] = MUST_MATCH) -> list[str]:
+    """'key: saved → current' for every key under `sections` (top-level names) that differs."""
     now = OmegaConf.to_container(current, resolve=True)
-    old = _flatten({k: saved.get(k) for k in MUST_MATCH})
-    new = _flatten({k: now.get(k) for k in MUST_MATCH})
+    old = _flatten({k: saved.get(k) for k in sections})
+    new = _flatten({k: now.get(k) for k in sections})
     return [f"{k}: {old.get(k)!r} → {new.get(k)!r}" for k in sorted(set(old) | set(new))
             if old.get(k) != new.get(k)]
 
