@@ -2,6 +2,7 @@
 
     python benchmarks/train_step.py                      # 2 ranks, CPU here, GPUs elsewhere
     python benchmarks/train_step.py --preset finetune_dfew --ranks 8 --steps 50   # on GPUs
+    python benchmarks/train_step.py --configs zero1,zero1+compile,ddp,ddp+compile --profile-steps 3
 
 Each configuration runs in its own `torchrun` job on identical random batches of the model a
 preset describes (the fine-tuning classifier by default), all at the same precision (`ddp` is
@@ -10,8 +11,16 @@ the bytes of optimizer state + gradients the rank holds between backward and ste
 ZeRO partitions — counted as the unique tensor storages reachable from the optimizer object
 and the parameters' .grad, minus the model weights themselves; that walk runs in the last
 warm-up step, never in a timed one. On a GPU it also records peak allocated memory, MFU and the
-host-synchronisation sites of a few extra steps under torch's sync debug mode. The parent
-prints ratios against the first configuration and writes
+host-synchronisation sites of a few extra steps under torch's sync debug mode.
+
+A `+compile` configuration is the same one under torch.compile (`deepspeed.compile=true`, which
+training takes too; DDP: the wrapped model compiled); its compilation happens in the warm-up
+steps. `--profile-steps N` runs N more steps under torch.profiler and keeps, per configuration,
+the device's busy fraction of the wall time (kernel time / step time: far below 1 means the
+host cannot feed the GPU — launch- or Python-bound) and the operators that cost the most host
+and device time, with the table in `<results>.<config>.profile.txt`.
+
+The parent prints ratios against the first configuration and writes
 benchmarks/results/train_step_<device>.json (or --results).
 """
 from __future__ import annotations
@@ -20,6 +29,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -32,7 +42,16 @@ from pathlib import Path
 import torch
 
 RESULTS = Path(__file__).parent / "results"
-CONFIGS = ("zero0", "zero1", "zero2", "ddp")
+CONFIGS = ("zero0", "zero1", "zero2", "ddp")  # each may take "+compile"
+
+
+def parse_config(name: str) -> tuple[str, bool]:
+    """'zero1+compile' → ('zero1', True)."""
+    base, _, suffix = name.partition("+")
+    if base not in CONFIGS or suffix not in ("", "compile"):
+        raise SystemExit(f"unknown configuration {name!r}: one of {', '.join(CONFIGS)}, "
+                         f"each optionally with +compile")
+    return base, suffix == "compile"
 
 
 def reachable_bytes(root, exclude: set[int]) -> int:
@@ -88,6 +107,37 @@ def host_sync_sites(step: Callable[[], None], steps: int) -> dict[str, int]:
     return sites
 
 
+def profile(step: Callable[[], None], steps: int, device: torch.device, table: Path) -> dict:
+    """`steps` steps under torch.profiler: wall time, the device's busy time, and the operators
+    that cost the most (host time; device time on a GPU). The full tables go to `table`."""
+    from torch.profiler import ProfilerActivity
+
+    on_gpu = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
+    with torch.profiler.profile(activities=activities) as prof:
+        start = time.perf_counter()
+        for _ in range(steps):
+            step()
+        if on_gpu:
+            torch.cuda.synchronize()
+        wall = time.perf_counter() - start
+    averages = prof.key_averages()
+    sorts = ["self_cpu_time_total"] + (["self_device_time_total"] if on_gpu else [])
+    table.write_text("\n\n".join(f"sorted by {key}\n" + averages.table(sort_by=key, row_limit=40)
+                                 for key in sorts))
+    result: dict = {"steps": steps, "wall_s": wall, "host_ops_per_step": sum(
+        a.count for a in averages if a.key.startswith("aten::")) / steps,
+        "top_host_ops_ms_per_step": {a.key: a.self_cpu_time_total / 1e3 / steps for a in sorted(
+            averages, key=lambda a: -a.self_cpu_time_total)[:10]}}
+    if on_gpu:
+        busy = sum(a.self_device_time_total for a in averages) / 1e6
+        result.update(device_busy_s=busy, device_busy_fraction=busy / wall,
+                      top_device_ops_ms_per_step={a.key: a.self_device_time_total / 1e3 / steps
+                                                  for a in sorted(averages, key=lambda a:
+                                                                  -a.self_device_time_total)[:10]})
+    return result
+
+
 def worker(args: argparse.Namespace) -> None:
     """One rank of one configuration (run under torchrun)."""
     from s4d_dist import config
@@ -99,9 +149,11 @@ def worker(args: argparse.Namespace) -> None:
 
     distributed.init()
     rank, device = distributed.rank(), distributed.device()
-    stage = 0 if args.config == "ddp" else int(args.config[-1])
+    base, compiled = parse_config(args.config)
+    stage = 0 if base == "ddp" else int(base[-1])
     overrides = ["task=finetune", f"deepspeed.zero_stage={stage}",
-                 f"deepspeed.precision={args.precision}", *args.overrides]
+                 f"deepspeed.precision={args.precision}", f"deepspeed.compile={compiled}",
+                 *args.overrides]
     cfg = config.load(args.preset, overrides)
     m = cfg.model
     torch.manual_seed(0)
@@ -112,11 +164,13 @@ def worker(args: argparse.Namespace) -> None:
     labels = torch.randint(0, m.num_video_classes, (batch,)).to(device)
     held: list[int] = []  # optimizer state + gradients, measured in warm-up steps only
 
-    if args.config == "ddp":
+    if base == "ddp":
         # The official loop (DDP + autocast), at the precision DeepSpeed gets: bf16 autocast
         # needs no loss scaler, fp16 gets the GradScaler the official code uses.
         model.to(device)
         ddp = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
+        if compiled:
+            ddp = torch.compile(ddp)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=device.type == "cuda")
         amp = args.precision != "fp32"
         scaler = torch.amp.GradScaler(enabled=args.precision == "fp16")
@@ -173,22 +227,29 @@ def worker(args: argparse.Namespace) -> None:
             result["mfu"] = result["step_flops"] / result["step_s"] / peak
         if args.sync_steps:
             result["host_sync_sites"] = host_sync_sites(step, args.sync_steps)
+    if args.profile_steps:
+        table = Path(args.out).with_suffix(f".rank{rank}.profile.txt")
+        result["profile"] = profile(step, args.profile_steps, device, table)
     Path(args.out).with_suffix(f".rank{rank}.json").write_text(json.dumps(result))
     distributed.barrier()
 
 
-def run_config(name: str, args: argparse.Namespace, tmp: Path) -> list[dict]:
-    out = tmp / name
+def run_config(name: str, port: int, args: argparse.Namespace, tmp: Path,
+               results: Path) -> list[dict]:
+    """One configuration's torchrun job; its profile tables, if any, go beside `results`."""
+    out = tmp / name.replace("+", "_")
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={args.ranks}",
-           "--master_port", str(29650 + CONFIGS.index(name)), __file__, "--worker",
+           "--master_port", str(port), __file__, "--worker",
            "--config", name, "--out", str(out), "--preset", args.preset, "--steps",
            str(args.steps), "--warmup", str(args.warmup), "--precision", args.precision,
            "--sync-steps", str(args.sync_steps), "--peak-tflops", str(args.peak_tflops or 0),
-           *args.overrides]
+           "--profile-steps", str(args.profile_steps), *args.overrides]
     env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // args.ranks))}
     if not torch.cuda.is_available():
         env["DS_ACCELERATOR"] = "cpu"
     subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL)
+    for table in tmp.glob(f"{out.name}.rank*.profile.txt"):
+        shutil.move(table, results.with_name(f"{results.stem}.{name}{table.name[len(out.name):]}"))
     return [json.loads(out.with_suffix(f".rank{r}.json").read_text()) for r in range(args.ranks)]
 
 
@@ -206,6 +267,8 @@ def main() -> None:
     parser.add_argument("--configs", default=",".join(CONFIGS))
     parser.add_argument("--sync-steps", type=int, default=3,
                         help="steps run under torch's sync debug mode after timing (GPU only)")
+    parser.add_argument("--profile-steps", type=int, default=0,
+                        help="steps run under torch.profiler after timing (tables beside --results)")
     parser.add_argument("--peak-tflops", type=float, default=None,
                         help="the device's dense bf16 peak, where flops.py does not know it")
     parser.add_argument("--results", type=Path, default=None,
@@ -217,17 +280,22 @@ def main() -> None:
     if args.worker:
         return worker(args)
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    tag = "cpu" if device == "cpu" else device.replace(" ", "_")
+    out = args.results or RESULTS / f"train_step_{tag}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
     names = args.configs.split(",")
+    for name in names:
+        parse_config(name)  # refuse a typo before any job starts
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for name in names:
-            results[name] = run_config(name, args, Path(tmp))
+        for port, name in enumerate(names, start=29650):
+            results[name] = run_config(name, port, args, Path(tmp), out)
     first = names[0]  # the baseline of the ratios
     base = max(r["optimizer_and_grad_bytes"] for r in results[first])
     base_speed = sum(r["samples_per_s"] for r in results[first])
     print(f"{args.preset} {' '.join(args.overrides)} | {args.ranks} ranks | {args.precision} | {device}")
-    print(f"{'config':8s} {'samples/s':>10s} {'vs ' + first:>9s} {'opt+grad MiB/rank':>18s} "
-          f"{'vs ' + first:>9s} {'MFU':>6s} {'peak GiB':>9s}")
+    print(f"{'config':13s} {'samples/s':>10s} {'vs ' + first:>9s} {'opt+grad MiB/rank':>18s} "
+          f"{'vs ' + first:>9s} {'MFU':>6s} {'peak GiB':>9s} {'ops/step':>8s} {'GPU busy':>8s}")
     summary = {}
     for name, ranks in results.items():
         speed = sum(r["samples_per_s"] for r in ranks)
@@ -237,16 +305,16 @@ def main() -> None:
                          f"memory_vs_{first}": held / base, "ranks": ranks}
         mfu = min((r["mfu"] for r in ranks if "mfu" in r), default=float("nan"))
         peak = max(r.get("peak_allocated_bytes", 0) for r in ranks) / 2**30
-        print(f"{name:8s} {speed:10.2f} {speed / base_speed:9.2f} {held / 2**20:18.1f} "
-              f"{held / base:9.2f} {mfu:6.1%} {peak:9.2f}")
-    tag = "cpu" if device == "cpu" else device.replace(" ", "_")
-    out = args.results or RESULTS / f"train_step_{tag}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
+        prof = ranks[0].get("profile", {})
+        print(f"{name:13s} {speed:10.2f} {speed / base_speed:9.2f} {held / 2**20:18.1f} "
+              f"{held / base:9.2f} {mfu:6.1%} {peak:9.2f} {prof.get('host_ops_per_step', 0):8.0f} "
+              f"{prof.get('device_busy_fraction', float('nan')):8.1%}")
     out.write_text(json.dumps({
         "device": device, "cpu": platform.processor() or platform.machine(),
         "torch": torch.__version__, "preset": args.preset, "overrides": args.overrides,
         "ranks": args.ranks, "precision": args.precision, "steps": args.steps,
         "results": summary}, indent=1))
+
 
 if __name__ == "__main__":
     main()

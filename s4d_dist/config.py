@@ -169,6 +169,9 @@ class DeepSpeedConfig:
     precision: Precision = "bf16"  # why bf16, what stays fp32 under fp16: §1.10
     grad_accum: int = 1
     activation_checkpointing: bool = False
+    # torch.compile the model (DeepSpeed's engine.compile): one compilation per modality and for
+    # evaluation, the same steps as eager (tests/test_engine.py) except the router noise, which
+    # inductor draws from its own generator. Measured against eager by benchmarks/train_step.py.
     compile: bool = False
     # ZeRO buckets, in elements. Gradients are reduced bucket by bucket as backward produces
     # them, so a bucket must be a fraction of the model to overlap backward (the ViT-B MAE has

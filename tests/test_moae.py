@@ -276,6 +276,15 @@ def test_routing_stats():
     assert 0 < stats["router_entropy"] <= math.log(E)
     assert not any(v.requires_grad for v in stats.values())
 
+    # Computed when read, from the last forward: a later batch's routing replaces them.
+    m.record_routing = True
+    m(torch.randn(B, L, D), torch.randn(B, L, E) * 5)
+    r = m.routing
+    expected = torch.bincount(r.topk_idx.flatten(), minlength=E).float()
+    torch.testing.assert_close(m.stats["tokens_per_expert"], expected)
+    torch.testing.assert_close(m.stats["drop_fraction"], 1 - r.kept.float().mean())
+    assert m.stats["router_entropy"] != stats["router_entropy"]
+
 
 def test_torch_backend_has_static_shapes_and_no_host_sync():
     """On the meta device any .item(), nonzero or data-dependent shape raises, so running

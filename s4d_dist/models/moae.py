@@ -159,15 +159,16 @@ def load_balancing_loss(noisy_logits: torch.Tensor, topk_idx: torch.Tensor,
 
 
 @torch.no_grad()
-def routing_stats(result: RoutingResult, num_experts: int) -> dict[str, torch.Tensor]:
-    """Load, drop rate and router entropy for logging; tensors, so no host sync in the step."""
-    tokens_per_expert = torch.zeros(num_experts, device=result.topk_idx.device)
-    tokens_per_expert.scatter_add_(0, result.topk_idx.flatten(),
-                                   torch.ones_like(result.topk_idx.flatten(), dtype=torch.float))
-    log_probs = result.noisy_logits.float().log_softmax(dim=-1)
+def routing_stats(noisy_logits: torch.Tensor, topk_idx: torch.Tensor, kept: torch.Tensor,
+                  num_experts: int) -> dict[str, torch.Tensor]:
+    """Load, drop rate and router entropy for logging; tensors, so no host sync."""
+    tokens_per_expert = torch.zeros(num_experts, device=topk_idx.device)
+    tokens_per_expert.scatter_add_(0, topk_idx.flatten(),
+                                   torch.ones_like(topk_idx.flatten(), dtype=torch.float))
+    log_probs = noisy_logits.float().log_softmax(dim=-1)
     entropy = -(log_probs.exp() * log_probs).sum(dim=-1).mean()
     return {"tokens_per_expert": tokens_per_expert,
-            "drop_fraction": 1.0 - result.kept.float().mean(),
+            "drop_fraction": 1.0 - kept.float().mean(),
             "router_entropy": entropy}
 
 
@@ -193,7 +194,9 @@ class MoAE(nn.Module):
 
     After each forward: `aux_loss` holds this layer's load-balancing loss (the caller sums the
     layers and scales by the coefficient, 1e-3), `stats` the routing statistics and, with
-    `record_routing`, `routing` each token's experts, gates and drops.
+    `record_routing`, `routing` each token's experts, gates and drops. The statistics are
+    computed when read (at log steps), not in every training step: a dozen small kernels per
+    layer that the step does not need.
     Initialised like the official model ends up (trunc-normal .02, zero bias, §3.5):
     its Kaiming init is overwritten by the model-level init, so noise std starts at softplus(0).
     """
@@ -214,11 +217,20 @@ class MoAE(nn.Module):
         self.experts = nn.ModuleList(Mlp(dim, hidden) for _ in range(num_experts))
         self.apply(init_linear_trunc_normal)
         self.aux_loss: torch.Tensor | None = None
-        self.stats: dict[str, torch.Tensor] = {}
+        self._last_routing: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self._stats: dict[str, torch.Tensor] | None = None
         # Set by analyses that need each token's routing (s4d_dist.analyze): the last forward's
         # RoutingResult is then kept in `routing`.
         self.record_routing = False
         self.routing: RoutingResult | None = None
+
+    @property
+    def stats(self) -> dict[str, torch.Tensor]:
+        """routing_stats of the last forward ({} before the first), computed on first read."""
+        if self._stats is None:
+            self._stats = ({} if self._last_routing is None else
+                           routing_stats(*self._last_routing, self.num_experts))
+        return self._stats
 
     def expert_weights(self) -> tuple[torch.Tensor, ...]:
         """(w1, b1, w2, b2) stacked over experts; stacking keeps each expert's own Parameters
@@ -253,7 +265,8 @@ class MoAE(nn.Module):
                                                 use_softmax=not self.official_quirks)
         elif not self.official_quirks:
             self.aux_loss = None
-        self.stats = routing_stats(result, self.num_experts)
+        self._last_routing = (result.noisy_logits.detach(), result.topk_idx, result.kept)
+        self._stats = None
         self.routing = result if self.record_routing else None
         return result.out.view(B, L, D)
 
