@@ -153,10 +153,12 @@ def test_finetune_layer_decay_and_no_decay(vit_base_pair):
     for group, names in _names_by_group(model, groups):
         for n in names:
             scale[n], decay[n] = group["lr_scale"], group["weight_decay"]
-    assert len(scale) == 380
+    assert len(scale) == 212  # 380 state-dict tensors: each MoAE layer's 32 expert ones are 4
     assert scale["patch_embed.proj.weight"] == pytest.approx(0.75 ** 13)  # 0.0238
     assert scale["blocks.0.attn.qkv.weight"] == pytest.approx(0.75 ** 12)  # 0.0317
-    assert scale["blocks.6.moe_layer.experts.2.fc1.weight"] == pytest.approx(0.75 ** 6)  # 0.178
+    assert scale["blocks.6.moe_layer.fc1_weight"] == pytest.approx(0.75 ** 6)  # 0.178
+    assert decay["blocks.6.moe_layer.fc1_weight"] == decay["blocks.6.moe_layer.fc2_weight"] == 0.05
+    assert decay["blocks.6.moe_layer.fc1_bias"] == decay["blocks.6.moe_layer.fc2_bias"] == 0.0
     assert scale["blocks.11.mlp.fc1.weight"] == pytest.approx(0.75)
     assert scale["head.video.weight"] == scale["fc_norm.weight"] == 1.0
     assert decay["blocks.3.attn.q_bias"] == decay["blocks.3.norm1.weight"] == 0.0

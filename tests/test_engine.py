@@ -212,3 +212,30 @@ def test_compiled_engine_trains_like_the_eager_one(tmp_path):
     torch.testing.assert_close(compiled[0], eager[0], rtol=1e-4, atol=1e-5)
     for got, want in zip(compiled[1], eager[1], strict=True):
         torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-5)
+
+
+def test_resume_refuses_optimizer_state_of_other_parameters(tmp_path, caplog):
+    """ZeRO's optimizer state is flat partitions of the parameters in order: a checkpoint of a
+    model whose parameters differ (order or shape) would load into the wrong places silently.
+    Each checkpoint records its layout and a resume into another is refused."""
+    from s4d_dist.train.checkpoint import Checkpoints, ResumeError
+
+    distributed.init()
+    cfg = tiny_cfg(tmp_path, "deepspeed.zero_stage=1")
+    torch.manual_seed(0)
+    checkpoints = Checkpoints(tmp_path, cfg)
+    tag = checkpoints.save(build_engine(cfg, build_mae(cfg)), {"global_step": 1})
+    assert checkpoints.load(build_engine(cfg, build_mae(cfg)), tag)["global_step"] == 1
+
+    other = build_mae(cfg)
+    other.register_parameter("extra", nn.Parameter(torch.zeros(3)))  # e.g. another version's
+    with pytest.raises(ResumeError, match=r"optimizer state for other parameters.*extra"):
+        checkpoints.load(build_engine(cfg, other), tag)
+
+    # A checkpoint from before layouts were recorded resumes, saying it cannot check.
+    trainer = checkpoints._trainer_file(checkpoints.dir, tag)
+    saved = torch.load(trainer, weights_only=False)
+    del saved["param_layout"]
+    torch.save(saved, trainer)
+    assert checkpoints.load(build_engine(cfg, build_mae(cfg)), tag)["global_step"] == 1
+    assert "does not record its parameter layout" in caplog.text

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from s4d_dist.models import moae
 from s4d_dist.models.moae import (BACKEND_NAMES, MoAE, MoAEBlock, get_backend, loop_backend,
                                   vectorised_backend)
+from s4d_dist.models.vit import Mlp
 
 B, L, D, E, H, K = 3, 20, 32, 4, 8, 2
 BACKENDS_UNDER_TEST = ("loop", "torch")
@@ -36,6 +37,15 @@ def backend_inputs(m: MoAE, h: torch.Tensor, noise: torch.Tensor) -> tuple:
                 m.top_k, capacity)
 
 
+def expert_module(m: MoAE, e: int) -> Mlp:
+    """Expert e as the official per-expert module, loaded from m's state dict (official keys)."""
+    expert = Mlp(D, m.fc1_weight.shape[1])
+    prefix = f"experts.{e}."
+    expert.load_state_dict({k[len(prefix):]: v for k, v in m.state_dict().items()
+                            if k.startswith(prefix)})
+    return expert
+
+
 def test_moae_state_dict_keys_in_official_order():
     keys = list(make_moae().state_dict())
     expected = ["router.topkroute_linear.weight", "router.topkroute_linear.bias",
@@ -48,6 +58,28 @@ def test_moae_state_dict_keys_in_official_order():
     assert shapes["router.topkroute_linear.weight"].shape == (E, D)
     assert shapes["experts.0.fc1.weight"].shape == (H, D)
     assert shapes["experts.0.fc2.weight"].shape == (D, H)
+
+
+def test_experts_are_stacked_parameters_that_read_and_write_official_keys():
+    m = make_moae()
+    assert [n for n, _ in m.named_parameters()][:4] == list(moae.STACKED_EXPERTS)
+    assert all(w is getattr(m, n) for w, n in zip(m.expert_weights(), moae.STACKED_EXPERTS))
+    sd = m.state_dict()
+    assert torch.equal(sd["experts.2.fc2.weight"], m.fc2_weight[2])
+    assert torch.equal(sd["experts.3.fc1.bias"], m.fc1_bias[3])
+
+    # Official per-expert keys load into the stacks; a missing expert is named by the load.
+    other = make_moae()
+    other.load_state_dict({k: v + 1 for k, v in sd.items()})
+    assert torch.equal(other.fc1_weight[1], sd["experts.1.fc1.weight"] + 1)
+    with pytest.raises(RuntimeError, match="fc2_weight"):
+        other.load_state_dict({k: v for k, v in sd.items() if k != "experts.0.fc2.weight"})
+
+    # A whole model's state named as its parameters (DeepSpeed's zero_to_fp32) → official keys.
+    flat = {f"blocks.6.moe_layer.{n}": p.detach() for n, p in m.named_parameters()}
+    moae.split_all_experts(flat)
+    assert list(flat) == [f"blocks.6.moe_layer.{k}" for k in sd]
+    assert all(torch.equal(flat[f"blocks.6.moe_layer.{k}"], v) for k, v in sd.items())
 
 
 def test_block_state_dict_keys_in_official_order():
@@ -116,7 +148,7 @@ def test_loop_and_torch_agree(case):
         assert not loop.kept.any() and not loop.out.any()
     if starve:
         assert vectorised.stats["tokens_per_expert"][-1] == 0
-        assert not grads["loop"][-1].any()  # last expert's fc2.bias got a zero gradient
+        assert not grads["loop"][names.index("fc2_bias")][-1].any()  # last expert's: zero
 
 
 def test_drops_follow_flat_token_order_against_python_loops():
@@ -141,7 +173,7 @@ def test_drops_follow_flat_token_order_against_python_loops():
                 used[e] += 1
                 kept_row.append(used[e] <= capacity)
                 if kept_row[-1]:
-                    expected_out[t] += w / sum(weights) * m.experts[e](x[t])
+                    expected_out[t] += w / sum(weights) * expert_module(m, e)(x[t])
             expected_kept.append(kept_row)
     expected_kept = torch.tensor(expected_kept)
     assert 0 < expected_kept.sum() < B * L * K  # some dropped, some kept
@@ -185,7 +217,7 @@ def test_gates_sum_to_one_and_are_not_renormalised_after_drops(backend):
             j = int(result.kept[t].nonzero())
             gate = result.gates[t, j]
             assert gate < 1  # the surviving gate keeps its pre-drop value
-            expert = m.experts[int(result.topk_idx[t, j])]
+            expert = expert_module(m, int(result.topk_idx[t, j]))
             torch.testing.assert_close(result.out[t], gate * expert(x[t]), rtol=1e-5, atol=1e-6)
 
 

@@ -189,6 +189,46 @@ class NoisyTopkRouter(nn.Module):
         return self.topkroute_linear(x).float(), F.softplus(self.noise_linear(x).float())
 
 
+# The experts' weights, one Parameter per kind stacked over experts (E, ...), and the official
+# per-expert key each expert's slice has in a state dict (`experts.{e}.<key>`).
+STACKED_EXPERTS = {"fc1_weight": "fc1.weight", "fc1_bias": "fc1.bias",
+                   "fc2_weight": "fc2.weight", "fc2_bias": "fc2.bias"}
+
+
+def split_experts(state: dict[str, torch.Tensor], prefix: str) -> None:
+    """Replace one layer's stacked expert weights (keys `prefix + fc1_weight`, ...) in `state`
+    by the official per-expert keys, expert by expert, in place; appended, so after the router
+    as in the official files."""
+    stacked = {name: state.pop(prefix + name) for name in STACKED_EXPERTS if prefix + name in state}
+    for e in range(len(next(iter(stacked.values()))) if stacked else 0):
+        for name, tensor in stacked.items():
+            state[f"{prefix}experts.{e}.{STACKED_EXPERTS[name]}"] = tensor[e].clone()
+
+
+def split_all_experts(state: dict[str, torch.Tensor]) -> None:
+    """split_experts for every MoAE layer of a model's flat state named as its parameters (what
+    DeepSpeed's zero_to_fp32 returns); no other parameter's name ends in `.fc1_weight`."""
+    for key in [k for k in state if k.endswith(".fc1_weight")]:
+        split_experts(state, key[: -len("fc1_weight")])
+
+
+def stack_experts(state: dict[str, torch.Tensor], prefix: str, num_experts: int) -> None:
+    """The inverse of split_experts for one layer: official per-expert keys → stacked, in place.
+    A kind whose keys are not all there is left alone (the load then names what is missing)."""
+    for name, official in STACKED_EXPERTS.items():
+        keys = [f"{prefix}experts.{e}.{official}" for e in range(num_experts)]
+        if all(key in state for key in keys):
+            state[prefix + name] = torch.stack([state.pop(key) for key in keys])
+
+
+def _official_keys_out(module: MoAE, state: dict, prefix: str, _metadata) -> None:
+    split_experts(state, prefix)
+
+
+def _official_keys_in(module: MoAE, state: dict, prefix: str, *_) -> None:
+    stack_experts(state, prefix, module.num_experts)
+
+
 class MoAE(nn.Module):
     """Sparse mixture of bottleneck adapter experts with capacity (SparseMoEWithCapacity).
 
@@ -199,6 +239,11 @@ class MoAE(nn.Module):
     layer that the step does not need.
     Initialised like the official model ends up (trunc-normal .02, zero bias, §3.5):
     its Kaiming init is overwritten by the model-level init, so noise std starts at softplus(0).
+
+    The experts' weights are held stacked, one Parameter per kind (`fc1_weight` (E, H, D), ...):
+    the backends read them without a copy, and an optimizer or ZeRO handles 4 tensors a layer
+    instead of 4·E. State dicts keep the official per-expert keys (`experts.{e}.fc1.weight`),
+    in both directions, so checkpoints are the official files.
     """
 
     def __init__(self, dim: int, num_experts: int, top_k: int, hidden: int,
@@ -214,7 +259,13 @@ class MoAE(nn.Module):
         self.backend = backend
         self.official_quirks = official_quirks
         self.router = NoisyTopkRouter(dim, num_experts)
-        self.experts = nn.ModuleList(Mlp(dim, hidden) for _ in range(num_experts))
+        # Built from per-expert layers, so that construction draws the official model's numbers.
+        experts = [Mlp(dim, hidden) for _ in range(num_experts)]
+        for name, official in STACKED_EXPERTS.items():
+            self.register_parameter(name, nn.Parameter(torch.stack(
+                [e.get_parameter(official).detach() for e in experts])))
+        self.register_state_dict_post_hook(_official_keys_out)
+        self.register_load_state_dict_pre_hook(_official_keys_in)
         self.apply(init_linear_trunc_normal)
         self.aux_loss: torch.Tensor | None = None
         self._last_routing: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
@@ -233,13 +284,18 @@ class MoAE(nn.Module):
         return self._stats
 
     def expert_weights(self) -> tuple[torch.Tensor, ...]:
-        """(w1, b1, w2, b2) stacked over experts; stacking keeps each expert's own Parameters
-        (and the official state-dict names) while backends see contiguous batched weights."""
-        experts = self.experts
-        return (torch.stack([e.fc1.weight for e in experts]),
-                torch.stack([e.fc1.bias for e in experts]),
-                torch.stack([e.fc2.weight for e in experts]),
-                torch.stack([e.fc2.bias for e in experts]))
+        """(w1, b1, w2, b2) stacked over experts, as the backends take them."""
+        return self.fc1_weight, self.fc1_bias, self.fc2_weight, self.fc2_bias
+
+    def init_expert_weights(self, init_weight) -> None:
+        """`init_weight` on each expert's weights in the official module order (expert by expert,
+        fc1 then fc2, so the same random draws as per-expert Linear layers); zero biases."""
+        with torch.no_grad():
+            for e in range(self.num_experts):
+                init_weight(self.fc1_weight[e])
+                init_weight(self.fc2_weight[e])
+            self.fc1_bias.zero_()
+            self.fc2_bias.zero_()
 
     def forward(self, h: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
         """(B, L, D) → (B, L, D). `noise` (B, L, E) replaces the standard-normal draw (tests,

@@ -147,6 +147,8 @@ def _init_linear_and_norm(module: nn.Module, init_weight) -> None:
     elif isinstance(module, nn.LayerNorm):
         nn.init.ones_(module.weight)
         nn.init.zeros_(module.bias)
+    elif hasattr(module, "init_expert_weights"):  # MoAE: Linear weights held stacked
+        module.init_expert_weights(init_weight)
 
 
 def init_linear_xavier(module: nn.Module) -> None:

@@ -32,6 +32,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from s4d_dist import atomic
+from s4d_dist.models.moae import split_all_experts
 from s4d_dist.train import distributed
 from s4d_dist.train.faults import EXIT_USAGE, RunStopped, StorageError, human_bytes, storage_failure
 
@@ -64,6 +65,11 @@ def config_differences(saved: dict, current: DictConfig,
     new = _flatten({k: now.get(k) for k in sections})
     return [f"{k}: {old.get(k)!r} → {new.get(k)!r}" for k in sorted(set(old) | set(new))
             if old.get(k) != new.get(k)]
+
+
+def param_layout(module: torch.nn.Module) -> list[tuple[str, tuple[int, ...]]]:
+    """Name and shape of every parameter, in the order optimizers and ZeRO lay them out."""
+    return [(name, tuple(p.shape)) for name, p in module.named_parameters()]
 
 
 def rng_state() -> dict[str, Any]:
@@ -164,7 +170,8 @@ class Checkpoints:
         written = tag if step_tag else f"{tag}.partial"
         error = self._write(engine, written, {"trainer": trainer_state, "rng": rng_state(),
                                               "config": OmegaConf.to_container(self.cfg,
-                                                                               resolve=True)})
+                                                                               resolve=True),
+                                              "param_layout": param_layout(engine.module)})
         self._agree(written, error)  # also the barrier before the pointer moves
         if distributed.is_main():
             try:
@@ -242,6 +249,8 @@ class Checkpoints:
         `module_only` restores the weights alone (to evaluate the best epoch at the end).
         """
         saved = self._read_trainer_file(tag)
+        if not module_only:
+            self._check_layout(saved.get("param_layout"), engine.module, tag)
         _, client = engine.load_checkpoint(str(self.dir), tag=tag, load_module_only=module_only,
                                            load_optimizer_states=not module_only,
                                            load_lr_scheduler_states=not module_only)
@@ -252,6 +261,23 @@ class Checkpoints:
         set_rng_state(saved["rng"])
         log.info("resumed from %s (global step %d)", self.dir / tag, saved["trainer"]["global_step"])
         return saved["trainer"]
+
+    def _check_layout(self, saved: list | None, module: torch.nn.Module, tag: str) -> None:
+        """Refuse optimizer state written for other parameters. ZeRO keeps it as flat
+        partitions of the parameters in order, so a checkpoint from a model whose parameters
+        differ in order or shape (an s4d_dist version that held the MoAE experts unstacked,
+        say) would load without an error into the wrong places."""
+        if saved is None:
+            log.warning("%s does not record its parameter layout (older s4d_dist): resuming "
+                        "without checking it", self.dir / tag)
+            return
+        now = param_layout(module)
+        if [tuple(p) for p in saved] != now:
+            differ = next((f"{a} vs {b}" for a, b in zip(saved, now) if tuple(a) != b),
+                          f"{len(saved)} vs {len(now)} parameters")
+            raise ResumeError(f"{self.dir / tag} holds optimizer state for other parameters "
+                              f"(checkpoint vs this model: {differ}); resume it with the "
+                              f"s4d_dist that wrote it, or start a run from its weights")
 
     def check_resumable(self, run_dir: Path) -> str | None:
         """The tag to resume from, after the run-folder rules; checked before anything is built
@@ -294,6 +320,7 @@ def export_fp32(engine, ckpt_dir: Path, tag: str) -> dict[str, torch.Tensor]:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
+        split_all_experts(state)  # the masters are named as parameters; exports as state dicts
         module_keys = list(engine.module.state_dict())
         return {k: state[k].float() for k in module_keys}
     if engine.bfloat16_enabled() or engine.fp16_enabled():
