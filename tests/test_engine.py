@@ -232,10 +232,21 @@ def test_resume_refuses_optimizer_state_of_other_parameters(tmp_path, caplog):
     with pytest.raises(ResumeError, match=r"optimizer state for other parameters.*extra"):
         checkpoints.load(build_engine(cfg, other), tag)
 
-    # A checkpoint from before layouts were recorded resumes, saying it cannot check.
+    # A checkpoint from before layouts were recorded is checked against ZeRO's own record of
+    # its parameters (stage >= 1; ZeRO-0 has none: the resume goes on with a warning).
     trainer = checkpoints._trainer_file(checkpoints.dir, tag)
     saved = torch.load(trainer, weights_only=False)
     del saved["param_layout"]
     torch.save(saved, trainer)
     assert checkpoints.load(build_engine(cfg, build_mae(cfg)), tag)["global_step"] == 1
+    with pytest.raises(ResumeError, match="optimizer state for other parameters"):
+        checkpoints.load(build_engine(cfg, other), tag)
+    cfg0 = tiny_cfg(tmp_path / "zero0", "deepspeed.zero_stage=0")
+    checkpoints = Checkpoints(tmp_path / "zero0", cfg0)
+    tag = checkpoints.save(build_engine(cfg0, build_mae(cfg0)), {"global_step": 2})
+    trainer = checkpoints._trainer_file(checkpoints.dir, tag)
+    saved = torch.load(trainer, weights_only=False)
+    del saved["param_layout"]
+    torch.save(saved, trainer)
+    assert checkpoints.load(build_engine(cfg0, build_mae(cfg0)), tag)["global_step"] == 2
     assert "does not record its parameter layout" in caplog.text

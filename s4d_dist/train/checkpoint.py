@@ -267,17 +267,27 @@ class Checkpoints:
         partitions of the parameters in order, so a checkpoint from a model whose parameters
         differ in order or shape (an s4d_dist version that held the MoAE experts unstacked,
         say) would load without an error into the wrong places."""
-        if saved is None:
-            log.warning("%s does not record its parameter layout (older s4d_dist): resuming "
-                        "without checking it", self.dir / tag)
-            return
         now = param_layout(module)
+        if saved is None:  # written before checkpoints recorded it: ZeRO's own record, unordered
+            saved, now = self._zero_param_shapes(tag), sorted(now)
+            if saved is None:
+                log.warning("%s does not record its parameter layout (older s4d_dist, ZeRO-0): "
+                            "resuming without checking it", self.dir / tag)
+                return
         if [tuple(p) for p in saved] != now:
             differ = next((f"{a} vs {b}" for a, b in zip(saved, now) if tuple(a) != b),
                           f"{len(saved)} vs {len(now)} parameters")
             raise ResumeError(f"{self.dir / tag} holds optimizer state for other parameters "
                               f"(checkpoint vs this model: {differ}); resume it with the "
                               f"s4d_dist that wrote it, or start a run from its weights")
+
+    def _zero_param_shapes(self, tag: str) -> list[tuple[str, tuple[int, ...]]] | None:
+        """The parameters DeepSpeed's ZeRO (stage ≥ 1) saved optimizer state for, sorted."""
+        states = self.dir / tag / "mp_rank_00_model_states.pt"
+        groups = torch.load(states, map_location="cpu", weights_only=False).get("param_shapes")
+        if not groups:
+            return None
+        return sorted((name, tuple(shape)) for group in groups for name, shape in group.items())
 
     def check_resumable(self, run_dir: Path) -> str | None:
         """The tag to resume from, after the run-folder rules; checked before anything is built
