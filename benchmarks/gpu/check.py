@@ -150,8 +150,7 @@ def train_step(ctx: Context) -> dict:
     best_zero = max((n for n in rows if n.startswith("zero")), key=lambda n: rows[n]["samples_per_s"])
     return {"ok": all(r["step_s"] > 0 for r in rows.values()), "precision": data["precision"],
             "results": summary, "best_zero": best_zero,
-            "ddp_over_zero1": rows[next(n for n in rows if n.startswith("ddp"))]["samples_per_s"] /
-            rows["zero1"]["samples_per_s"],
+            "ddp_over_zero1": rows["ddp"]["samples_per_s"] / rows["zero1"]["samples_per_s"],
             "targets": {"finetune_mfu": target(rows[best_zero].get("mfu"), 0.45)}}
 
 

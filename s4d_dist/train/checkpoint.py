@@ -68,7 +68,8 @@ def config_differences(saved: dict, current: DictConfig,
 
 
 def param_layout(module: torch.nn.Module) -> list[tuple[str, tuple[int, ...]]]:
-    """Name and shape of every parameter, in the order optimizers and ZeRO lay them out."""
+    """Name and shape of every parameter in module order, from which the optimizer's groups
+    and ZeRO's flat partitions are built."""
     return [(name, tuple(p.shape)) for name, p in module.named_parameters()]
 
 
