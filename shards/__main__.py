@@ -56,6 +56,10 @@ def make_parser() -> argparse.ArgumentParser:
                         help="VP9 constant quality, 0 best .. 63 (default %(default)s)")
     parser.add_argument("--keyframe-interval", type=int, default=DEFAULT_KEYFRAME_INTERVAL,
                         help="VP9 frames per keyframe (default %(default)s)")
+    parser.add_argument("--face-crop", action="store_true",
+                        help="store the square around the face OpenCV's detector finds in each "
+                             "photo or clip (predict's --face-detect), not the whole picture; "
+                             "inputs without a face are skipped (pip install 's4d_dist[face]')")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
 
@@ -168,8 +172,11 @@ def tools_main(argv: list[str]) -> int:
         extra = f", frames {entry['frames']}" if "frames" in entry else ""
         print(f"  {split}: {entry['samples']} samples in {entry['shards']} shards "
               f"({entry['bytes'] / 2**20:.1f} MiB), {entry['media']}, sizes "
-              f"{', '.join(entry['frame_sizes'])}{extra}, skipped inputs {entry['skipped_inputs']}")
+              f"{', '.join(entry['frame_sizes'])}{extra}, skipped at build "
+              f"{entry['skipped_inputs']}")
         print(f"    per class: {entry['per_class']}")
+    print(f"  skipped inputs: {report['skipped_inputs']} ({report['reader_skipped']} by the reader, "
+          "listed in dataset.json; the rest at build, in each split's manifest.json)")
     if "preview" in report:
         print(f"  preview: {report['preview']}")
     return 0
@@ -211,9 +218,16 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         encode = EncodeOptions(args.jpeg_quality, args.video_codec, args.vp9_crf,
-                               args.keyframe_interval, args.chunk_frames)
+                               args.keyframe_interval, args.chunk_frames, args.face_crop)
     except ValueError as err:
         parser.error(str(err))
+    if args.face_crop:
+        from .faces import detector
+
+        try:
+            detector()
+        except ImportError as err:
+            return _error(f"--face-crop: {err}", 2)
     build = BuildOptions(encode, int(args.shard_size * 2**20),
                          **({"workers": args.workers} if args.workers else {}))
     try:

@@ -24,6 +24,7 @@ import av
 import PIL
 from tqdm import tqdm
 
+from . import faces
 from .layout import DATASET_JSON, FORMAT_VERSION, BuildError, member_exts, write_json_atomic
 from .manifest import SplitManifest
 from .media import IMAGE_EXT, VIDEO_CODECS, EncodeOptions, MediaError
@@ -117,6 +118,8 @@ def _split_header(source: DatasetSource, split: str, options: BuildOptions) -> d
         "software": {"av": av.__version__, "ffmpeg": av.ffmpeg_version_info,
                      "pillow": PIL.__version__},
     }
+    if options.encode.face_crop:  # the detector decides what is stored
+        build["software"]["opencv"] = faces.opencv_version()
     return {
         "dataset": source.name, "modality": source.modality, "split": split,
         "class_names": source.class_names,

@@ -94,6 +94,7 @@ class EncodeOptions:
     vp9_crf: int = DEFAULT_VP9_CRF
     keyframe_interval: int = DEFAULT_KEYFRAME_INTERVAL
     chunk_frames: int = DEFAULT_CHUNK_FRAMES
+    face_crop: bool = False  # store the square around the face found (faces.py), not the input
 
     def __post_init__(self) -> None:
         if self.video_codec not in VIDEO_CODECS:

@@ -7,7 +7,9 @@ knows (below); those keys are reserved (build.validate rejects records that use 
 Builder metadata: ``clip`` (the record key), ``path`` (the image / video file or the frame
 folder), ``height``, ``width``; for videos also ``frames`` (in this chunk), ``chunk``,
 ``chunks``, ``frame_start``, ``frame_end`` (the chunk's range in the clip, end exclusive),
-``clip_frames``, ``fps`` (the source's, null for frame folders) and ``resized_frames``.
+``clip_frames``, ``fps`` (the source's, null for frame folders) and ``resized_frames``; with
+``--face-crop``, ``face_box`` (the square kept, [left, top, right, bottom] in the source's
+pixels; ``height`` and ``width`` are then the crop's).
 """
 from __future__ import annotations
 
@@ -15,8 +17,11 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from .media import (NOMINAL_FPS, EncodeOptions, chunk_bounds, encode_clip, image_file_to_jpeg,
-                    load_frames, load_video)
+import numpy as np
+
+from . import faces
+from .media import (NOMINAL_FPS, EncodeOptions, MediaError, chunk_bounds, encode_clip,
+                    encode_jpeg, image_file_to_jpeg, load_frames, load_image, load_video)
 from .sources.base import SourceRecord
 
 
@@ -36,7 +41,8 @@ def chunk_key(key: str, chunk: int, chunks: int) -> str:
 
 
 BUILDER_META = frozenset({"clip", "path", "height", "width", "frames", "chunk", "chunks",
-                          "frame_start", "frame_end", "clip_frames", "fps", "resized_frames"})
+                          "frame_start", "frame_end", "clip_frames", "fps", "resized_frames",
+                          "face_box"})
 
 
 def record_path(record: SourceRecord) -> str:
@@ -46,12 +52,29 @@ def record_path(record: SourceRecord) -> str:
     return record.paths[0]
 
 
+def face_crop(clip: np.ndarray, source: str) -> tuple[np.ndarray, dict[str, list[int]]]:
+    """The clip (T, H, W, 3) cut to the square around its face, and the builder meta saying
+    where; MediaError (the input is skipped) when no frame shows a face."""
+    box = faces.detector().box(clip)
+    if box is None:
+        raise MediaError(f"no face found in {source}")
+    top, left, bottom, right = box
+    return np.ascontiguousarray(clip[:, top:bottom, left:right]), {"face_box": faces.xyxy(box)}
+
+
 def encode_record(record: SourceRecord, options: EncodeOptions) -> list[Sample]:
-    """Decode a record's media and encode the samples to store (MediaError if unreadable)."""
+    """Decode a record's media and encode the samples to store (MediaError if unreadable, or
+    without a face under `options.face_crop`)."""
+    path = record_path(record)
     if record.media == "image":
-        jpeg, (height, width) = image_file_to_jpeg(record.paths[0], options.jpeg_quality)
-        meta = {**record.meta, "clip": record.key, "path": record_path(record),
-                "height": height, "width": width}
+        if options.face_crop:
+            image, cropped = face_crop(load_image(path)[None], path)
+            jpeg, (height, width) = encode_jpeg(image[0], options.jpeg_quality), image.shape[1:3]
+        else:
+            jpeg, (height, width) = image_file_to_jpeg(path, options.jpeg_quality)
+            cropped = {}
+        meta = {**record.meta, "clip": record.key, "path": path, "height": height,
+                "width": width, **cropped}
         return [Sample(record.key, jpeg, record.label, meta)]
 
     if record.media == "frames":
@@ -59,12 +82,13 @@ def encode_record(record: SourceRecord, options: EncodeOptions) -> list[Sample]:
         fps = None
     else:
         clip, fps, resized = load_video(record.paths[0])
+    clip, cropped = face_crop(clip, path) if options.face_crop else (clip, {})
     bounds = chunk_bounds(len(clip), options.chunk_frames)
     samples = []
     for chunk, (start, end) in enumerate(bounds):
         meta = {
-            **record.meta, "clip": record.key, "path": record_path(record),
-            "height": clip.shape[1], "width": clip.shape[2],
+            **record.meta, "clip": record.key, "path": path,
+            "height": clip.shape[1], "width": clip.shape[2], **cropped,
             "frames": end - start, "chunk": chunk, "chunks": len(bounds), "frame_start": start,
             "frame_end": end, "clip_frames": len(clip), "fps": fps, "resized_frames": resized,
         }

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import shutil
 
-from PIL import Image
+from PIL import Image, ImageFont
 
 import data_shards as ds
 from s4d_dist.data.dataset_tools import inspect_dataset, preview, verify_dataset
@@ -20,8 +20,12 @@ def test_inspect_counts_and_preview(synthetic_shards, tmp_path):
     assert train["frame_sizes"] == ["32x32"] and train["frames"]["min"] == 8
     assert report["splits"]["test"]["samples"] == 7
     png = preview(synthetic_shards / "video", tmp_path / "p.png", per_class=2, frames=4, tile=16)
-    assert Image.open(png).size == (2 * 4 * 16, 7 * 16)
-    assert Image.open(preview(synthetic_shards / "image", tmp_path / "i.png", tile=16)).size == (32, 112)
+    names = ImageFont.load_default(size=14)  # a column of class names on the left
+    margin = 12 + max(int(names.getlength(name)) for name in report["class_names"])
+    assert Image.open(png).size == (margin + 2 * 4 * 16, 7 * 16)
+    image = preview(synthetic_shards / "image", tmp_path / "i.png", tile=16)
+    assert Image.open(image).size == (margin + 32, 112)
+    assert report["skipped_inputs"] == report["reader_skipped"] == 0
 
 
 def test_verify_finds_damage(synthetic_shards, tmp_path, capsys):

@@ -21,7 +21,7 @@ from s4d_dist.shards.synthetic_faces import AFFECTNET7, render_clip, render_imag
 from s4d_dist.predict import model as predict_model
 from s4d_dist.predict.__main__ import main
 from s4d_dist.predict.core import Predictor
-from s4d_dist.predict.faces import centre_box, square_around
+from s4d_dist.shards.faces import centre_box, square_around
 from s4d_dist.predict.inputs import Input, choose_decoder, decode, expand
 from s4d_dist.train.evaluate import predict as evaluation_rows
 from s4d_dist.train.finetune import FinetuneTask

@@ -27,7 +27,7 @@ import torch
 from s4d_dist.data.recipes import Recipe, recipe_from_config
 from s4d_dist.data.torch_backend import normalized, transform
 
-from .faces import FaceDetector, centre_box
+from s4d_dist.shards.faces import FaceDetector, centre_box
 from .inputs import Input, InputError, decode
 from .model import Model
 

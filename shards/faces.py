@@ -1,16 +1,21 @@
-"""Where the face is: the square a clip or image is cut to before the evaluation recipe.
+"""Where the face is: the square an image or clip is cut to, for the shards and for predict.
 
-The models were trained on face crops (the datasets ship them, the shards store them), so a
-whole video frame must be cut down first. Without a detector the cut is the largest centred
-square — right for inputs that already are face crops and for centred talking heads. With
-`--face-detect`, OpenCV's Haar cascade (its weights ship inside the `opencv-python-headless`
-wheel: `pip install s4d_dist[face]`) finds the face on a few frames and the clip is cut to one
-square around the median box, enlarged by a margin to include the chin and brows as the
-datasets' crops do. One box for the whole clip, like the datasets' crops, so a face that moves
-a little stays a steady crop.
+The models are trained on face crops (the datasets ship them, the shards store them), so a
+whole photo or video frame must be cut down first: by `shards ... --face-crop` when the shards
+are built, by `predict --face-detect` when a model scores it. Without a detector the cut is the
+largest centred square — right for inputs that already are face crops and for centred talking
+heads. OpenCV's Haar cascade (its weights ship inside the `opencv-python-headless` wheel:
+`pip install s4d_dist[face]`) finds the face on a few frames and the clip is cut to one square
+around the median box, enlarged by a margin to include the chin and brows as the datasets'
+crops do. One box for the whole clip, like the datasets' crops, so a face that moves a little
+stays a steady crop.
+
+Boxes are (top, left, bottom, right) in pixels, bottom and right exclusive; `xyxy` gives the
+(left, top, right, bottom) order that outputs report.
 """
 from __future__ import annotations
 
+import functools
 import threading
 
 import numpy as np
@@ -20,6 +25,12 @@ Box = tuple[int, int, int, int]  # (y0, x0, y1, x1), pixels
 CASCADE = "haarcascade_frontalface_default.xml"
 DETECT_FRAMES = 5   # frames looked at per clip, evenly spread
 MARGIN = 1.25       # side of the crop / side of the detected box
+
+
+def xyxy(box: Box) -> list[int]:
+    """[left, top, right, bottom]: a box in the order image tools (Pillow, OpenCV) use."""
+    top, left, bottom, right = box
+    return [left, top, right, bottom]
 
 
 def centre_box(height: int, width: int) -> Box:
@@ -48,7 +59,7 @@ class FaceDetector:
         try:
             import cv2
         except ImportError:
-            raise ImportError("--face-detect needs OpenCV: pip install 's4d_dist[face]' "
+            raise ImportError("face detection needs OpenCV: pip install 's4d_dist[face]' "
                               "(opencv-python-headless)") from None
         self.cv2 = cv2
         self.path = cv2.data.haarcascades + CASCADE
@@ -80,3 +91,16 @@ class FaceDetector:
         if not found:
             return None
         return square_around(tuple(np.median(np.array(found), axis=0)), *frames.shape[1:3])
+
+
+@functools.cache
+def detector() -> FaceDetector:
+    """The process's detector (its cascades are per thread): for code that has no object to keep
+    one in, such as the shard builder's worker processes."""
+    return FaceDetector()
+
+
+def opencv_version() -> str:
+    """The version of the OpenCV that detects faces (it decides the crops: part of a shard
+    build's fingerprint)."""
+    return detector().cv2.__version__
