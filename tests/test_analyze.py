@@ -82,17 +82,21 @@ def test_refuses_what_is_not_a_run(tmp_path, capsys):
 
 def test_tensorboard_is_one_run_with_labelled_figures(finished_finetune_runs):
     """What a person opening TensorBoard sees: one run per training run (no sub-runs for each
-    expert or for hparams), confusion matrices and recall bars as images, expert load as
-    scalars and a bar chart per layer."""
+    expert or for hparams), confusion matrices and recall bars as images of the card's size,
+    expert load by modality in one figure, drop fractions by modality as scalars, no
+    single-point hparam charts (tests/test_tracking.py reads the figures' labels)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from s4d_dist.train import figures
 
     tb = finished_finetune_runs[0] / "tb"
     assert [p for p in tb.iterdir() if p.is_dir()] == []
     events = EventAccumulator(str(tb), size_guidance={"images": 0, "scalars": 0}).Reload()
     images = set(events.Tags()["images"])
     assert {"test_last/confusion", "test_last/recall", "val/confusion", "val/recall",
-            "moae/layer1/load"} <= images
+            "moae/expert_load"} <= images
     scalars = set(events.Tags()["scalars"])
-    assert {"moae/layer1/load_e0", "moae/layer1/load_e1", "hparam/war"} <= scalars
+    assert {"moae/layer1/image/drop_fraction", "moae/layer1/video/drop_fraction"} & scalars
+    assert not any(tag.startswith("hparam") for tag in scalars)
     confusion = events.Images("test_last/confusion")[-1]
-    assert confusion.width > 7 * 34 and confusion.height > 7 * 34  # 7 labelled rows of cells
+    assert (confusion.width, confusion.height) == figures.CARD

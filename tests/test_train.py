@@ -14,6 +14,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins.hparams import plugin_data_pb2
 
 from conftest import tiny_overrides
 from s4d_dist import config
@@ -115,8 +116,8 @@ def test_finetune_from_pretrain_evaluates_last_and_best(synthetic_shards, tmp_pa
     assert results["last"]["samples"] == n_test
     assert sum(map(sum, results["last"]["confusion"])) == n_test
     logged = scalars(tmp_path / "ft")
-    assert {"val/war", "test_last/war", "moae/layer1/drop_fraction", "loss/image",
-            "loss/video"} <= set(logged)
+    assert {"val/war", "test_last/war", "loss/image", "loss/video"} <= set(logged)
+    assert {"moae/layer1/image/drop_fraction", "moae/layer1/video/drop_fraction"} & set(logged)
     # The best epoch is the first argmax of validation WAR (one value per epoch), not of test.
     val_war = [v for _, v in sorted(logged["val/war"])]
     assert len(val_war) == 3
@@ -136,12 +137,18 @@ def test_finetune_from_pretrain_evaluates_last_and_best(synthetic_shards, tmp_pa
     for key, value in expected.items():
         assert image["last"][key] == pytest.approx(value), key
     assert {f"image_test_{e}/{k}" for e in ("last", "best") for k in ("war", "uar", "f1_weighted")
-            } | {"hparam/war", "hparam/image_war"} <= set(logged)
-    assert logged["hparam/image_war"][0][1] == pytest.approx(image["best"]["war"])
+            } <= set(logged)
+    assert logged["image_test_best/war"][0][1] == pytest.approx(image["best"]["war"])
+    assert not any(tag.startswith("hparam") for tag in logged)  # no single-point charts
     events = EventAccumulator(str(tmp_path / "ft" / "tb"), size_guidance={"images": 0})
     events.Reload()
     assert {f"{p}_{e}/{v}" for p in ("test", "image_test") for e in ("last", "best")
-            for v in ("confusion", "recall")} <= set(events.Tags()["images"])
+            for v in ("confusion", "recall")} | {"moae/expert_load"} <= set(events.Tags()["images"])
+    experiment = plugin_data_pb2.HParamsPluginData.FromString(
+        events.PluginTagToContent("hparams")["_hparams_/experiment"]).experiment
+    assert [m.name.tag for m in experiment.metric_infos] == [  # the table reads these scalars
+        "test_best/war", "test_best/uar", "image_test_best/war", "image_test_best/uar"]
+    assert "fold" not in {h.name for h in experiment.hparam_infos}  # a run without folds
 
 
 def sklearn_scores(model, cfg, modality: str) -> dict:

@@ -138,7 +138,7 @@ class FinetuneTask:
 
     def on_log(self, run: Run, batch: dict, step: int) -> None:
         layers = {i: layer.stats for i, layer in run.engine.module.moae_layers().items()}
-        run.logger.expert_load(layers, step)
+        run.logger.expert_load(layers, step, batch["modality"])
 
     def eval_catalogs(self) -> list[Catalog]:
         """Every split this run will evaluate — the selection split each epoch, the test splits
@@ -243,18 +243,21 @@ class FinetuneTask:
             for name in ("last", "best"):
                 if name in section:
                     self._log_scores(run, f"{prefix}_{name}", section[name], names)
-        headline = results.get("best", results["last"])
-        final = {"war": headline["war"], "uar": headline["uar"]}
-        if image is not None:
-            image_headline = image.get("best", image["last"])
-            final.update(image_war=image_headline["war"], image_uar=image_headline["uar"])
-        run.logger.hparams(_hparams(self.cfg), final)
+        run.logger.hparams(_hparams(self.cfg), [
+            f"{prefix}_{'best' if 'best' in section else 'last'}/{metric}"
+            for prefix, section, _ in views for metric in ("war", "uar")])
         return results
 
 
 def _hparams(cfg) -> dict[str, Any]:
+    """What the HParams table compares runs by: a fold only for a k-fold run, the experts only
+    with MoAE."""
     o, m = cfg.optim, cfg.model.moae
-    return {"base_lr": o.base_lr, "layer_decay": o.layer_decay, "epochs": o.epochs,
-            "moae": m.enabled, "experts": m.num_experts, "top_k": m.top_k,
-            "image_rate": cfg.data.image_rate, "fold": cfg.data.fold or 0,
-            "official_quirks": cfg.official_quirks}
+    params = {"base_lr": o.base_lr, "layer_decay": o.layer_decay, "epochs": o.epochs,
+              "moae": m.enabled, "image_rate": cfg.data.image_rate,
+              "official_quirks": cfg.official_quirks}
+    if m.enabled:
+        params.update(experts=m.num_experts, top_k=m.top_k)
+    if cfg.data.fold is not None:
+        params["fold"] = cfg.data.fold
+    return params

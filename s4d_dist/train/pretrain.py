@@ -60,7 +60,7 @@ class PretrainTask:
         recon = reconstruct_pixels(pred, pixels, mask, m.tubelet, m.patch)
         shown = as_clip(unnormalize(pixels.float()).clamp(0, 1), m.tubelet)
         masked = shown.masked_fill(pixel_mask(mask, shown.shape, m.tubelet, m.patch), 0.5)
-        run.logger.reconstruction(f"mae/{batch['modality']}", shown, masked, recon, step)
+        run.logger.reconstruction(batch["modality"], shown, masked, recon, step)
 
     def eval_catalogs(self) -> list:
         return []  # nothing is evaluated
