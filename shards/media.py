@@ -179,19 +179,28 @@ def load_video(path: str) -> tuple[np.ndarray, float | None, int]:
     FFmpeg decodes what it can of a cut file without an error, so the frame count is checked
     against the one the container declares (`check_frame_count`).
     """
+    clip, fps, resized, declared = decode_video(path)
+    check_frame_count(path, len(clip), declared)
+    return clip, fps, resized
+
+
+def decode_video(path: str) -> tuple[np.ndarray, float | None, int, int]:
+    """`load_video`'s frames, frame rate and resized count, and the frame count the container
+    declares, without holding the frames to it; MediaError if unreadable or no frame decodes."""
     try:
         with av.open(path) as container:
             stream = container.streams.video[0]
             fps = float(stream.average_rate) if stream.average_rate else None
             frames = [frame.to_ndarray(format="rgb24") for frame in container.decode(stream)]
-            expected = declared_frames(container, stream)
+            declared = declared_frames(container, stream)
     except FileNotFoundError:
         raise
     except (av.FFmpegError, IndexError, ValueError) as err:
         raise MediaError(f"unreadable video {path}: {err}") from err
-    check_frame_count(path, len(frames), expected)
+    if not frames:
+        check_frame_count(path, 0, declared)
     clip, resized = stack_frames(frames, path)
-    return clip, fps, resized
+    return clip, fps, resized, declared
 
 
 def declared_frames(container: av.container.InputContainer, stream: av.VideoStream) -> int:
@@ -201,11 +210,16 @@ def declared_frames(container: av.container.InputContainer, stream: av.VideoStre
     return stream.frames or round((container.duration or 0) / av.time_base * fps)
 
 
+def missing_frames(decoded: int, declared: int) -> str | None:
+    """"95 of 98 frames decode" when fewer frames decoded than declared, else None: decoders
+    return what they can of a cut file without an error. One frame short is rounding."""
+    return f"{decoded} of {declared} frames decode" if decoded < declared - 1 else None
+
+
 def check_frame_count(path: str, decoded: int, declared: int) -> None:
-    """MediaError if fewer frames decoded than declared: decoders return what they can of a cut
-    file without an error. One frame short is tolerated (rounding)."""
-    if decoded < declared - 1:
-        raise MediaError(f"truncated video {path}: {decoded} of {declared} frames decode")
+    """MediaError if fewer frames decoded than declared (`missing_frames`)."""
+    if missing := missing_frames(decoded, declared):
+        raise MediaError(f"truncated video {path}: {missing}")
 
 
 def chunk_bounds(n_frames: int, chunk_frames: int) -> list[tuple[int, int]]:

@@ -1,9 +1,13 @@
 """predict on images, video files, frame folders and bad inputs, from a tiny fine-tuning run's
 folder (model card + safetensors), its older layout (config.yaml + weights_fp32.pt) and its
-official checkpoint; predict equals the test-set evaluation for the same clip and views."""
+official checkpoint; predict equals the test-set evaluation for the same clip and views; a
+timeline follows a video whose expression changes half-way; photos in class folders, videos
+that decode short, the progress bar and the summary."""
 import importlib.util
+import io
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import av
@@ -11,13 +15,14 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from conftest import tiny_overrides
 from s4d_dist import config
 from s4d_dist.data.loaders import eval_loader
 from s4d_dist.shards.media import EncodeOptions, encode_clip
-from s4d_dist.shards.synthetic_faces import AFFECTNET7, render_clip, render_image
+from s4d_dist.shards.synthetic_faces import (AFFECTNET7, Pose, render_clip, render_face,
+                                             render_image, sample_expression, sample_identity)
 from s4d_dist.predict import model as predict_model
 from s4d_dist.predict.__main__ import main
 from s4d_dist.predict.core import Predictor
@@ -40,9 +45,9 @@ def run(synthetic_shards, tmp_path_factory):
     return out / "tiny"
 
 
-def write_mp4(path, clip: np.ndarray) -> None:
+def write_mp4(path, clip: np.ndarray, rate: int = 25) -> None:
     with av.open(str(path), "w") as container:
-        stream = container.add_stream("libx264", rate=25, options={"preset": "veryfast"})
+        stream = container.add_stream("libx264", rate=rate, options={"preset": "veryfast"})
         stream.height, stream.width, stream.pix_fmt = clip.shape[1], clip.shape[2], "yuv420p"
         for frame in clip:
             for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
@@ -116,10 +121,11 @@ def test_csv_output_and_missing_file(run, media, tmp_path):
                    str(media / "face0.png"), str(tmp_path / "missing.png")])
     header, good, bad = out.read_text().splitlines()
     assert status == 1
-    assert header.split(",")[:9] == ["input", "kind", "head", "crop", "decoder", "frames", "views",
-                                     "top1", "top1_prob"]
-    assert header.endswith(",error") and f"prob_{AFFECTNET7[0]}" in header
-    assert good.split(",")[2] == "image" and bad.endswith("missing file")
+    assert header.split(",")[:10] == ["input", "kind", "head", "crop", "box", "decoder", "frames",
+                                      "views", "top1", "top1_prob"]
+    assert header.endswith(",error,warning") and f"prob_{AFFECTNET7[0]}" in header
+    assert good.split(",")[2:5] == ["image", "centre", "0 0 48 48"]
+    assert bad.endswith("missing file,")
 
 
 @pytest.fixture(scope="module")
@@ -150,8 +156,10 @@ def test_dali_cpu_decodes_as_python(media, dali_media):
                    clip_folders=True)
     assert [item.kind for item in items] == ["image", "frames", "image", "video", "video"]
     decoded = DaliDecoder(torch.device("cpu"), batch_size=4, threads=1)(items)
-    for item, frames in zip(items, decoded):
-        expected = decode(item).astype(int)
+    for item, by_dali in zip(items, decoded):
+        by_python = decode(item)
+        assert by_dali.fps == by_python.fps and by_dali.warning is by_python.warning is None
+        frames, expected = by_dali.frames, by_python.frames.astype(int)
         assert frames.dtype == np.uint8 and frames.shape == expected.shape, item
         if item.kind != "video":  # PNG exactly; JPEG within a grey level (both libjpeg-turbo)
             assert np.abs(frames - expected).max() <= 1, item
@@ -163,7 +171,8 @@ def test_dali_cpu_decodes_as_python(media, dali_media):
 def test_decoder_dali_scores_as_python_and_falls_back_per_input(run, media, dali_media, tmp_path):
     """--decoder dali on the CPU: what DALI decodes scores as Python's decoding does; the H.264
     clip (no CPU decoder in DALI), the cut files (one fails a DALI batch, one decodes short) and
-    the broken ones are decoded in Python instead, each alone, and reported as with Python."""
+    the broken ones are decoded in Python instead, each alone, and reported as with Python (where
+    no frame of the cut clip decodes)."""
     pytest.importorskip("nvidia.dali")
     inputs = [str(media / n) for n in ("face0.png", "wide.jpg", "clip_frames", "clip.mp4",
                                        "broken.jpg", "broken.webm")]
@@ -192,7 +201,8 @@ def test_decoder_dali_scores_as_python_and_falls_back_per_input(run, media, dali
                                    err_msg=name)
     errors = {line["input"].rsplit("/", 1)[1]: line["error"] for line in dali if "error" in line}
     assert "unreadable image" in errors["cut_face.jpg"]
-    assert "truncated video" in errors["cut_clip.webm"]
+    assert "truncated video" in errors["cut_clip.webm"] and "0 of 12 frames decode" in \
+        errors["cut_clip.webm"]
 
 
 def test_auto_decoder_is_dali_on_a_gpu_only():
@@ -277,12 +287,197 @@ def test_real_face_video(run, tmp_path):
     probabilities = np.array(list(line["probs"].values()))
     assert len(probabilities) == 7 and abs(probabilities.sum() - 1) < 1e-4 and (probabilities > 0).all()
     assert line["top1"] == max(line["probs"], key=line["probs"].get) and line["frames"] == 120
+    assert line["box"] == [16, 0, 160, 144]  # the centred square of 176×144
     if importlib.util.find_spec("cv2") is not None:  # the face extra: crop the detected face
         status, lines = predict_lines(tmp_path, "--model", str(run), "--face-detect", str(video))
         assert status == 0 and lines[0]["crop"] == "face"
+        left, top, right, bottom = lines[0]["box"]
+        assert right - left == bottom - top < 144 and 0 <= left and right <= 176
+
+
+def test_real_face_video_timeline_has_a_face_box_per_window(run, tmp_path):
+    """The carphone clip (29.97 frames/s) in 1 s windows: four rows of 30 frames, each cut to
+    the face found in it (the man moves), or an error row where no face is found."""
+    pytest.importorskip("cv2")
+    video = real_face_video()
+    status, rows = predict_lines(tmp_path, "--model", str(run), "--face-detect", "--window", "1s",
+                                 str(video))
+    assert [(r["start_frame"], r["end_frame"]) for r in rows] == [(0, 30), (30, 60), (60, 90),
+                                                                   (90, 120)]
+    assert [r["start"] for r in rows] == [0.0, 1.001, 2.002, 3.003]
+    faces = [r for r in rows if "error" not in r]
+    assert len(faces) >= 2 and rows[0] in faces
+    assert status == (0 if len(faces) == 4 else 1)
+    for row in rows:
+        if row in faces:
+            left, top, right, bottom = row["box"]
+            assert row["crop"] == "face" and right - left == bottom - top < 144
+            assert 0 <= left and right <= 176 and 0 <= top and bottom <= 144
+        else:
+            assert row["error"] == "no face found"
+    assert len({tuple(r["box"]) for r in faces}) > 1  # each window its own box
 
 
 def test_square_around_a_box_stays_in_the_frame():
     assert square_around((0, 20, 40, 60), 100, 200) == (0, 15, 50, 65)  # moved down into the frame
     assert square_around((0, 0, 90, 90), 80, 100) == (0, 5, 80, 85)  # shrunk to the frame
     assert centre_box(40, 56) == (0, 8, 40, 48)
+
+
+HALF = 20  # frames of each expression in the timeline video, at 10 frames per second
+FIRST, SECOND = "Happiness", "Surprise"
+
+
+@pytest.fixture(scope="module")
+def two_expressions(run, tmp_path_factory):
+    """A 4 s video of one rendered person, Happiness for 2 s then Surprise, and a model that
+    tells the two apart on that person: the one-epoch run is at chance (its top class is the
+    same for all seven expressions), so its encoder is kept and its video head refit on other
+    renderings of the same person (their own sensor noise and head positions) with the two
+    labels. Written as a run folder: the run's model card, the refit weights."""
+    root = tmp_path_factory.mktemp("timeline")
+    rng = np.random.default_rng(7)
+    person = sample_identity(rng)
+    faces = {name: sample_expression(rng, AFFECTNET7.index(name)) for name in (FIRST, SECOND)}
+    video = np.stack([render_face(person, faces[FIRST if t < HALF else SECOND], 48, rng)
+                      for t in range(2 * HALF)])
+    write_mp4(root / "change.mp4", video, rate=10)
+    (root / "frames").mkdir()
+    for t, frame in enumerate(video):
+        Image.fromarray(frame).save(root / "frames" / f"{t:04d}.png")
+
+    model = predict_model.load(str(run))
+    predictor, clip = Predictor(model, torch.device("cpu")), Input("rendered", "video")
+    features, labels = [], []
+    head = model.network.head["video"]
+    hook = head.register_forward_hook(lambda module, inputs, output: features.append(inputs[0]))
+    with torch.no_grad():
+        for k in range(24):
+            name = (FIRST, SECOND)[k % 2]
+            base = person.pose
+            frames = []
+            for _ in range(8):
+                shift = rng.uniform(-0.04, 0.04, 3)
+                pose = Pose(base.cx + shift[0], base.cy + shift[1], base.scale * (1 + shift[2]),
+                            base.roll)
+                frames.append(render_face(person, faces[name], 48, rng, pose))
+            pixels = predictor.views(clip, np.stack(frames))[0]
+            model.network(pixels, "video")
+            labels += [AFFECTNET7.index(name)] * len(pixels)
+    hook.remove()
+    features, labels = torch.cat(features), torch.tensor(labels)
+    optimizer = torch.optim.Adam(head.parameters(), lr=0.01)
+    for _ in range(300):
+        loss = torch.nn.functional.cross_entropy(head(features), labels)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    folder = root / "model"
+    folder.mkdir()
+    shutil.copy(run / "model.json", folder / "model.json")
+    save_file({k: v.contiguous() for k, v in model.network.state_dict().items()},
+              folder / "model.safetensors")
+    return folder, root
+
+
+def test_timeline_follows_a_video_whose_expression_changes_half_way(two_expressions, tmp_path):
+    """1 s windows every 0.5 s over 4 s at 10 frames/s: seven rows with their frames and times;
+    the windows of the first two seconds say Happiness, those of the last two Surprise."""
+    model, media = two_expressions
+    status, rows = predict_lines(tmp_path, "--model", str(model), "--window", "1s",
+                                 "--stride", "0.5s", str(media / "change.mp4"))
+    assert status == 0
+    assert [(r["window"], r["start_frame"], r["end_frame"], r["start"], r["end"]) for r in rows] \
+        == [(k, 5 * k, 5 * k + 10, 0.5 * k, 0.5 * k + 1) for k in range(7)]
+    assert all(r["frames"] == 10 and r["views"] == 4 and r["box"] == [0, 0, 48, 48]
+               and r["crop"] == "centre" for r in rows)
+    first, second = [r["top1"] for r in rows[:3]], [r["top1"] for r in rows[4:]]  # 3 straddles
+    assert first == [FIRST] * 3 and second == [SECOND] * 3, [r["top1"] for r in rows]
+    # Without a timeline the same video is one row.
+    status, whole = predict_lines(tmp_path, "--model", str(model), str(media / "change.mp4"))
+    assert len(whole) == 1 and whole[0]["frames"] == 2 * HALF and "window" not in whole[0]
+
+
+def test_timeline_windows_score_as_their_frames_alone(two_expressions, tmp_path):
+    """A window's probabilities are those of its frames scored as a clip of their own (a frame
+    folder of them; one window's views per forward, as alone). Frames and seconds agree; a
+    frame folder has times with --fps only; the last window is cut at the end."""
+    model, media = two_expressions
+    views = ["--batch-size", "4"]
+    _, in_frames = predict_lines(tmp_path, "--model", str(model), *views, "--window", "16",
+                                 "--stride", "12", "--clip-folders", str(media / "frames"))
+    assert [(r["start_frame"], r["end_frame"], r["start"]) for r in in_frames] == [
+        (0, 16, None), (12, 28, None), (24, 40, None)]
+    _, in_seconds = predict_lines(tmp_path, "--model", str(model), *views, "--window", "1.6s",
+                                  "--stride", "1.2s", "--fps", "10", "--clip-folders",
+                                  str(media / "frames"))
+    assert [(r["start"], r["end"]) for r in in_seconds] == [(0.0, 1.6), (1.2, 2.8), (2.4, 4.0)]
+    assert [r["probs"] for r in in_seconds] == [r["probs"] for r in in_frames]
+    names = sorted((media / "frames").iterdir())
+    for row in in_frames:
+        alone = tmp_path / f"window{row['window']}"
+        alone.mkdir()
+        for path in names[row["start_frame"]:row["end_frame"]]:
+            shutil.copy(path, alone / path.name)
+        _, (scored,) = predict_lines(tmp_path, "--model", str(model), *views, "--clip-folders",
+                                     str(alone))
+        np.testing.assert_allclose(list(row["probs"].values()), list(scored["probs"].values()),
+                                   rtol=0, atol=1e-6)
+    status, lines = predict_lines(tmp_path, "--model", str(model), "--window", "1s",
+                                  "--clip-folders", str(media / "frames"))
+    assert status == 1 and lines[0]["error"].startswith("no frame rate, so no timeline")
+
+
+def test_video_that_decodes_short_is_scored_with_a_warning(run, tmp_path):
+    """A WebM cut short declares more frames (duration × rate) than it holds: its frames are
+    scored, and the line says how many decode."""
+    clip = render_clip(np.random.default_rng(3), 2, 24, 48)
+    data = encode_clip(clip, 25.0, EncodeOptions(video_codec="vp9", keyframe_interval=4))
+    (tmp_path / "cut.webm").write_bytes(data[:len(data) * 2 // 3])
+    status, (line,) = predict_lines(tmp_path, "--model", str(run), str(tmp_path / "cut.webm"))
+    assert status == 0 and 2 <= line["frames"] < 23 and "error" not in line
+    assert line["warning"] == f"{line['frames']} of 24 frames decode"
+
+
+def test_class_folders_of_photos_score_each_photo(run, media, tmp_path, capsys):
+    """root/<class>/<photo>: each photo is an input; a subfolder of numbered frames stays one
+    clip, unless --photo-folders."""
+    root = tmp_path / "photos"
+    for folder, names in {"happy": ["anna.png", "IMG_0412.png"], "sad": ["IMG_0415.png"],
+                          "clip": ["frame_9.png", "frame_10.png", "frame_11.png"]}.items():
+        (root / folder).mkdir(parents=True)
+        for name in names:
+            shutil.copy(media / "face0.png", root / folder / name)
+    assert expand([str(root)]) == [Input(str(root / "clip"), "frames"),
+                                   Input(str(root / "happy" / "IMG_0412.png"), "image"),
+                                   Input(str(root / "happy" / "anna.png"), "image"),
+                                   Input(str(root / "sad" / "IMG_0415.png"), "image")]
+    assert len(expand([str(root)], photo_folders=True)) == 6
+    status, lines = predict_lines(tmp_path, "--model", str(run), str(root))
+    assert status == 0 and [line["kind"] for line in lines] == ["frames", "image", "image",
+                                                                  "image"]
+    assert lines[0]["frames"] == 3
+    summary = capsys.readouterr().err.strip().splitlines()
+    assert len(summary) == 1 and summary[0].startswith(
+        "python -m s4d_dist.predict: 4 of 4 inputs scored (1 frame folder, 3 images) in ")
+
+
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.mark.parametrize("terminal", [False, True])
+def test_progress_bar_on_a_terminal_only_and_one_summary_line(run, media, tmp_path, monkeypatch,
+                                                              terminal):
+    err = Terminal() if terminal else io.StringIO()
+    monkeypatch.setattr(sys, "stderr", err)
+    status = main(["--model", str(run), "--out", str(tmp_path / "o.jsonl"), str(media)])
+    assert status == 1
+    text = err.getvalue()
+    assert ("\r" in text) == terminal  # tqdm's redraws
+    last = text.replace("\r", "\n").strip().splitlines()[-1]
+    assert last.startswith("python -m s4d_dist.predict: 6 of 9 inputs scored (")
+    assert "; 3 lines with an 'error'" in last
+    if not terminal:
+        assert text.count("\n") == 1

@@ -16,7 +16,7 @@ pipeline object with it, data/dali_backend.py), so a failed batch is rebuilt and
 one input at a time, and only the inputs that fail alone go to Python — corrupt bytes, an
 unsupported image format (GIF), a clip below NVDEC's minimum frame size. A video whose container
 declares more frames than DALI decoded (a cut file, which FFmpeg decodes without an error) also
-goes to Python, which reports it as truncated.
+goes to Python, which scores the frames that decode and says how many in a warning.
 
 `auto` picks DALI only when the model runs on a GPU: there nvJPEG and NVDEC take the decoding
 off the CPU cores that feed the model. On the CPU, DALI's decoders are the libraries Pillow and
@@ -39,10 +39,10 @@ import numpy as np
 import torch
 from nvidia.dali import Pipeline, fn, pipeline_def, types
 
-from s4d_dist.shards.media import MediaError, check_frame_count, declared_frames, stack_frames
+from s4d_dist.shards.media import declared_frames, missing_frames, stack_frames
 from s4d_dist.shards.sources.files import IMAGE_EXTENSIONS, Unusable, check_file, list_frames
 
-from .inputs import Input
+from .inputs import Decoded, Input
 
 CPU_VIDEO_CODECS = ("vp8", "vp9", "mjpeg")  # DALI's CPU video decoder; NVDEC decodes more
 Stream = Literal["image", "video"]
@@ -50,11 +50,13 @@ Stream = Literal["image", "video"]
 
 @dataclass
 class _Encoded:
-    """An input's encoded files, all of one stream kind, and the frames a video declares."""
+    """An input's encoded files, all of one stream kind, and a video's declared frame count
+    and rate."""
 
     stream: Stream
     files: list[np.ndarray]
     declared: int = 0
+    fps: float | None = None
 
 
 class DaliDecoder:
@@ -68,8 +70,8 @@ class DaliDecoder:
         self.batch_size, self.threads = batch_size, max(threads, 1)
         self.pipes: dict[Stream, Pipeline] = {}  # built on first use, in the decoding thread
 
-    def __call__(self, items: list[Input]) -> list[np.ndarray | None]:
-        """Each input's frames, uint8 (T, H, W, 3), or None where Python must decode it."""
+    def __call__(self, items: list[Input]) -> list[Decoded | None]:
+        """Each input decoded, or None where Python must decode it."""
         encoded = [self._encoded(item) for item in items]
         decoded: dict[Stream, Iterator[np.ndarray | None]] = {}
         for stream in ("image", "video"):
@@ -90,27 +92,26 @@ class DaliDecoder:
             with av.open(item.path) as container:  # the header only
                 stream = container.streams.video[0]
                 codec, declared = stream.codec_context.name, declared_frames(container, stream)
+                fps = float(stream.average_rate) if stream.average_rate else None
         except (Unusable, OSError, av.FFmpegError, IndexError):
             return None
         if self.decode_device == "cpu" and codec not in CPU_VIDEO_CODECS:
             return None
-        return _Encoded("video", [np.fromfile(item.path, np.uint8)], declared)
+        return _Encoded("video", [np.fromfile(item.path, np.uint8)], declared, fps)
 
     @staticmethod
     def _assemble(item: Input, encoded: _Encoded, decoded: Iterator[np.ndarray | None]
-                  ) -> np.ndarray | None:
+                  ) -> Decoded | None:
         frames = [next(decoded) for _ in encoded.files]
         if any(f is None for f in frames):
             return None
         if item.kind == "image":
-            return frames[0][None]
+            return Decoded(frames[0][None])
         if item.kind == "frames":
-            return stack_frames(frames, item.path)[0]
-        try:
-            check_frame_count(item.path, len(frames[0]), encoded.declared)
-        except MediaError:
+            return Decoded(stack_frames(frames, item.path)[0])
+        if missing_frames(len(frames[0]), encoded.declared):
             return None
-        return frames[0]
+        return Decoded(frames[0], encoded.fps)
 
     def _decode(self, stream: Stream, files: list[np.ndarray]) -> list[np.ndarray | None]:
         return [frames for start in range(0, len(files), self.batch_size)

@@ -1,11 +1,14 @@
 """What a user points `predict` at, turned into a list of media inputs, then into frames.
 
 An argument is an image file, a video file, a CSV list, a glob, or a folder. A folder holds
-any mix of images and videos (each one input) and frame folders (each subfolder of images is
-one clip) — the layout of an image test set, a video folder or a DFEW-style frame-folder
-dataset alike. A folder that is itself one clip's frames is named with `--clip-folders` (or
-listed in a CSV, where a folder is always one clip). Nothing is decoded while listing, so a
-bad file becomes a per-input error later instead of stopping the listing.
+any mix of images and videos (each one input) and subfolders of images: a subfolder whose
+images are numbered frames (one name with a number that runs on by one: `00001.jpg`,
+`frame_0002.png`, ...) is one clip, any other (`happy/IMG_4411.jpg`, `happy/anna.png`) holds
+photos, each one input — the layouts of a DFEW-style frame-folder dataset, of photos sorted
+into class folders, of an image test set or a video folder alike. `--photo-folders` takes every
+subfolder's images as photos; a folder that is itself one clip's frames is named with
+`--clip-folders` (or listed in a CSV, where a folder is always one clip). Nothing is decoded
+while listing, so a bad file becomes a per-input error later instead of stopping the listing.
 """
 from __future__ import annotations
 
@@ -13,19 +16,22 @@ import csv
 import glob
 import importlib.util
 import os
+import re
 from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
 import torch
 
-from s4d_dist.shards.media import MediaError, load_frames, load_image, load_video
+from s4d_dist.shards.media import (MediaError, decode_video, load_frames, load_image,
+                                   missing_frames)
 from s4d_dist.shards.sources.files import (IMAGE_EXTENSIONS, Unusable, check_file,
-                                           has_extension, list_frames)
+                                           frame_order_key, has_extension, list_frames)
 from s4d_dist.shards.sources.folder import media_of
 
 Kind = Literal["image", "video", "frames"]
 CSV_PATH_COLUMNS = ("path", "input", "file", "video", "image")  # else the first column
+_NUMBERS = re.compile(r"(\d+)")
 
 
 class InputError(Exception):
@@ -42,14 +48,45 @@ class Input:
         return "image" if self.kind == "image" else "video"
 
 
-def _from_folder(folder: str) -> list[Input]:
+@dataclass
+class Decoded:
+    """An input's frames, uint8 (T, H, W, 3) (T = 1 for an image), the frame rate its container
+    declares (None for images and frame folders), and what to tell about them."""
+
+    frames: np.ndarray
+    fps: float | None = None
+    warning: str | None = None
+
+
+def numbered_frames(names: list[str]) -> bool:
+    """Whether file names are one clip's numbered frames: at least two, the same name but for
+    their last number, and those numbers consecutive (`1.jpg`, `2.jpg`; `f_009.png`, `f_010.png`)."""
+    if len(names) < 2:
+        return False
+    patterns, numbers = set(), []
+    for name in names:
+        runs = _NUMBERS.split(name)
+        if len(runs) < 3:  # no number
+            return False
+        patterns.add(tuple(runs[:-2]) + (runs[-1],))
+        numbers.append(int(runs[-2]))
+    return len(patterns) == 1 and sorted(numbers) == list(range(min(numbers),
+                                                               min(numbers) + len(names)))
+
+
+def _from_folder(folder: str, photo_folders: bool = False) -> list[Input]:
     found = []
     for entry in sorted(os.scandir(folder), key=lambda e: e.name):
         if entry.name.startswith("."):
             continue
         if entry.is_dir():
-            if any(has_extension(n, IMAGE_EXTENSIONS) for n in os.listdir(entry.path)):
+            images = sorted(n for n in os.listdir(entry.path)
+                            if has_extension(n, IMAGE_EXTENSIONS) and not n.startswith("."))
+            if images and not photo_folders and numbered_frames(images):
                 found.append(Input(entry.path, "frames"))
+            else:
+                found += [Input(os.path.join(entry.path, n), "image")
+                          for n in sorted(images, key=frame_order_key)]
         elif kind := media_of(entry.name):
             found.append(Input(entry.path, kind))
     return found
@@ -73,7 +110,8 @@ def _from_csv(path: str) -> list[Input]:
     return found
 
 
-def expand(arguments: list[str], clip_folders: bool = False) -> list[Input]:
+def expand(arguments: list[str], clip_folders: bool = False,
+           photo_folders: bool = False) -> list[Input]:
     """Every input named by `arguments`, in the order given (folders and globs sorted).
 
     A path that does not exist and matches no glob is still returned (as an image or video
@@ -85,7 +123,8 @@ def expand(arguments: list[str], clip_folders: bool = False) -> list[Input]:
         matches = matches or [argument]
         for path in matches:
             if os.path.isdir(path):
-                found += [Input(path, "frames")] if clip_folders else _from_folder(path)
+                found += ([Input(path, "frames")] if clip_folders
+                          else _from_folder(path, photo_folders))
             elif has_extension(path, (".csv",)):
                 found += _from_csv(path)
             else:
@@ -102,16 +141,18 @@ def choose_decoder(decoder: str, device: torch.device) -> str:
     return "dali" if dali and device.type == "cuda" else "python"
 
 
-def decode(item: Input) -> np.ndarray:
-    """An input's frames decoded by Pillow / PyAV, uint8 (T, H, W, 3) (T = 1 for an image);
-    InputError if unusable."""
+def decode(item: Input) -> Decoded:
+    """An input decoded by Pillow / PyAV; InputError if unusable. A video that decodes to fewer
+    frames than its container declares (a cut file, a broken tail) is scored on the frames that
+    decode, with a warning saying how many."""
     try:
         if item.kind == "frames":
-            return load_frames(list(list_frames(item.path, IMAGE_EXTENSIONS)))[0]
+            return Decoded(load_frames(list(list_frames(item.path, IMAGE_EXTENSIONS)))[0])
         check_file(item.path)
         if item.kind == "video":
-            return load_video(item.path)[0]
-        return load_image(item.path)[None]
+            frames, fps, _, declared = decode_video(item.path)
+            return Decoded(frames, fps, missing_frames(len(frames), declared))
+        return Decoded(load_image(item.path)[None])
     except (MediaError, Unusable) as error:
         raise InputError(str(error)) from None
     except OSError as error:  # permissions, a folder vanished mid-run
