@@ -186,7 +186,7 @@ class DeepSpeedConfig:
 class LoggingConfig:
     tensorboard: bool = True
     log_every: int = 10
-    image_every: int = 200
+    image_every: int = 200  # steps between figures: MAE reconstructions, expert load
     # The GPU's dense bf16 peak for MFU; null: looked up from the device name (train/flops.py).
     peak_tflops: float | None = None
 

@@ -138,7 +138,8 @@ class FinetuneTask:
 
     def on_log(self, run: Run, batch: dict, step: int) -> None:
         layers = {i: layer.stats for i, layer in run.engine.module.moae_layers().items()}
-        run.logger.expert_load(layers, step, batch["modality"])
+        run.logger.expert_load(layers, step, batch["modality"],
+                               figure=step % self.cfg.logging.image_every == 0)
 
     def eval_catalogs(self) -> list[Catalog]:
         """Every split this run will evaluate — the selection split each epoch, the test splits

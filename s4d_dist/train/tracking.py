@@ -46,11 +46,11 @@ class RunLogger:
                               step)
 
     def expert_load(self, layers: dict[int, dict[str, torch.Tensor]], step: int,
-                    modality: str) -> None:
+                    modality: str, figure: bool = True) -> None:
         """The routing of the last batch of `modality` (its share of tokens per expert, drop
         fraction, router entropy per MoAE layer): drop fraction and entropy as scalars
-        `moae/layer<i>/<modality>/...`, and one figure `moae/expert_load` of every layer's
-        load by modality, each modality as of its last logged batch."""
+        `moae/layer<i>/<modality>/...`, and, with `figure`, one figure `moae/expert_load` of
+        every layer's load by modality, each modality as of its last logged batch."""
         if not self.writer or not any(layers.values()):  # no MoAE, or before its first forward
             return
         for i, stats in layers.items():
@@ -61,7 +61,9 @@ class RunLogger:
             self.writer.add_scalar(f"moae/layer{i}/{modality}/drop_fraction", drop, step)
             self.writer.add_scalar(f"moae/layer{i}/{modality}/router_entropy",
                                    float(stats["router_entropy"]), step)
-        self.writer.add_image("moae/expert_load", figures.expert_load(self.loads).array(), step)
+        if figure:
+            self.writer.add_image("moae/expert_load", figures.expert_load(self.loads).array(),
+                                  step)
 
     def confusion(self, tag: str, cm: np.ndarray, step: int,
                   names: list[str] | None = None) -> None:
