@@ -448,18 +448,21 @@ def test_class_folders_of_photos_score_each_photo(run, media, tmp_path, capsys):
         (root / folder).mkdir(parents=True)
         for name in names:
             shutil.copy(media / "face0.png", root / folder / name)
+    shutil.copy(media / "clip.mp4", root / "sad" / "talk.mp4")
     assert expand([str(root)]) == [Input(str(root / "clip"), "frames"),
                                    Input(str(root / "happy" / "IMG_0412.png"), "image"),
                                    Input(str(root / "happy" / "anna.png"), "image"),
-                                   Input(str(root / "sad" / "IMG_0415.png"), "image")]
-    assert len(expand([str(root)], photo_folders=True)) == 6
+                                   Input(str(root / "sad" / "IMG_0415.png"), "image"),
+                                   Input(str(root / "sad" / "talk.mp4"), "video")]
+    assert len(expand([str(root)], photo_folders=True)) == 7
     status, lines = predict_lines(tmp_path, "--model", str(run), str(root))
     assert status == 0 and [line["kind"] for line in lines] == ["frames", "image", "image",
-                                                                  "image"]
+                                                                  "image", "video"]
     assert lines[0]["frames"] == 3
     summary = capsys.readouterr().err.strip().splitlines()
     assert len(summary) == 1 and summary[0].startswith(
-        "python -m s4d_dist.predict: 4 of 4 inputs scored (1 frame folder, 3 images) in ")
+        "python -m s4d_dist.predict: 5 of 5 inputs scored (1 frame folder, 3 images, 1 video) "
+        "in ")
 
 
 class Terminal(io.StringIO):

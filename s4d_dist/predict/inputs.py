@@ -1,11 +1,11 @@
 """What a user points `predict` at, turned into a list of media inputs, then into frames.
 
 An argument is an image file, a video file, a CSV list, a glob, or a folder. A folder holds
-any mix of images and videos (each one input) and subfolders of images: a subfolder whose
-images are numbered frames (one name with a number that runs on by one: `00001.jpg`,
-`frame_0002.png`, ...) is one clip, any other (`happy/IMG_4411.jpg`, `happy/anna.png`) holds
-photos, each one input — the layouts of a DFEW-style frame-folder dataset, of photos sorted
-into class folders, of an image test set or a video folder alike. `--photo-folders` takes every
+any mix of images and videos (each one input) and subfolders: a subfolder whose images are
+numbered frames (one name with a number that runs on by one: `00001.jpg`, `frame_0002.png`,
+...) is one clip, any other (`happy/IMG_4411.jpg`, `happy/anna.png`) holds photos, each one
+input, and its videos are inputs too — the layouts of a DFEW-style frame-folder dataset, of
+photos or videos sorted into class folders, of an image test set or a video folder alike. `--photo-folders` takes every
 subfolder's images as photos; a folder that is itself one clip's frames is named with
 `--clip-folders` (or listed in a CSV, where a folder is always one clip). Nothing is decoded
 while listing, so a bad file becomes a per-input error later instead of stopping the listing.
@@ -80,13 +80,15 @@ def _from_folder(folder: str, photo_folders: bool = False) -> list[Input]:
         if entry.name.startswith("."):
             continue
         if entry.is_dir():
-            images = sorted(n for n in os.listdir(entry.path)
-                            if has_extension(n, IMAGE_EXTENSIONS) and not n.startswith("."))
+            names = sorted(n for n in os.listdir(entry.path) if not n.startswith("."))
+            images = [n for n in names if has_extension(n, IMAGE_EXTENSIONS)]
             if images and not photo_folders and numbered_frames(images):
                 found.append(Input(entry.path, "frames"))
             else:
                 found += [Input(os.path.join(entry.path, n), "image")
                           for n in sorted(images, key=frame_order_key)]
+            found += [Input(os.path.join(entry.path, n), "video") for n in names
+                      if media_of(n) == "video"]
         elif kind := media_of(entry.name):
             found.append(Input(entry.path, kind))
     return found
