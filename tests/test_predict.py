@@ -28,6 +28,7 @@ from s4d_dist.predict.__main__ import main
 from s4d_dist.predict.core import Predictor
 from s4d_dist.shards.faces import centre_box, square_around
 from s4d_dist.predict.inputs import Input, choose_decoder, decode, expand
+from s4d_dist.predict.timeline import Timeline
 from s4d_dist.train.evaluate import predict as evaluation_rows
 from s4d_dist.train.finetune import FinetuneTask
 from s4d_dist.train.loop import train
@@ -426,6 +427,24 @@ def test_timeline_windows_score_as_their_frames_alone(two_expressions, tmp_path)
     status, lines = predict_lines(tmp_path, "--model", str(model), "--window", "1s",
                                   "--clip-folders", str(media / "frames"))
     assert status == 1 and lines[0]["error"].startswith("no frame rate, so no timeline")
+
+
+def test_timeline_windows_and_their_units():
+    """Windows every stride while they end before the clip; the last ends with it, as long as
+    the others; times are the frames' over the frame rate."""
+    frames = [(w.start_frame, w.end_frame) for w in Timeline.parse("10", "10").windows(42, None)]
+    assert frames == [(0, 10), (10, 20), (20, 30), (30, 40), (32, 42)]
+    assert [(w.start_frame, w.end_frame) for w in Timeline.parse("10").windows(8, None)] == [(0, 8)]
+    windows = Timeline.parse("1s", "0.5s").windows(75, 29.97)  # 30 frames every 15
+    assert [(w.start_frame, w.end, w.start) for w in windows][-2:] == [(30, 2.002, 1.001),
+                                                                        (45, 2.503, 1.502)]
+    with pytest.raises(ValueError, match="no frame rate"):
+        Timeline.parse("1s").windows(10, None)
+    for window, stride, said in (("2x", None, "give seconds"), ("1.5", None, "whole numbers"),
+                                 ("2s", "10", "both in seconds or both in frames"),
+                                 ("0", None, "give seconds")):
+        with pytest.raises(ValueError, match=said):
+            Timeline.parse(window, stride)
 
 
 def test_video_that_decodes_short_is_scored_with_a_warning(run, tmp_path):

@@ -13,9 +13,10 @@ more frames than decode is scored on those that do). A bad input (unreadable, no
 too short) gets an "error" line and the rest go on.
 
 Timeline (--window, --stride): a video or frame folder gives one line per window instead,
-windows of --window every --stride, in seconds ("2s") or frames ("48"), each scored as a clip
-of its own and cropped on its own; its line adds "window" (0, 1, ...), "start_frame",
-"end_frame" (exclusive), and "start", "end" in seconds (null for a frame folder without --fps).
+windows of --window every --stride, in seconds ("2s") or frames ("48"), the last one ending
+with the video, each scored as a clip of its own and cropped on its own; its line adds
+"window" (0, 1, ...), "start_frame", "end_frame" (exclusive), and "start", "end" in seconds
+(null for a frame folder without --fps).
 A progress bar goes to a terminal (not to a pipe or a file), and several inputs end with a
 one-line summary on standard error.
 

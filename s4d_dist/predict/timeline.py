@@ -57,8 +57,10 @@ class Timeline:
         return cls(window_value, stride_value, in_seconds)
 
     def windows(self, frames: int, fps: float | None) -> list[Window]:
-        """A window starts every stride; the last is the first to reach the clip's end, cut
-        there. ValueError when the timeline is in seconds and the clip has no frame rate."""
+        """A window starts every stride while it ends before the clip does; the last one ends
+        with the clip (started earlier if need be, so that every window is as long; a clip
+        shorter than a window is one window). ValueError when the timeline is in seconds and
+        the clip has no frame rate."""
         if self.seconds:
             if not fps:
                 raise ValueError("no frame rate, so no timeline in seconds: give --fps for frame "
@@ -66,11 +68,7 @@ class Timeline:
             size, step = max(1, round(self.window * fps)), max(1, round(self.stride * fps))
         else:
             size, step = int(self.window), int(self.stride)
-        found, start = [], 0
-        while start < frames:
-            end = min(start + size, frames)
-            found.append(Window(len(found), start, end, fps))
-            if end == frames:
-                break
-            start += step
-        return found
+        starts = list(range(0, max(frames - size, 0), step))
+        starts.append(max(frames - size, 0))
+        return [Window(k, start, min(start + size, frames), fps)
+                for k, start in enumerate(starts)]
