@@ -147,3 +147,33 @@ def test_face_crop_without_opencv_is_one_line(photos, tmp_path, capsys, monkeypa
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "pip install 's4d_dist[face]'" in err
     assert not (tmp_path / "o").exists()
+
+
+def test_face_crop_of_videos_one_box_per_clip(tmp_path, capsys):
+    """A folder of class videos: the talking man is stored cut to one square around his face
+    over the clip, every frame kept; the street without a face is skipped."""
+    root = tmp_path / "videos"
+    for folder, name, frames in (("talk", "carphone_pristine.mp4", range(40)),
+                                 ("street", "bikes.mp4", range(20))):
+        (root / folder).mkdir(parents=True)
+        with av.open(str(root / folder / "clip.mp4"), "w") as container:
+            clip = frames_of(name, list(frames))
+            stream = container.add_stream("libx264", rate=25, options={"preset": "veryfast"})
+            stream.height, stream.width = clip[0].shape[:2]
+            stream.pix_fmt = "yuv420p"
+            for frame in clip:
+                container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+            container.mux(stream.encode())
+    out = tmp_path / "shards"
+    assert main(["folder", "--root", str(root), "--out", str(out), "--workers", "1",
+                 "--no-progress", "--face-crop"]) == 0
+    assert "no face found" in capsys.readouterr().out
+    manifest = read_manifest(out, "train")
+    assert manifest["samples"] == 1 and [s["key"] for s in manifest["skipped"]] == ["street_clip"]
+    from s4d_dist.data.catalog import open_catalog
+    from s4d_dist.shards.layout import split_shards
+
+    meta = open_catalog(split_shards(out, "train")).read_meta(0)
+    left, top, right, bottom = meta["face_box"]
+    assert meta["frames"] == 40 and (meta["height"], meta["width"]) == (bottom - top, right - left)
+    assert right - left == bottom - top < 144 and 0 <= left and right <= 176
