@@ -399,14 +399,19 @@ def test_timeline_follows_a_video_whose_expression_changes_half_way(two_expressi
     assert len(whole) == 1 and whole[0]["frames"] == 2 * HALF and "window" not in whole[0]
 
 
-def test_timeline_windows_score_as_their_frames_alone(two_expressions, tmp_path):
+def test_timeline_windows_score_as_their_frames_alone(two_expressions, tmp_path, capsys):
     """A window's probabilities are those of its frames scored as a clip of their own (a frame
     folder of them; one window's views per forward, as alone). Frames and seconds agree; a
-    frame folder has times with --fps only; the last window is cut at the end."""
+    frame folder has times with --fps only."""
     model, media = two_expressions
     views = ["--batch-size", "4"]
-    _, in_frames = predict_lines(tmp_path, "--model", str(model), *views, "--window", "16",
-                                 "--stride", "12", "--clip-folders", str(media / "frames"))
+    _, both = predict_lines(tmp_path, "--model", str(model), *views, "--window", "16",
+                            "--stride", "12", "--clip-folders", str(media / "frames"),
+                            str(media / "change.mp4"))
+    assert capsys.readouterr().err.strip().startswith(
+        "python -m s4d_dist.predict: 2 of 2 inputs scored (1 frame folder, 1 video), 6 of 6 "
+        "timeline windows in ")
+    in_frames = both[:3]
     assert [(r["start_frame"], r["end_frame"], r["start"]) for r in in_frames] == [
         (0, 16, None), (12, 28, None), (24, 40, None)]
     _, in_seconds = predict_lines(tmp_path, "--model", str(model), *views, "--window", "1.6s",

@@ -157,8 +157,10 @@ def summary(items: list[Input], done: list[list[Prediction]], seconds: float) ->
     failed_rows = sum(p.error is not None for p in rows)
     warned = sum(any(p.warning for p in predictions) for predictions in done)
     line = f"{len(items) - unscored} of {len(items)} inputs scored ({listed})"
-    if any(p.window is not None for p in rows):
-        line += f", {len(rows) - failed_rows} of {len(rows)} timeline windows"
+    windows = [p for p in rows if p.window is not None]
+    if windows:
+        scored = sum(p.error is None for p in windows)
+        line += f", {scored} of {len(windows)} timeline windows"
     line += f" in {seconds:.1f} s"
     if failed_rows:
         line += f"; {failed_rows} line{'s' if failed_rows > 1 else ''} with an 'error'"
