@@ -1,6 +1,6 @@
 """Recipe fidelity: the official min_lr rule, VoxCeleb2 crop, test batch and mask-token init;
-fp16 as DeepSpeed's dynamic loss scaling with the router in fp32; and under official_quirks
-the official best-epoch choice (whole train split, best epoch by test WAR, said as such)."""
+fp16 as DeepSpeed's dynamic loss scaling with the router in fp32; and under
+official.select_on_test the official best-epoch choice (whole train split, best epoch by test WAR, said as such)."""
 from __future__ import annotations
 
 import json
@@ -27,13 +27,13 @@ def test_min_lr_without_divisor_is_as_given():
     assert final_lr(config.load("demo_finetune"), 8) == pytest.approx(1e-5)
 
 
-def test_official_quirks_select_on_test(synthetic_shards, tmp_path):
+def test_official_select_on_test(synthetic_shards, tmp_path):
     """No clips held out; the best epoch is the argmax of the per-epoch test WAR, labelled."""
     from s4d_dist.train.finetune import FinetuneTask
     from s4d_dist.train.loop import train
 
     overrides = tiny_overrides(synthetic_shards, tmp_path, "finetune") + [
-        "official_quirks=true", "optim.epochs=3"]
+        "official.select_on_test=true", "optim.epochs=3"]
     cfg = config.load("demo_finetune", overrides)
     held = config.load("demo_finetune", tiny_overrides(synthetic_shards, tmp_path, "finetune"))
     full = eval_catalog(cfg, "train", "video")
