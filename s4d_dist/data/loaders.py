@@ -261,7 +261,8 @@ class EvalLoader:
                              spatial_crops=spatial_crops or recipe.spatial_crops)
         self.modality, self.recipe = modality, recipe
         self.corrupt = CorruptionLog()
-        self.plan = EvalPlan(catalog, recipe, cfg.data.eval_batch_size, rank, world_size)
+        self.plan = EvalPlan(catalog, recipe, cfg.data.eval_batch_size, rank, world_size,
+                             cfg.data.eval_order)
         self.runner = make_runner(cfg, self.plan, backend or choose_backend(cfg), seeds.dali_seed(cfg.seed, rank))
 
     @property
