@@ -1,24 +1,30 @@
-"""The analyses of a fine-tuned S4D model that the paper's argument rests on, as a report.
+"""Routing and SFER ↔ DFER analyses of a fine-tuned S4D model, as a report.
 
     python -m s4d_dist.analyze RUN_DIR                 # one fine-tuning run folder
     python -m s4d_dist.analyze RUN_A RUN_B ... --out D  # several: + a comparison table
 
-For each run, on its test splits with the evaluation settings (multi-view, no router noise):
+The paper presents "a systematic correlation analysis between SFER and DFER tasks" (abstract of
+arXiv 2409.06154v2); how it computes it is not reproduced here. These views are this project's
+own, on the questions the paper's argument raises (docs/method.md §5). For each run, on its
+test splits with the evaluation settings (multi-view, no router noise unless
+official.router_noise_at_eval):
 - expert routing by task: per MoAE layer, the share of image tokens and of video tokens each
-  expert receives, the drop rate (capacity) and router entropy per modality — the paper's
-  routing figure, from each token's own routing (MoAE.record_routing) over the valid rows;
+  expert receives, the drop rate (capacity) and router entropy per modality, from each
+  token's own routing (MoAE.record_routing) over the valid rows;
 - SFER ↔ DFER transfer: per-class recall of the image head on the image test split and of the
   video head on the video test split, matched by class name (CLASS_SYNONYMS documents how the
   datasets' names map onto each other), their correlation, and both confusion matrices;
 and across runs (an ablation, a k-fold): WAR/UAR/F1 mean ± std and per-class recall
 differences against the first run, from each run's metrics.json.
-Writes report.json, routing.png, transfer.png and report.md (linking them) to `--out`
+Writes report.json (strict JSON: null where a value is undefined, e.g. the recall of a class
+with no test sample), routing.png, transfer.png and report.md (linking them) to `--out`
 (default RUN_DIR/analysis for one run).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -88,6 +94,19 @@ def transfer(image: dict, video: dict, names: dict[str, list[str]]) -> dict[str,
         b[ok].std() else None
     return {"classes": shared, "image_recall": a.tolist(), "video_recall": b.tolist(),
             "correlation": correlation, "mapping": CLASS_SYNONYMS}
+
+
+def json_ready(value: Any) -> Any:
+    """`value` as plain JSON types, every non-finite number as None: JSON has no NaN."""
+    if isinstance(value, dict):
+        return {key: json_ready(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple, np.ndarray)):
+        return [json_ready(item) for item in value]
+    if isinstance(value, (float, np.floating)):
+        return float(value) if math.isfinite(value) else None
+    if isinstance(value, np.integer):
+        return int(value)
+    return value
 
 
 def analyze_run(folder: Path, split: str = "test") -> dict[str, Any]:
@@ -234,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     comparison = compare(args.runs) if len(args.runs) > 1 else None
     images = figures(reports[0], out)
     (out / "report.json").write_text(json.dumps(
-        {"runs": reports, "comparison": comparison}, indent=1, default=float) + "\n")
+        json_ready({"runs": reports, "comparison": comparison}), indent=1, allow_nan=False) + "\n")
     (out / "report.md").write_text(markdown(reports, comparison, images))
     print(f"[s4d] analysis written to {out}/report.md")
     return 0

@@ -30,6 +30,8 @@ Precision = Literal["bf16", "fp16", "fp32"]
 Resume = Literal["auto", "never"]  # auto: continue this run folder after a crash
 SweepMode = Literal["max", "min"]
 SweepScheduler = Literal["asha", "fifo"]  # asha: early stopping; fifo: every trial to the end
+Recipe = Literal["default", "official"]  # official: the profile OFFICIAL_RECIPE sets
+EvalOrder = Literal["sample", "view"]  # rows of an evaluation forward: views of few clips, or one view of many
 
 
 @dataclass
@@ -95,6 +97,9 @@ class DataConfig:
     backend: DataBackend = "auto"  # auto: DALI when it imports, else torch
     workers: int = 2
     eval_batch_size: int = 16  # (sample, view) rows per forward: MoAE capacity follows it (§2.11)
+    # sample: every view of a sample in neighbouring rows; view: the official test order, one
+    # view of `eval_batch_size` different samples a forward (§2.11, §3.7)
+    eval_order: EvalOrder = "sample"
     test_temporal_views: int = 2
     test_spatial_crops: int = 2
     resize_ratio: float = 1.2  # side before random crops / crop side: 192 for 160 (§1.8 ShortSideScale, §2.10 Resize)
@@ -233,14 +238,44 @@ class SweepConfig:
 
 
 @dataclass
+class OfficialConfig:
+    """The official code's bugs (docs/method.md §3), one switch each: false (the default) does
+    the right thing, true does what the official code does. Each reads in one stage only."""
+
+    aux_loss_not_applied: bool = False  # §3.1 fine-tuning: the MoAE load-balancing loss is not added
+    aux_loss_on_logits: bool = False  # §3.2 its P is the mean raw noisy logit, not a probability
+    router_noise_at_eval: bool = False  # §3.3 router noise in evaluation too
+    stale_aux_loss: bool = False  # §3.4 refreshed only when the input requires grad, else kept
+    select_on_test: bool = False  # §3.8 no validation split: the best epoch is chosen on test
+    squash_test_frames: bool = False  # §3.9 test frames squashed to S×S: the spatial crops coincide
+    squash_train_frames: bool = False  # §3.11 fine-tuning frames squashed to S×S before augmentation
+    pretrain_decay_qv_bias: bool = False  # §3.17 weight decay on q_bias, v_bias and mask_token
+    pretrain_global_cosine: bool = False  # §3.24 the cosine evaluated at the global progress
+
+
+# `recipe=official`: every official behaviour, the official precision (fp16, with the official
+# GradScaler's dynamic loss scaling: train/ds_config.py) and the official evaluation batches
+# (the training clip batch a forward, one view of many clips: §2.11). Applied where `recipe` is
+# set, so later layers and overrides still change any of it.
+OFFICIAL_RECIPE: dict[str, Any] = {
+    "official": {name: True for name in OfficialConfig.__dataclass_fields__},
+    "deepspeed": {"precision": "fp16"},
+    "data": {"eval_batch_size": "${data.video_batch_size}", "eval_order": "view"},
+}
+RECIPES: dict[str, dict[str, Any]] = {"default": {}, "official": OFFICIAL_RECIPE}
+
+
+@dataclass
 class S4DConfig:
-    """The whole run. `task` picks the loop; `official_quirks` reproduces §3 bugs."""
+    """The whole run. `task` picks the loop; `official` reproduces §3 bugs one by one, and
+    `recipe=official` sets all of them with the official precision and evaluation batches."""
 
     task: Task = "pretrain"
     run_name: str = "run"
     output_dir: str = "runs"
     seed: int = 0
-    official_quirks: bool = False
+    recipe: Recipe = "default"
+    official: OfficialConfig = field(default_factory=OfficialConfig)
     init_checkpoint: str = ""  # fine-tuning: MAE checkpoint (ours or official)
     resume: Resume = "auto"
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -322,6 +357,42 @@ def load(preset: str, overrides: list[str] | None = None) -> DictConfig:
     return from_values(*_read_preset(preset), *[(f"override '{o}'", o) for o in overrides or []])
 
 
+RETIRED_QUIRKS = "official_quirks"  # the one switch that `official.*` and `recipe` replaced
+
+
+def _expand(source: str, values: dict | str) -> list[tuple[str, dict | str]]:
+    """The layers one layer stands for: a `recipe` brings its profile first (so what follows,
+    this layer included, can still change any of it); a config saved with the retired
+    `official_quirks` gets its meaning, every `official.*` switch, and an override naming it is
+    refused with what replaced it."""
+    if isinstance(values, str):
+        key, _, value = values.partition("=")
+        if key.strip() == RETIRED_QUIRKS:
+            raise ConfigError(
+                f"{source}: '{RETIRED_QUIRKS}' is replaced by one switch per official behaviour: "
+                "recipe=official sets them all, with fp16 and the official evaluation batches; "
+                "official.<name>=true sets one (docs/method.md §3, --print-config lists them)")
+        recipe = value.strip() if key.strip() == "recipe" else None
+    else:
+        if RETIRED_QUIRKS in values:
+            values = dict(values)
+            if values.pop(RETIRED_QUIRKS) in (True, "true", "True"):
+                values["official"] = {**OFFICIAL_RECIPE["official"], **(values.get("official") or {})}
+        recipe = values.get("recipe")
+    profile = RECIPES.get(recipe) if isinstance(recipe, str) else None
+    return ([(f"{source} (recipe={recipe})", profile)] if profile else []) + [(source, values)]
+
+
+def recipe_settings(cfg: DictConfig) -> list[str]:
+    """`key=value` for every key the config's recipe sets, with the values the config has."""
+    def dotted(node: dict, prefix: str = "") -> list[str]:
+        return [item for key, value in node.items()
+                for item in (dotted(value, f"{prefix}{key}.") if isinstance(value, dict)
+                             else [f"{prefix}{key}"])]
+
+    return [f"{key}={OmegaConf.select(cfg, key)}" for key in dotted(RECIPES[cfg.recipe])]
+
+
 def from_values(*layers: tuple[str, dict | str]) -> DictConfig:
     """The validated, read-only config made of (source, mapping or `key=value`) layers in order.
 
@@ -331,7 +402,7 @@ def from_values(*layers: tuple[str, dict | str]) -> DictConfig:
     """
     schema = OmegaConf.structured(S4DConfig)
     cfg = schema.copy()
-    for source, values in layers:
+    for source, values in (part for layer in layers for part in _expand(*layer)):
         if isinstance(values, str) and values.endswith("="):  # `data.image_shards=` clears a path
             values += "''"
         try:
@@ -395,8 +466,11 @@ def validate(cfg: DictConfig) -> None:
 
 
 def to_yaml(cfg: DictConfig) -> str:
-    """The resolved config as YAML, as runs save it and `--print-config` shows it."""
-    return OmegaConf.to_yaml(cfg, resolve=True)
+    """The resolved config as YAML, as runs save it and `--print-config` shows it; a recipe's
+    settings are listed in a comment on top."""
+    settings = recipe_settings(cfg) if cfg.get("recipe", "default") != "default" else []
+    header = "".join(f"# recipe={cfg.recipe} sets {item}\n" for item in settings)
+    return header + OmegaConf.to_yaml(cfg, resolve=True)
 
 
 def save(cfg: DictConfig, path: str | Path) -> None:

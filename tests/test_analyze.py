@@ -14,6 +14,13 @@ from s4d_dist import config
 pytest.importorskip("matplotlib")
 
 
+def strict_json(path):
+    """The file parsed as JSON is defined: NaN, Infinity and -Infinity are refused."""
+    def refuse(constant):
+        raise ValueError(f"{path}: {constant} is not JSON")
+    return json.loads(path.read_text(), parse_constant=refuse)
+
+
 def independent_shares(folder, modality: str) -> np.ndarray:
     """Share of (token, choice) pairs per expert in each MoAE layer from the routers' logits."""
     from s4d_dist.data.loaders import eval_loader
@@ -46,7 +53,7 @@ def test_report_of_one_run(finished_finetune_runs):
 
     assert main([str(finished_finetune_runs[0])]) == 0
     out = finished_finetune_runs[0] / "analysis"
-    report = json.loads((out / "report.json").read_text())["runs"][0]
+    report = strict_json(out / "report.json")["runs"][0]
     assert (out / "routing.png").stat().st_size > 0 and (out / "transfer.png").stat().st_size > 0
     assert "routing.png" in (out / "report.md").read_text()
     for modality in ("image", "video"):
@@ -65,11 +72,31 @@ def test_comparison_of_runs(finished_finetune_runs, tmp_path):
     from s4d_dist.analyze import main
 
     assert main([str(f) for f in finished_finetune_runs] + ["--out", str(tmp_path)]) == 0
-    table = json.loads((tmp_path / "report.json").read_text())["comparison"]
+    table = strict_json(tmp_path / "report.json")["comparison"]
     wars = [json.loads((f / "metrics.json").read_text())["last"]["war"] for f in finished_finetune_runs]
     assert table["last"]["war"]["mean"] == pytest.approx(np.mean(wars))
     assert table["last"]["war"]["std"] == pytest.approx(np.std(wars))
     assert len(table["recall_vs_first_last"]) == 1
+
+
+def test_a_class_without_samples_is_null_not_nan(finished_finetune_runs, tmp_path):
+    """A class absent from a run's test split has no recall: report.json says null there (JSON
+    has no NaN), and the comparison's other numbers stay as they are."""
+    import shutil
+
+    from s4d_dist.analyze import main
+
+    runs = [tmp_path / "a", tmp_path / "b"]
+    for source, run in zip(finished_finetune_runs, runs):
+        shutil.copytree(source, run, ignore=shutil.ignore_patterns("analysis"))
+    metrics = json.loads((runs[1] / "metrics.json").read_text())
+    confusion = np.array(metrics["last"]["confusion"])
+    confusion[0] = 0  # class 0 had no test sample in run b
+    metrics["last"]["confusion"] = confusion.tolist()
+    (runs[1] / "metrics.json").write_text(json.dumps(metrics))
+    assert main([str(r) for r in runs] + ["--out", str(tmp_path / "out")]) == 0
+    difference = strict_json(tmp_path / "out" / "report.json")["comparison"]["recall_vs_first_last"][0]
+    assert difference[0] is None and all(isinstance(d, float) for d in difference[1:])
 
 
 def test_refuses_what_is_not_a_run(tmp_path, capsys):

@@ -36,9 +36,9 @@ def test_finetune_presets(preset, classes, stride, fold):
 
 
 def test_overrides_apply_and_config_is_frozen():
-    cfg = load("demo", ["optim.base_lr=3e-4", "model.moae.layers=[1,3]", "official_quirks=true"])
+    cfg = load("demo", ["optim.base_lr=3e-4", "model.moae.layers=[1,3]", "official.select_on_test=true"])
     assert cfg.optim.base_lr == 3e-4 and list(cfg.model.moae.layers) == [1, 3]
-    assert cfg.official_quirks is True
+    assert cfg.official.select_on_test is True and cfg.official.router_noise_at_eval is False
     with pytest.raises(ReadonlyConfigError, match=r"read-only config(.|\n)*full_key: optim.base_lr"):
         cfg.optim.base_lr = 1.0
     assert cfg.optim.base_lr == 3e-4

@@ -241,7 +241,8 @@ def test_every_rand_augment_op_in_dali_matches_the_torch_op():
     # equalize threshold and become a large one (the ops themselves are compared above)
     ("finetune", ["data.balance_images=true", "augment.erase_prob=0",
                   "augment.image_rand_augment=rand-m9-n0-inc1", "augment.video_rand_augment=rand-m7-n0-inc1"]),
-    ("eval", ["official_quirks=true"]),  # frames squashed to S×S (§3.11)
+    # test frames squashed to S×S (§3.9), in the official test order (one view of many clips)
+    ("eval", ["official.squash_test_frames=true", "data.eval_order=view"]),
 ])
 def test_dali_matches_torch_under_the_switches(paths, task, overrides):
     # The options that change which samples or which pixels a batch reads, each through both

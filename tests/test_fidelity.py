@@ -1,11 +1,12 @@
 """Recipe fidelity: the official min_lr rule, VoxCeleb2 crop, test batch and mask-token init;
-fp16 as DeepSpeed's dynamic loss scaling with the router in fp32; and under official_quirks
-the official best-epoch choice (whole train split, best epoch by test WAR, said as such)."""
+fp16 as DeepSpeed's dynamic loss scaling with the router in fp32; and under
+official.select_on_test the official best-epoch choice (whole train split, best epoch by test WAR, said as such)."""
 from __future__ import annotations
 
 import json
 
 import pytest
+import torch
 
 from conftest import tiny_overrides
 from s4d_dist import config
@@ -27,13 +28,13 @@ def test_min_lr_without_divisor_is_as_given():
     assert final_lr(config.load("demo_finetune"), 8) == pytest.approx(1e-5)
 
 
-def test_official_quirks_select_on_test(synthetic_shards, tmp_path):
+def test_official_select_on_test(synthetic_shards, tmp_path):
     """No clips held out; the best epoch is the argmax of the per-epoch test WAR, labelled."""
     from s4d_dist.train.finetune import FinetuneTask
     from s4d_dist.train.loop import train
 
     overrides = tiny_overrides(synthetic_shards, tmp_path, "finetune") + [
-        "official_quirks=true", "optim.epochs=3"]
+        "official.select_on_test=true", "optim.epochs=3"]
     cfg = config.load("demo_finetune", overrides)
     held = config.load("demo_finetune", tiny_overrides(synthetic_shards, tmp_path, "finetune"))
     full = eval_catalog(cfg, "train", "video")
@@ -76,13 +77,69 @@ def test_min_lr_divisor_must_be_positive():
         config.load("finetune_dfew", ["optim.min_lr_batch_divisor=0"])
 
 
-def test_fp16_is_deepspeed_dynamic_loss_scaling_with_fp32_routing(tmp_path):
-    """`deepspeed.precision=fp16` on the CPU under the generated config (ZeRO-1, as the presets):
-    the model runs in fp16 with the router in fp32, as under the official autocast; a step whose
-    gradients overflow leaves the weights alone and halves the loss scale at once (GradScaler's
-    rule), and the next finite step trains."""
-    import torch
+# DeepSpeed's CPU accelerator refuses fp16 where oneDNN has no fp16 kernels (it asks this very
+# function); there the engine cannot run fp16, and what is tested everywhere is the rest.
+FP16_ENGINE = torch.cuda.is_available() or torch.ops.mkldnn._is_mkldnn_fp16_supported()
+needs_fp16_engine = pytest.mark.skipif(
+    not FP16_ENGINE, reason="DeepSpeed's CPU accelerator refuses fp16 on this CPU: "
+    "torch.ops.mkldnn._is_mkldnn_fp16_supported() is false (no AVX-512 FP16 / AMX-FP16)")
 
+
+def test_fp16_loss_scaling_is_the_official_grad_scalers():
+    """The generated fp16 section gives DeepSpeed the official GradScaler's rule (§1.10): from
+    2^16, halved at every overflow (that step skipped), doubled after 2000 clean steps —
+    against torch's own GradScaler update (`_amp_update_scale_`). DeepSpeed counts a window
+    from the step after the last overflow or growth, so each doubling lands one step after
+    GradScaler's; every backoff lands on the same step."""
+    from deepspeed.runtime.fp16.loss_scaler import CreateLossScaler
+    from deepspeed.runtime.precision_config import DeepSpeedFP16Config
+
+    from s4d_dist.train import distributed
+    from s4d_dist.train.ds_config import deepspeed_config
+
+    distributed.init()  # the scaler logs an overflow from rank 0
+    cfg = config.load("finetune_dfew", ["deepspeed.precision=fp16"])
+    section = deepspeed_config(cfg, 2)["fp16"]
+    assert section["enabled"] and section["loss_scale"] == 0  # 0: dynamic
+    scaler = CreateLossScaler(torch.half, 0, True, DeepSpeedFP16Config(**section).dynamic_loss_scale_args())
+    scale, tracker = torch.tensor(2.0 ** 16), torch.tensor(0, dtype=torch.int32)
+    overflows = [False] * 2001 + [True] + [False] * 2001 + [True, True] + [False] * 4005
+    late = []
+    for step, overflow in enumerate(overflows):
+        if scaler.cur_scale != scale.item():
+            late.append(step)
+            assert scaler.cur_scale * 2 == scale.item()  # the doubling not yet taken
+        scaler.update_scale(overflow)
+        torch._amp_update_scale_(scale, tracker, torch.tensor(float(overflow)), 2.0, 0.5, 2000)
+    assert scaler.cur_scale == scale.item() == 2.0 ** 17  # up, down, up, down twice, up twice
+    assert late == [2000, 4002, 6005, 8005]  # the steps right after each of GradScaler's doublings
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_routing_stays_fp32_in_a_half_model(tmp_path, dtype):
+    """What DeepSpeed's fp16 / bf16 do to the module — every weight cast to half — leaves the
+    router in fp32 (noisy logits, top-k, gates), as the official autocast has it (§1.10);
+    the expert outputs, and gradients, are half."""
+    from s4d_dist.models.factory import build_classifier
+
+    cfg = config.load("demo_finetune", tiny_overrides(tmp_path, tmp_path, "finetune"))
+    torch.manual_seed(0)
+    model = build_classifier(cfg).to(dtype).train()
+    layer = next(iter(model.moae_layers().values()))
+    layer.record_routing = True
+    logits = model(torch.randn(4, 3, 4, 32, 32).to(dtype), "video")
+    logits.float().logsumexp(-1).mean().backward()
+    routing = layer.routing
+    assert routing.noisy_logits.dtype == routing.gates.dtype == torch.float32
+    assert routing.out.dtype == logits.dtype == dtype
+    assert layer.router.topkroute_linear.weight.grad.dtype == dtype
+
+
+@needs_fp16_engine
+def test_fp16_engine_skips_an_overflowing_step_and_halves_the_scale(tmp_path):
+    """`deepspeed.precision=fp16` through DeepSpeed (ZeRO-1, as the presets): a step whose
+    gradients overflow leaves the weights alone and halves the loss scale at once, and the next
+    finite step trains; the router is fp32 inside the fp16 engine."""
     from s4d_dist.models.factory import build_classifier
     from s4d_dist.train import distributed
     from s4d_dist.train.engine import Stepper, build_engine
@@ -113,6 +170,7 @@ def test_fp16_is_deepspeed_dynamic_loss_scaling_with_fp32_routing(tmp_path):
     assert not all(torch.equal(a, p) for a, p in zip(before, engine.module.parameters()))
 
 
+@needs_fp16_engine
 def test_fp16_fine_tuning_runs_end_to_end(synthetic_shards, tmp_path):
     """Train, choose the best epoch, test, export: the whole fine-tuning run in fp16 on the CPU."""
     from s4d_dist.train.finetune import FinetuneTask

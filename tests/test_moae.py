@@ -83,7 +83,7 @@ def test_experts_are_stacked_parameters_that_read_and_write_official_keys():
 
 
 def test_block_state_dict_keys_in_official_order():
-    block = MoAEBlock(D, 4, 4.0, E, K, H, 1.0, "torch", False)
+    block = MoAEBlock(D, 4, 4.0, E, K, H, 1.0, "torch")
     moe_keys = ["moe_layer." + k for k in make_moae().state_dict()]
     expected = ["norm1.weight", "norm1.bias", "attn.q_bias", "attn.v_bias", "attn.qkv.weight",
                 "attn.proj.weight", "attn.proj.bias", "norm2.weight", "norm2.bias", *moe_keys,
@@ -233,7 +233,7 @@ def test_eval_is_deterministic_and_noise_free_in_correct_mode():
 
 
 def test_quirk_mode_keeps_router_noise_at_eval():
-    m = make_moae(official_quirks=True).eval()
+    m = make_moae(router_noise_at_eval=True).eval()
     h = torch.randn(B, L, D)
     with torch.no_grad():
         assert not torch.equal(m(h), m(h))
@@ -258,13 +258,13 @@ def numpy_aux_loss(m: MoAE, h: torch.Tensor, noise: torch.Tensor, use_softmax: b
     return E ** 2 * float((f * z.mean(axis=1)).mean())
 
 
-@pytest.mark.parametrize("official_quirks", [False, True])
-def test_aux_loss_matches_numpy(official_quirks):
-    m = make_moae(official_quirks=official_quirks).train()
+@pytest.mark.parametrize("aux_loss_on_logits", [False, True])
+def test_aux_loss_matches_numpy(aux_loss_on_logits):
+    m = make_moae(aux_loss_on_logits=aux_loss_on_logits).train()
     h = torch.randn(B, L, D, requires_grad=True)
     noise = torch.randn(B, L, E)
     m(h, noise)
-    expected = numpy_aux_loss(m, h.detach(), noise, use_softmax=not official_quirks)
+    expected = numpy_aux_loss(m, h.detach(), noise, use_softmax=not aux_loss_on_logits)
     assert m.aux_loss.requires_grad
     assert m.aux_loss.item() == pytest.approx(expected, rel=1e-5, abs=1e-6)
 
@@ -283,7 +283,7 @@ def test_aux_loss_correct_mode_is_never_stale():
 
 
 def test_aux_loss_quirk_mode_is_stale_without_grad():
-    m = make_moae(official_quirks=True).train()
+    m = make_moae(stale_aux_loss=True).train()
     h = torch.randn(B, L, D)
     m(h)
     assert m.aux_loss is None  # input does not require grad: never computed
@@ -398,7 +398,7 @@ def test_unknown_backend_lists_valid_names():
 
 def test_block_forward_is_attention_then_parallel_ffn_and_moae():
     torch.manual_seed(4)
-    block = MoAEBlock(D, 4, 4.0, E, K, H, 1.0, "torch", False).eval()
+    block = MoAEBlock(D, 4, 4.0, E, K, H, 1.0, "torch").eval()
     x = torch.randn(B, L, D)
     with torch.no_grad():
         y = x + block.attn(block.norm1(x))

@@ -7,16 +7,19 @@ comments, variables, loops and brace expansion as a user's shell treats them), w
 `deepspeed`, `ray` and `tensorboard` defined as functions that record their arguments and no
 other command available. Each distinct command then runs in this process:
 
+- the official repository (`git clone https://github.com/MSA-LMC/S4D /data/S4D`, `git -C
+  /data/S4D checkout <commit>`): a fixture with its AffectNet-7 lists where the clone would be;
 - dataset shards (`python -m s4d_dist.shards <dataset>`): built in full from the fixture
-  datasets of tests/fixtures_datasets.py, put where `--root /data/<Name>` points, with
-  `--workers 1` (the output does not depend on it: test_shards_build.py); `verify`, `inspect`
-  in full;
+  datasets of tests/fixtures_datasets.py, put where `--root /data/<Name>` (or a list option's
+  `/data/<Name>/...`) points, with `--workers 1` (the output does not depend on it:
+  test_shards_build.py); `verify`, `inspect` in full;
 - the toy-scale run (§7): in full, on fewer synthetic samples (SPLITS) for one epoch
   (TOY_OVERRIDES); `python -m s4d_dist.demo` likewise;
 - paper-scale training (`launch/pretrain.py`, `launch/finetune.py` with the paper presets,
   under `deepspeed` or not): too slow here, so resolved as `--print-config` would and checked
   as far as the run would before its first step — its training and test shards are the ones
-  built above, its `init_checkpoint` is the file a pre-training command writes;
+  built above, its `init_checkpoint` is the file a pre-training command writes or the released
+  official checkpoint the document says to download; `--print-config` runs in full;
 - Ray (`launch/sweep.py`): resolved and checked as the driver does before it starts Ray
   (config, every fold's training shards); `ray up` / `ray down` read the cluster file, `ray
   submit` resolves the driver's own arguments;
@@ -44,8 +47,12 @@ pytest.importorskip("matplotlib")  # the analysis figures
 
 REPO = Path(__file__).resolve().parents[1]
 DOCS = [(REPO / "docs" / "reproducing.md", None), (REPO / "README.md", "## Reproducing S4D")]
-RECORDED = ("python", "deepspeed", "ray", "tensorboard")
+RECORDED = ("python", "deepspeed", "ray", "tensorboard", "git")
 PAPER_WEIGHTS = "weights_fp32.pt"  # what a finished run exports (train/loop.py), fine-tuning loads
+# The released pre-trained MAE, which the documents have the reader download by hand.
+OFFICIAL_WEIGHTS = "checkpoints/vit_base_voxceleb2+affectnet_100.pt"
+OFFICIAL_REPO = "https://github.com/MSA-LMC/S4D"
+OFFICIAL_LISTS = "finetune/data/AffectNetdataset"  # in the official repository
 
 # Fixture datasets standing for the raw ones at /data/<Name>.
 RAW = {"VoxCeleb2": fx.make_voxceleb2, "DFEW": fx.make_dfew, "FERV39K": fx.make_ferv39k,
@@ -90,13 +97,16 @@ class Session:
 
     def __init__(self, root: Path, stand_in: Path, monkeypatch) -> None:
         self.root, self.stand_in, self.monkeypatch = root, stand_in, monkeypatch
-        self.exports: set[str] = set()  # weights a checked pre-training run would write (absolute)
+        # weights a checked pre-training run would write, or the reader downloads (absolute)
+        self.exports: set[str] = {os.path.abspath(OFFICIAL_WEIGHTS)}
 
     # ---- datasets and shards -------------------------------------------------------------
 
     def raw(self, path: str) -> str:
-        """`/data/<Name>` → the fixture dataset standing for it, made on first use."""
-        name = path.removeprefix("/data/")
+        """`/data/<Name>[/...]` → the same path in the fixture standing for /data/<Name>, made
+        on first use; `/data/S4D` is the official repository with the AffectNet-7 lists of the
+        AffectNet fixture."""
+        name, _, rest = path.removeprefix("/data/").partition("/")
         root = self.root / "raw" / name
         if not root.exists():
             if name == "AffectNet":  # its 8-class pre-training list and the 7-class lists
@@ -104,15 +114,31 @@ class Session:
                 (root / "lists").mkdir()
                 shutil.copy(facts["label_files"]["train"], root / "lists" / "affectnet_pretrain.txt")
                 fx.make_affectnet(str(root), classes=7)
+            elif name == "S4D":
+                affectnet = Path(self.raw("/data/AffectNet"))
+                (root / OFFICIAL_LISTS).mkdir(parents=True)
+                for split in ("train", "test"):
+                    shutil.copy(affectnet / f"{split}_affectnet7_2w.txt", root / OFFICIAL_LISTS)
             else:
                 RAW[name](str(root))
-        return str(root)
+        return str(root / rest) if rest else str(root)
+
+    def git(self, argv: list[str]) -> None:
+        """`git clone <official repository> /data/S4D`, `git -C /data/S4D checkout <commit>`."""
+        if argv[0] == "clone":
+            assert argv[1] == OFFICIAL_REPO and argv[2].startswith("/data/"), argv
+            self.raw(argv[2])
+        else:
+            assert argv[0] == "-C" and argv[2] == "checkout" and len(argv) == 4, argv
+            assert os.path.isdir(self.raw(argv[1])), f"{argv[1]} was not cloned first"
 
     def shards(self, argv: list[str]) -> None:
         from s4d_dist.shards.__main__ import main
 
         if argv[0] not in ("verify", "inspect"):
             argv = [self.raw(a) if a.startswith("/data/") else SPLITS.get(a, a) for a in argv]
+            argv = [f"{a.split('=', 1)[0]}={self.raw(a.split('=', 1)[1])}"
+                    if "=/data/" in a else a for a in argv]  # list options: train=/data/...
             if "--workers" in argv:
                 del argv[argv.index("--workers"):argv.index("--workers") + 2]
             argv += ["--workers", "1", "--no-progress"]
@@ -126,6 +152,11 @@ class Session:
         from s4d_dist.train.loop import run_dir
 
         task = {"launch/pretrain.py": "pretrain", "launch/finetune.py": "finetune"}[script]
+        if "--print-config" in argv:
+            with pytest.raises(SystemExit) as printed:
+                cli.parse(task, argv)
+            assert printed.value.code == 0, argv
+            return
         cfg = cli.parse(task, argv)
         if argv[argv.index("--config") + 1] in TOY_PRESETS:
             cli.main(task, argv + TOY_OVERRIDES)
@@ -227,3 +258,29 @@ def test_every_documented_command_runs(finished_finetune_runs, tmp_path, monkeyp
                 run(argv[1:])
             except (Exception, SystemExit) as error:
                 raise AssertionError(f"{doc.name}: `{' '.join(argv)}` failed: {error!r}") from error
+
+
+def test_documented_step_counts_are_the_plans():
+    """The steps per epoch the documents and the paper presets' comments tell a reader to expect
+    on the official 2 GPUs are what the training plan gives (16 clips, 32 images a rank; image
+    rate 0.5), for the official train sizes (method.md §4) and two AffectNet-7 list sizes."""
+    from s4d_dist import config
+    from s4d_dist.data.plan import step_counts, train_batches_per_rank
+
+    def steps(clips: int, images: int, cfg) -> list[int]:
+        d = cfg.data
+        return step_counts([train_batches_per_rank(clips, 2, d.video_batch_size),
+                            train_batches_per_rank(images, 2, d.image_batch_size)],
+                           [d.video_rate, d.image_rate])
+
+    for preset, train_sizes, video_steps in (("finetune_dfew", (9356, 9356, 9357, 9358, 9361), 292),
+                                             ("finetune_ferv39k", (31088,), 971),
+                                             ("finetune_mafw", (7333, 7335, 7339, 7340, 7341), 229)):
+        cfg = config.load(preset)
+        for clips in train_sizes:
+            assert steps(clips, 20_000, cfg) == [video_steps, 156]
+            assert steps(clips, 283_901, cfg) == [video_steps, 2_217]
+        comment = (REPO / "s4d_dist" / "presets" / f"{preset}.yaml").read_text()
+        assert f"{video_steps} : 156" in comment and f"{video_steps} : 2,217" in comment, preset
+    text = (REPO / "docs" / "reproducing.md").read_text()
+    assert "= **292**" in text and "156 at 20,000 images, 2,217 at all 283,901" in text

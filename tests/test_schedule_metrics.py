@@ -42,7 +42,7 @@ def ours_pretrain(total, warmup, lr, start=1e-6):
 
 @pytest.mark.parametrize("quirks", [False, True])
 def test_pretrain_schedule(quirks):
-    cfg = load("pretrain_vit_base", [f"official_quirks={quirks}"])
+    cfg = load("pretrain_vit_base", [f"official.pretrain_global_cosine={quirks}"])
     schedule = Schedule(cfg, steps_per_epoch=10, world_size=2)
     assert schedule.peak == pytest.approx(1.2e-3)  # 1.6e-3 · 384 / 512
     lrs = [schedule(i) for i in range(1000)]

@@ -103,9 +103,10 @@ def _location(cfg: DictConfig, modality: str) -> str:
 
 def _carves_validation(cfg: DictConfig, modality: str) -> bool:
     """Whether fine-tuning holds clips out of train to pick its best epoch on. Not under
-    official_quirks: the official trains on the whole split and picks the best epoch on test."""
+    official.select_on_test: the official trains on the whole split and picks the best epoch
+    on test (§3.8)."""
     return (cfg.task == "finetune" and modality == "video" and not cfg.data.val_shards
-            and cfg.data.val_fraction > 0 and not cfg.official_quirks)
+            and cfg.data.val_fraction > 0 and not cfg.official.select_on_test)
 
 
 def train_catalog(cfg: DictConfig, modality: str) -> Catalog:
@@ -260,7 +261,8 @@ class EvalLoader:
                              spatial_crops=spatial_crops or recipe.spatial_crops)
         self.modality, self.recipe = modality, recipe
         self.corrupt = CorruptionLog()
-        self.plan = EvalPlan(catalog, recipe, cfg.data.eval_batch_size, rank, world_size)
+        self.plan = EvalPlan(catalog, recipe, cfg.data.eval_batch_size, rank, world_size,
+                             cfg.data.eval_order)
         self.runner = make_runner(cfg, self.plan, backend or choose_backend(cfg), seeds.dali_seed(cfg.seed, rank))
 
     @property

@@ -91,20 +91,31 @@ def train_batches(order: np.ndarray, rank: int, world: int, batch: int) -> np.nd
     return mine[: count * batch].reshape(count, batch)
 
 
-def eval_rows(num_samples: int, views: int, rank: int, world: int, batch: int) -> np.ndarray:
+def eval_rows(num_samples: int, views: int, rank: int, world: int, batch: int,
+              order: str = "sample") -> np.ndarray:
     """(batches, batch, 2) rows of (sample, view) for one rank; padding rows are (-1, -1).
 
-    Every view of every sample appears exactly once over all ranks, in sample order, in one
-    contiguous block per rank (each rank reads neighbouring samples); each rank is padded to
-    the same number of full batches, so no rank waits for another at the end.
+    Every view of every sample appears exactly once over all ranks; each rank is padded to the
+    same number of full batches, so no rank waits for another at the end. `order`:
+    - "sample": in sample order, one contiguous block per rank (each rank reads neighbouring
+      samples, a sample's views side by side);
+    - "view": the official test order (docs/method.md §2.11) — the list of every sample for
+      view 0, then for view 1, ..., read by DistributedSampler(shuffle=False), i.e. every
+      `world`-th row from `rank` — so a forward holds one view of `batch` different samples
+      (two views where it crosses from one to the next). Its wrap-around duplicates are the
+      padding rows here.
     """
     total = num_samples * views
     per_rank = -(-total // world)
     count = -(-per_rank // batch) if per_rank else 0
     rows = np.full((count * batch, 2), -1, np.int64)
-    first, last = min(rank * per_rank, total), min((rank + 1) * per_rank, total)
-    flat = np.arange(first, last)
-    rows[: len(flat), 0], rows[: len(flat), 1] = flat // views, flat % views
+    if order == "view":
+        flat = np.arange(rank, total, world)
+        rows[: len(flat), 0], rows[: len(flat), 1] = flat % num_samples, flat // num_samples
+    else:
+        first, last = min(rank * per_rank, total), min((rank + 1) * per_rank, total)
+        flat = np.arange(first, last)
+        rows[: len(flat), 0], rows[: len(flat), 1] = flat // views, flat % views
     return rows.reshape(count, batch, 2)
 
 
@@ -237,17 +248,19 @@ class TrainPlan:
 @dataclass
 class EvalPlan:
     """Evaluation batches: every view of every sample once over all ranks, padded rows
-    marked invalid, the same number of batches on every rank."""
+    marked invalid, the same number of batches on every rank; `order` as in `eval_rows`."""
 
     catalog: Catalog
     recipe: Recipe
     batch_size: int
     rank: int
     world: int
+    order: str = "sample"
     _filler: Slot | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
-        self.rows = eval_rows(len(self.catalog), self.recipe.views, self.rank, self.world, self.batch_size)
+        self.rows = eval_rows(len(self.catalog), self.recipe.views, self.rank, self.world, self.batch_size,
+                              self.order)
 
     @property
     def num_batches(self) -> int:

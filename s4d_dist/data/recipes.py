@@ -28,9 +28,10 @@ finetune video   decode frames (finetune_indices) → Resize(S) → RandAugment 
 eval             decode frames of temporal view t (eval_view_indices) → short side to
                  eval_short_side → crop c (eval_crop) ≡ one ROI resize → normalize
 
-S = model.img_size (160; 64 in the demo). Official quirk kept only with `official_quirks`:
-frames squashed to S×S instead of keeping their aspect ratio (§3.11), which also makes the test
-crops identical (§3.9).
+S = model.img_size (160; 64 in the demo). Official quirks, each on its switch: fine-tuning
+frames squashed to S×S instead of keeping their aspect ratio (`official.squash_train_frames`,
+§3.11); test frames squashed likewise, which makes the test crops identical
+(`official.squash_test_frames`, §3.9).
 """
 from __future__ import annotations
 
@@ -185,7 +186,8 @@ def recipe_from_config(cfg, kind: Kind, modality: Modality) -> Recipe:
         resize_ratio=d.resize_ratio, rand_augment=rand_augment,
         erase_prob=a.erase_prob if kind == "finetune" else 0.0,
         eval_short_side=d.eval_short_side, temporal_views=d.test_temporal_views,
-        spatial_crops=d.test_spatial_crops, squash=bool(cfg.official_quirks),
+        spatial_crops=d.test_spatial_crops,
+        squash=cfg.official.squash_test_frames if kind == "eval" else cfg.official.squash_train_frames,
         source_crop=tuple(d.video_source_crop) if d.video_source_crop and kind == "pretrain" else None,
         source_frame=tuple(d.video_source_frame) if d.video_source_crop and kind == "pretrain" else None,
         image_crop_scale=tuple(a.image_crop_scale), video_crop_scale=tuple(a.video_crop_scale),

@@ -23,6 +23,8 @@ class S4DClassifier(ViTEncoder):
 
     State-dict keys match the official `vitmoe_base_patch16_160` (§6.1): `patch_embed.*`,
     `blocks.i.*` (with `moe_layer.*` in MoAE blocks), `fc_norm.*`, `head.image.*`, `head.video.*`.
+    `moae_official` are MoAE's switches for official bugs (`router_noise_at_eval`,
+    `aux_loss_on_logits`, `stale_aux_loss`; §3.2-3.4), all off by default.
     """
 
     def __init__(self, img_size: int = 160, patch: int = 16, tubelet: int = 2,
@@ -31,13 +33,13 @@ class S4DClassifier(ViTEncoder):
                  num_video_classes: int = 7, moae_layers: tuple[int, ...] = (6, 7, 8, 9, 10, 11),
                  num_experts: int = 8, top_k: int = 2, hidden_ratio: float = 0.25,
                  capacity_factor: float = 1.0, moae_backend: str = "torch",
-                 official_quirks: bool = False) -> None:
+                 **moae_official: bool) -> None:
         super().__init__(img_size, patch, tubelet, num_frames, in_chans, embed_dim, depth,
                          num_heads, mlp_ratio, final_norm=False)
         for i in moae_layers:
             self.blocks[i] = MoAEBlock(embed_dim, num_heads, mlp_ratio, num_experts, top_k,
                                        int(embed_dim * hidden_ratio), capacity_factor,
-                                       moae_backend, official_quirks)
+                                       moae_backend, **moae_official)
         self.fc_norm = nn.LayerNorm(embed_dim, eps=1e-6)
         self.head = nn.ModuleDict({"image": nn.Linear(embed_dim, num_image_classes),
                                    "video": nn.Linear(embed_dim, num_video_classes)})

@@ -26,4 +26,11 @@ def build_classifier(cfg: DictConfig) -> S4DClassifier:
                          moae_layers=tuple(moae.layers) if moae.enabled else (),
                          num_experts=moae.num_experts, top_k=moae.top_k,
                          hidden_ratio=moae.hidden_ratio, capacity_factor=moae.capacity_factor,
-                         moae_backend=moae.backend, official_quirks=cfg.official_quirks)
+                         moae_backend=moae.backend, **moae_official(cfg))
+
+
+def moae_official(cfg: DictConfig) -> dict[str, bool]:
+    """The MoAE's switches for official bugs (§3.2-3.4), from the config's `official` section."""
+    o = cfg.official
+    return dict(router_noise_at_eval=o.router_noise_at_eval,
+                aux_loss_on_logits=o.aux_loss_on_logits, stale_aux_loss=o.stale_aux_loss)

@@ -13,8 +13,9 @@ expert and comes back, under a per-expert capacity that drops pairs in flat toke
 - `triton`: custom kernels from `s4d_dist.kernels.moae_triton`, loaded lazily; falls back to `torch`.
 
 Given the same noise all backends must return the same RoutingResult and gradients; the tests
-hold them to it. `official_quirks=True` reproduces the official router noise at eval, raw-logit
-aux loss and stale aux value (§3.2-3.4); the default does the right thing.
+hold them to it. `router_noise_at_eval`, `aux_loss_on_logits` and `stale_aux_loss` reproduce
+the official router noise at eval (§3.3), raw-logit aux loss (§3.2) and stale aux value (§3.4);
+the defaults do the right thing.
 """
 from __future__ import annotations
 
@@ -247,8 +248,9 @@ class MoAE(nn.Module):
     """
 
     def __init__(self, dim: int, num_experts: int, top_k: int, hidden: int,
-                 capacity_factor: float = 1.0, backend: str = "torch",
-                 official_quirks: bool = False) -> None:
+                 capacity_factor: float = 1.0, backend: str = "torch", *,
+                 router_noise_at_eval: bool = False, aux_loss_on_logits: bool = False,
+                 stale_aux_loss: bool = False) -> None:
         super().__init__()
         if not 1 <= top_k <= num_experts:
             raise ValueError(f"top_k {top_k} must be in [1, num_experts={num_experts}]")
@@ -257,7 +259,9 @@ class MoAE(nn.Module):
         self.top_k = top_k
         self.capacity_factor = capacity_factor
         self.backend = backend
-        self.official_quirks = official_quirks
+        self.router_noise_at_eval = router_noise_at_eval
+        self.aux_loss_on_logits = aux_loss_on_logits
+        self.stale_aux_loss = stale_aux_loss
         self.router = NoisyTopkRouter(dim, num_experts)
         # Built from per-expert layers, so that construction draws the official model's numbers.
         experts = [Mlp(dim, hidden) for _ in range(num_experts)]
@@ -303,7 +307,7 @@ class MoAE(nn.Module):
         B, L, D = h.shape
         x = h.reshape(B * L, D)
         logits, noise_std = self.router(x)
-        if self.training or self.official_quirks:  # the official adds noise at eval too (§3.3)
+        if self.training or self.router_noise_at_eval:  # the official adds noise at eval too (§3.3)
             noise = torch.randn_like(logits) if noise is None else noise.reshape(B * L, -1)
         else:
             noise = None
@@ -314,12 +318,12 @@ class MoAE(nn.Module):
 
         # The official refreshes the loss only when grad flows and keeps a stale one otherwise
         # (§3.4); the correct mode measures every training batch and clears it at eval.
-        refresh = h.requires_grad if self.official_quirks else self.training
+        refresh = h.requires_grad if self.stale_aux_loss else self.training
         if refresh:
             self.aux_loss = load_balancing_loss(result.noisy_logits.view(B, L, -1),
                                                 result.topk_idx.view(B, L, -1),
-                                                use_softmax=not self.official_quirks)
-        elif not self.official_quirks:
+                                                use_softmax=not self.aux_loss_on_logits)
+        elif not self.stale_aux_loss:
             self.aux_loss = None
         self._last_routing = (result.noisy_logits.detach(), result.topk_idx, result.kept)
         self._stats = None
@@ -336,13 +340,13 @@ class MoAEBlock(nn.Module):
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float, num_experts: int,
                  top_k: int, hidden: int, capacity_factor: float = 1.0, backend: str = "torch",
-                 official_quirks: bool = False) -> None:
+                 **official: bool) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
         self.attn = Attention(dim, num_heads)
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         self.moe_layer = MoAE(dim, num_experts, top_k, hidden, capacity_factor, backend,
-                              official_quirks)
+                              **official)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

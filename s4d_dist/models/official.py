@@ -124,7 +124,7 @@ def load(path: str | Path, **options: Any) -> PretrainMAE | S4DClassifier:
 
     `options` go to the model for what a checkpoint does not store (img_size, num_frames,
     num_heads / decoder_heads when heads are not 64 wide, top_k, capacity_factor, moae_backend,
-    official_quirks).
+    and the MoAE's official switches: router_noise_at_eval, aux_loss_on_logits, stale_aux_loss).
     """
     sd = read_state_dict(path)
     if "mask_token" in sd and "encoder.patch_embed.proj.weight" in sd:

@@ -29,7 +29,7 @@ from s4d_dist.train.loop import run_dir
 def reported_metrics(cfg: DictConfig) -> set[str]:
     """What every epoch reports through train()'s on_epoch_end hook: the training loss, and
     for fine-tuning FinetuneTask.after_epoch's WAR and UAR on the split it selects the best
-    epoch on (val_war / val_uar; test_war / test_uar under official_quirks)."""
+    epoch on (val_war / val_uar; test_war / test_uar under official.select_on_test)."""
     from s4d_dist.train.finetune import FinetuneTask
 
     names = {"train_loss"}

@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from s4d_dist import config
 from s4d_dist.models import official
-from s4d_dist.models.factory import build_classifier
+from s4d_dist.models.factory import build_classifier, moae_official
 from s4d_dist.models.classifier import S4DClassifier
 from s4d_dist.train.exports import MODEL_CARD, class_names
 
@@ -41,9 +41,9 @@ class Model:
 def _card_config(card: dict, where: Path) -> DictConfig:
     if card.get("task") != "finetune":
         raise ModelError(f"{where}: a {card.get('task')} model; predict needs a fine-tuned one")
+    official = {key: card[key] for key in ("official", "official_quirks") if key in card}
     return config.from_values((str(where), {"task": "finetune", "model": card["model"],
-                                            "data": card["recipe"],
-                                            "official_quirks": card["official_quirks"]}))
+                                            "data": card["recipe"], **official}))
 
 
 def _from_folder(folder: Path) -> tuple[DictConfig, dict[str, torch.Tensor], dict]:
@@ -102,8 +102,7 @@ def load(source: str, classes: list[str] | None = None,
             network = official.load(path, img_size=m.img_size, num_frames=m.num_frames,
                                     num_heads=m.num_heads, top_k=m.moae.top_k,
                                     capacity_factor=m.moae.capacity_factor,
-                                    moae_backend=m.moae.backend,
-                                    official_quirks=cfg.official_quirks)
+                                    moae_backend=m.moae.backend, **moae_official(cfg))
         except official.CheckpointError as error:
             raise ModelError(str(error)) from None
         if not isinstance(network, S4DClassifier):

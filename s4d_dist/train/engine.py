@@ -52,7 +52,7 @@ def build_engine(cfg: DictConfig, model: nn.Module):
         encoder.grad_checkpointing = True
     groups = param_groups(model, cfg.optim.weight_decay, cfg.optim.layer_decay,
                           depth=cfg.model.depth,
-                          official_pretrain_rule=cfg.official_quirks and cfg.task == "pretrain")
+                          official_pretrain_rule=cfg.official.pretrain_decay_qv_bias and cfg.task == "pretrain")
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=adamw(groups, cfg),
         config=deepspeed_config(cfg, distributed.world_size()))

@@ -44,7 +44,7 @@ def model_card(cfg: DictConfig, metrics: dict[str, Any]) -> dict[str, Any]:
         "format": CARD_FORMAT,
         "task": cfg.task,
         "model": OmegaConf.to_container(cfg.model, resolve=True),
-        "official_quirks": bool(cfg.official_quirks),
+        "official": OmegaConf.to_container(cfg.official),
         "recipe": {key: d[key] for key in RECIPE_KEYS},
         "classes": {"image": class_names(d.image_shards), "video": class_names(d.video_shards)},
         "training_data": {"image_shards": d.image_shards, "video_shards": d.video_shards,

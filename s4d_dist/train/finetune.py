@@ -1,10 +1,11 @@
 """Joint SFER + DFER fine-tuning with MoAE (§2), and evaluation done right (§2.11, §3.8).
 
 Each step is one modality: mixup/cutmix with label smoothing, soft-target cross-entropy on that
-modality's head, plus the MoAE load-balancing loss (never applied under `official_quirks`, like
-the official DDP-wrapped code). The best epoch is chosen on a held-out validation split carved
-from train, not on the test set (official_quirks restores the official choice: the whole train
-split, best epoch by test WAR, labelled `best_selected_on: test` in metrics.json); at the end
+modality's head, plus the MoAE load-balancing loss (not applied under
+`official.aux_loss_not_applied`, like the official DDP-wrapped code, §3.1). The best epoch is
+chosen on a held-out validation split carved from train, not on the test set
+(`official.select_on_test` restores the official choice, §3.8: the whole train split, best epoch
+by test WAR, labelled `best_selected_on: test` in metrics.json); at the end
 the test split is scored for both the last and the best epoch with the deterministic
 multi-view protocol. § numbers refer to docs/method.md.
 
@@ -128,7 +129,7 @@ class FinetuneTask:
                                     rng)
         logits, aux = run.engine(pixels.to(run.dtype), modality, with_aux=True)
         loss = soft_target_cross_entropy(logits, targets)
-        if aux is not None and not self.cfg.official_quirks:
+        if aux is not None and not self.cfg.official.aux_loss_not_applied:
             loss = loss + self.cfg.model.moae.aux_loss_coeff * aux.float()
         return loss
 
@@ -192,12 +193,12 @@ class FinetuneTask:
 
     def selection_split(self) -> str | None:
         """Where the best epoch is chosen: "val" (held out from train, or data.val_shards),
-        "test" under official_quirks without val_shards (the official code's choice, which
+        "test" under official.select_on_test without val_shards (the official code's choice, which
         reports a test score selected on test), or None (no selection)."""
         d = self.cfg.data
         if d.val_shards:
             return "val"
-        if self.cfg.official_quirks:
+        if self.cfg.official.select_on_test:
             return "test"
         return "val" if d.val_fraction > 0 else None
 
@@ -255,8 +256,7 @@ def _hparams(cfg) -> dict[str, Any]:
     with MoAE."""
     o, m = cfg.optim, cfg.model.moae
     params = {"base_lr": o.base_lr, "layer_decay": o.layer_decay, "epochs": o.epochs,
-              "moae": m.enabled, "image_rate": cfg.data.image_rate,
-              "official_quirks": cfg.official_quirks}
+              "moae": m.enabled, "image_rate": cfg.data.image_rate, "recipe": cfg.recipe}
     if m.enabled:
         params.update(experts=m.num_experts, top_k=m.top_k)
     if cfg.data.fold is not None:

@@ -3,8 +3,8 @@
 Both are a linear warm-up then a half cosine, stepped every iteration. They differ in details
 the official code fixes, and which this module reproduces:
 - pre-training warms up from `warmup_start_lr` (1e-6); the official fvcore composite evaluates
-  its cosine at the *global* progress, so it starts at 0.9938·lr instead of lr (§3.17). We start
-  the cosine at the peak; `official_quirks` restores the global-progress cosine.
+  its cosine at the *global* progress, so it starts at 0.9938·lr instead of lr (§3.24). We start
+  the cosine at the peak; `official.pretrain_global_cosine` restores the global-progress cosine.
 - fine-tuning warms up from 0 (the official ignores `--warmup_lr`, §3.12) with NumPy's
   `linspace` (both ends included, so the last warm-up step is already at the peak) and decays to
   `min_lr`, which the official scales by the global batch like the peak (`min_lr_batch_divisor`,
@@ -66,7 +66,7 @@ class Schedule:
         self.warmup = int(round(o.warmup_epochs * steps_per_epoch))
         self.peak = peak_lr(cfg, world_size)
         self.start, self.final = o.warmup_start_lr, final_lr(cfg, world_size)
-        self.global_cosine = cfg.official_quirks and cfg.task == "pretrain"
+        self.global_cosine = cfg.official.pretrain_global_cosine and cfg.task == "pretrain"
         self.inclusive_warmup = cfg.task == "finetune"
 
     def __call__(self, step: int) -> float:
