@@ -26,4 +26,5 @@ def build_classifier(cfg: DictConfig) -> S4DClassifier:
                          moae_layers=tuple(moae.layers) if moae.enabled else (),
                          num_experts=moae.num_experts, top_k=moae.top_k,
                          hidden_ratio=moae.hidden_ratio, capacity_factor=moae.capacity_factor,
-                         moae_backend=moae.backend, official_quirks=cfg.official_quirks)
+                         moae_backend=moae.backend, official_quirks=cfg.official_quirks,
+                         capacity_group=moae.capacity_group)
