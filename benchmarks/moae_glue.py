@@ -48,7 +48,7 @@ def profile_layer(args: argparse.Namespace, dtype: torch.dtype, device: torch.de
         out = layer(h)  # noise drawn by the kernel, as in training
         torch.autograd.backward([out, layer.aux_loss], [grad_out, torch.ones_like(layer.aux_loss)])
 
-    for _ in range(3):
+    for _ in range(min(args.reps, 3)):  # compiles the kernels, fills the caching allocator
         step()
     cuda = device.type == "cuda"
     if cuda:

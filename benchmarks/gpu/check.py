@@ -166,10 +166,11 @@ def moae_backends(ctx: Context) -> dict:
     size = ["--shapes", "image", "--batch", "1", "--dim", "64", "--hidden", "16"] if ctx.smoke \
         else ["--shapes", "video"]
     first = ctx.run([sys.executable, str(BENCHMARKS / "moae_backends.py"),
-                     "--reps", "2" if ctx.smoke else "20", "--out", str(layer), *size],
+                     "--reps", "1" if ctx.smoke else "20", "--warmup", "1" if ctx.smoke else "2",
+                     "--out", str(layer), *size],
                     timeout=300 if ctx.smoke else 480, log="moae.log")
     glue_size = ["--batch", "1", "--tokens", "100", "--dim", "64", "--hidden", "16",
-                 "--reps", "2"] if ctx.smoke else []
+                 "--reps", "1"] if ctx.smoke else []
     second = ctx.run([sys.executable, str(BENCHMARKS / "moae_glue.py"), "--out", str(glue),
                       *glue_size], timeout=300, log="moae_glue.log")
     if first.returncode or second.returncode:

@@ -32,7 +32,7 @@ sys.path.insert(0, str(REPO / "tests"))
 # (samples, tokens per sample, capacity group in samples; 0: the whole forward)
 SHAPES = ((1, 1, 0), (1, 63, 0), (1, 64, 0), (1, 65, 0), (4, 100, 0), (16, 800, 16),
           (24, 800, 16))
-SMOKE_SHAPES = ((1, 1, 0), (1, 63, 0), (1, 64, 0), (1, 65, 0), (3, 65, 2))
+SMOKE_SHAPES = ((1, 1, 0), (1, 65, 0), (3, 65, 2))  # the interpreter takes seconds a case
 # The kernels' own error (against the torch reference's identical math), as the issue sets it.
 KERNEL_TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
 # Candidate changes to the GPU tile tables (kernels/moae_triton.py), timed in part 3.
@@ -93,7 +93,7 @@ def stress(ctx) -> dict:
         tol = KERNEL_TOLERANCE[dtype]
         for samples, tokens, group in SMOKE_SHAPES if ctx.smoke else SHAPES:
             for top_k in (1, 2):
-                for factor in (0.5, 1.0, 5.0):
+                for factor in (0.5, 5.0) if ctx.smoke else (0.5, 1.0, 5.0):
                     inputs = kt.make_inputs(samples, tokens, num_experts=8, top_k=top_k,
                                             capacity_factor=factor, group=group, dtype=dtype,
                                             dim=dim, hidden=hidden)
@@ -167,7 +167,7 @@ def every_tile(ctx) -> dict:
             entry = {"routing_equal": routing_equal(fused, reference.routing),
                      "error_vs_default": worst(fused.routing, grads, reference.routing,
                                                reference_grads),
-                     "ms": layer_ms(kt, inputs, 2 if smoke else 20)}
+                     "ms": layer_ms(kt, inputs, 1 if smoke else 20)}
         except Exception as err:  # a candidate that does not build is a finding, not a crash
             entry = {"error": f"{type(err).__name__}: {str(err)[:300]}"}
         finally:
