@@ -242,11 +242,12 @@ def _queue_kernel(topk_ptr, counts_ptr, psum_ptr, kept_ptr, slot_pair_ptr, fille
 
 
 @triton.jit
-def _expert_up_kernel(x_ptr, w1_ptr, b1_ptr, slot_pair_ptr, filled_ptr, a_ptr,
+def _expert_up_kernel(x_ptr, w1_ptr, b1_ptr, slot_pair_ptr, filled_ptr, a_ptr, h_ptr,
                       D, H, E, SE, C, TPE,
                       K: tl.constexpr, CDT: tl.constexpr, DOT_PRECISION: tl.constexpr,
                       BLOCK_S: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
-    """a[slot] = x[token of slot] · W1[e]ᵀ + b1[e], token rows gathered as they load."""
+    """a[slot] = x[token of slot] · W1[e]ᵀ + b1[e] and h = GELU(a), token rows gathered as they
+    load; both stored (a for GELU' in backward, h for the second GEMM and dW2)."""
     e = tl.program_id(0) // TPE
     rows, valid, pair, token = _slot_rows(slot_pair_ptr, filled_ptr, e,
                                           (tl.program_id(0) % TPE) * BLOCK_S, SE, C, E, K,
@@ -265,17 +266,20 @@ def _expert_up_kernel(x_ptr, w1_ptr, b1_ptr, slot_pair_ptr, filled_ptr, a_ptr,
                         other=0.0)
             acc = tl.dot(xt.to(CDT), w.to(CDT), acc, input_precision=DOT_PRECISION)
         bias = tl.load(b1_ptr + e * H + hs, mask=h_ok, other=0.0).to(CDT).to(tl.float32)
-        tl.store(a_ptr + (e * SE + rows)[:, None].to(tl.int64) * H + hs[None, :],
-                 (acc + bias[None, :]).to(CDT), mask=valid[:, None] & h_ok[None, :])
+        a = (acc + bias[None, :]).to(CDT)
+        offs = (e * SE + rows)[:, None].to(tl.int64) * H + hs[None, :]
+        mask = valid[:, None] & h_ok[None, :]
+        tl.store(a_ptr + offs, a, mask=mask)
+        tl.store(h_ptr + offs, _gelu(a.to(tl.float32)).to(CDT), mask=mask)
 
 
 @triton.jit
-def _expert_down_kernel(a_ptr, w2_ptr, b2_ptr, gates_ptr, slot_pair_ptr, filled_ptr, out_ptr,
+def _expert_down_kernel(h_ptr, w2_ptr, b2_ptr, gates_ptr, slot_pair_ptr, filled_ptr, out_ptr,
                         D, H, E, SE, C, TPE,
                         K: tl.constexpr, R: tl.constexpr, CDT: tl.constexpr,
                         DOT_PRECISION: tl.constexpr, BLOCK_S: tl.constexpr,
                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """out[token] += gate · (GELU(a[slot]) · W2[e]ᵀ + b2[e]): the combine in the epilogue."""
+    """out[token] += gate · (h[slot] · W2[e]ᵀ + b2[e]): the combine in the epilogue."""
     e = tl.program_id(0) // TPE
     rows, valid, pair, token = _slot_rows(slot_pair_ptr, filled_ptr, e,
                                           (tl.program_id(0) % TPE) * BLOCK_S, SE, C, E, K,
@@ -284,16 +288,16 @@ def _expert_down_kernel(a_ptr, w2_ptr, b2_ptr, gates_ptr, slot_pair_ptr, filled_
         ns = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = ns < D
         w2 = w2_ptr + e.to(tl.int64) * D * H
-        a_rows = (e * SE + rows).to(tl.int64) * H
+        h_rows = (e * SE + rows).to(tl.int64) * H
         acc = tl.zeros([BLOCK_S, BLOCK_N], tl.float32)
         for h0 in range(0, H, BLOCK_K):
             hs = h0 + tl.arange(0, BLOCK_K)
             h_ok = hs < H
-            a = tl.load(a_ptr + a_rows[:, None] + hs[None, :], mask=valid[:, None] & h_ok[None, :],
-                        other=0.0).to(tl.float32)
+            hidden = tl.load(h_ptr + h_rows[:, None] + hs[None, :],
+                             mask=valid[:, None] & h_ok[None, :], other=0.0)
             w = tl.load(w2 + ns[None, :] * H + hs[:, None], mask=h_ok[:, None] & n_ok[None, :],
                         other=0.0)
-            acc = tl.dot(_gelu(a).to(CDT), w.to(CDT), acc, input_precision=DOT_PRECISION)
+            acc = tl.dot(hidden.to(CDT), w.to(CDT), acc, input_precision=DOT_PRECISION)
         bias = tl.load(b2_ptr + e * D + ns, mask=n_ok, other=0.0).to(CDT).to(tl.float32)
         y = (acc + bias[None, :]).to(CDT).to(tl.float32)
         gate = tl.load(gates_ptr + pair, mask=valid, other=0.0)
@@ -307,14 +311,14 @@ def _expert_down_kernel(a_ptr, w2_ptr, b2_ptr, gates_ptr, slot_pair_ptr, filled_
 
 
 @triton.jit
-def _expert_grad_hidden_kernel(dout_ptr, w2_ptr, b2_ptr, a_ptr, gates_ptr, slot_pair_ptr,
+def _expert_grad_hidden_kernel(dout_ptr, w2_ptr, b2_ptr, a_ptr, h_ptr, gates_ptr, slot_pair_ptr,
                                filled_ptr, da_ptr, dgate_ptr, dx_ptr,
                                D, H, E, SE, C, TPE, NHC, WORK, DX_ROWS,
                                K: tl.constexpr, CDT: tl.constexpr, DOT_PRECISION: tl.constexpr,
                                BLOCK_S: tl.constexpr, BLOCK_H: tl.constexpr,
                                BLOCK_K: tl.constexpr, BLOCK_Z: tl.constexpr):
     """u = dout[token] · W2[e] on one H chunk: dA = gate · u · GELU'(a), and this chunk's part
-    of the gate gradient <dout, y> = <u, GELU(a)> (+ <dout, b2> on chunk 0). Programs past
+    of the gate gradient <dout, y> = <u, h> (+ <dout, b2> on chunk 0). Programs past
     WORK zero the dx rows that expert_grad_x adds into."""
     pid = tl.program_id(0)
     if pid >= WORK:
@@ -344,7 +348,7 @@ def _expert_grad_hidden_kernel(dout_ptr, w2_ptr, b2_ptr, a_ptr, gates_ptr, slot_
             a_offs = (e * SE + rows)[:, None].to(tl.int64) * H + hs[None, :]
             mask = valid[:, None] & h_ok[None, :]
             a = tl.load(a_ptr + a_offs, mask=mask, other=0.0).to(tl.float32)
-            hidden = _gelu(a).to(CDT).to(tl.float32)
+            hidden = tl.load(h_ptr + a_offs, mask=mask, other=0.0).to(tl.float32)
             gate = tl.load(gates_ptr + pair, mask=valid, other=0.0)
             bias_term = tl.where(chunk == 0, bias_term, 0.0)
             tl.store(dgate_ptr + pair.to(tl.int64) * NHC + chunk,
@@ -353,11 +357,11 @@ def _expert_grad_hidden_kernel(dout_ptr, w2_ptr, b2_ptr, a_ptr, gates_ptr, slot_
 
 
 @triton.jit
-def _expert_grad_w2_kernel(dout_ptr, a_ptr, gates_ptr, slot_pair_ptr, filled_ptr, dw2_ptr,
+def _expert_grad_w2_kernel(dout_ptr, h_ptr, gates_ptr, slot_pair_ptr, filled_ptr, dw2_ptr,
                            db2_ptr, D, H, E, SE, C,
                            K: tl.constexpr, CDT: tl.constexpr, DOT_PRECISION: tl.constexpr,
                            BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
-    """dW2[e] = Σ_slots (gate · dout[token])ᵀ GELU(a), db2[e] = Σ_slots gate · dout[token]."""
+    """dW2[e] = Σ_slots (gate · dout[token])ᵀ h, db2[e] = Σ_slots gate · dout[token]."""
     e = tl.program_id(0)
     ds = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     hs = tl.program_id(2) * BLOCK_H + tl.arange(0, BLOCK_H)
@@ -373,9 +377,9 @@ def _expert_grad_w2_kernel(dout_ptr, a_ptr, gates_ptr, slot_pair_ptr, filled_ptr
             dy = tl.load(dout_ptr + token[:, None] * D + ds[None, :],
                          mask=valid[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
             dy = (dy * gate[:, None]).to(CDT)
-            a = tl.load(a_ptr + (e * SE + rows)[:, None].to(tl.int64) * H + hs[None, :],
-                        mask=valid[:, None] & h_ok[None, :], other=0.0).to(tl.float32)
-            acc = tl.dot(tl.trans(dy), _gelu(a).to(CDT), acc, input_precision=DOT_PRECISION)
+            hidden = tl.load(h_ptr + (e * SE + rows)[:, None].to(tl.int64) * H + hs[None, :],
+                         mask=valid[:, None] & h_ok[None, :], other=0.0)
+            acc = tl.dot(tl.trans(dy), hidden.to(CDT), acc, input_precision=DOT_PRECISION)
             bias_acc += tl.sum(dy.to(tl.float32), axis=0)
     tl.store(dw2_ptr + e.to(tl.int64) * D * H + ds[:, None] * H + hs[None, :],
              acc.to(dw2_ptr.dtype.element_ty), mask=d_ok[:, None] & h_ok[None, :])

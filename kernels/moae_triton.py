@@ -160,8 +160,9 @@ class _FusedMoAE(torch.autograd.Function):
                              ((T, E), f32), ((T, K), torch.long), ((T, K), f32),
                              ((T, K), torch.bool), ((B * nblk, E), torch.int32),
                              ((B * nblk, E), f32), ((plan.groups, E), torch.int32), ((B,), f32))
-        out_rows, a, slot_pair = _carve(x.device, ((T * R, D), f32), ((E * SE, H),
-                                        plan.compute_dtype), ((E * SE,), torch.int32))
+        out_rows, a, h, slot_pair = _carve(
+            x.device, ((T * R, D), f32), ((E * SE, H), plan.compute_dtype),
+            ((E * SE, H), plan.compute_dtype), ((E * SE,), torch.int32))
         const = _constants(plan, E)
         fused._route_kernel[(B * nblk,)](
             x, wr, br, wn, bn, x if noise is None else noise, x if seed is None else seed,
@@ -177,19 +178,19 @@ class _FusedMoAE(torch.autograd.Function):
             tile = t["up"]
             tiles_per_expert = triton.cdiv(SE, tile["BLOCK_S"])
             fused._expert_up_kernel[(E * tiles_per_expert, triton.cdiv(H, tile["BLOCK_H"]))](
-                x, w1, b1, slot_pair, filled, a, D, H, E, SE, plan.slots, tiles_per_expert,
+                x, w1, b1, slot_pair, filled, a, h, D, H, E, SE, plan.slots, tiles_per_expert,
                 K=K, CDT=const["CDT"], DOT_PRECISION=const["DOT_PRECISION"], **tile)
             tile = t["down"]
             tiles_per_expert = triton.cdiv(SE, tile["BLOCK_S"])
             fused._expert_down_kernel[(E * tiles_per_expert, triton.cdiv(D, tile["BLOCK_N"]))](
-                a, w2, b2, gates, slot_pair, filled, out_rows, D, H, E, SE, plan.slots,
+                h, w2, b2, gates, slot_pair, filled, out_rows, D, H, E, SE, plan.slots,
                 tiles_per_expert, K=K, R=R, CDT=const["CDT"],
                 DOT_PRECISION=const["DOT_PRECISION"], **tile)
         out = out_rows if R == 1 else out_rows.view(T, R, D).sum(dim=1)
         out = out.to(x.dtype)
 
         ctx.save_for_backward(x, wr, wn, w1, b1, w2, b2, gates, topk, kept, counts, noisy, std,
-                              eps, slot_pair, filled, a)
+                              eps, slot_pair, filled, a, h)
         ctx.plan = plan
         ctx.mark_non_differentiable(topk, kept, logits, std, eps)
         ctx.set_materialize_grads(False)
@@ -198,7 +199,7 @@ class _FusedMoAE(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out, grad_noisy, grad_gates, grad_aux, *_):
         (x, wr, wn, w1, b1, w2, b2, gates, topk, kept, counts, noisy, std, eps, slot_pair,
-         filled, a) = ctx.saved_tensors
+         filled, a, h) = ctx.saved_tensors
         plan: _Plan = ctx.plan
         T, D = x.shape
         E, H = w1.shape[:2]
@@ -225,14 +226,14 @@ class _FusedMoAE(torch.autograd.Function):
         work = E * tiles_per_expert * nhc
         zeroing = triton.cdiv(T * R, tile["BLOCK_S"])
         fused._expert_grad_hidden_kernel[(work + zeroing,)](
-            grad_out, w2, b2, a, gates, slot_pair, filled, da, dgate, dx_rows, D, H, E, SE,
+            grad_out, w2, b2, a, h, gates, slot_pair, filled, da, dgate, dx_rows, D, H, E, SE,
             max(plan.slots, 1), max(tiles_per_expert, 1), nhc, work, T * R, K=K,
             CDT=const["CDT"], DOT_PRECISION=const["DOT_PRECISION"], **tile)
         if SE:
             tile = t["grad_w2"]
             fused._expert_grad_w2_kernel[(E, triton.cdiv(D, tile["BLOCK_D"]),
                                           triton.cdiv(H, tile["BLOCK_H"]))](
-                grad_out, a, gates, slot_pair, filled, dw2, db2, D, H, E, SE, plan.slots, K=K,
+                grad_out, h, gates, slot_pair, filled, dw2, db2, D, H, E, SE, plan.slots, K=K,
                 CDT=const["CDT"], DOT_PRECISION=const["DOT_PRECISION"], **tile)
             tile = t["grad_w1"]
             fused._expert_grad_w1_kernel[(E, triton.cdiv(H, tile["BLOCK_H"]),

@@ -416,28 +416,28 @@ def test_capacity_per_group_of_samples():
 
 
 @pytest.mark.parametrize("backend", BACKENDS_UNDER_TEST)
-@pytest.mark.parametrize("samples", [8, 7])
-def test_micro_batch_drops_what_its_official_batches_would(backend, samples):
-    """A forward of `samples` samples in capacity groups of 2 keeps exactly the pairs, and
-    returns the outputs, of separate forwards of 2 samples each (and of the 1 left over)."""
+@pytest.mark.parametrize("samples, group", [(64, 16), (7, 2)])
+def test_micro_batch_drops_what_its_official_batches_would(backend, samples, group):
+    """A forward of 64 samples in capacity groups of 16 keeps exactly the pairs, and returns
+    the outputs, of four forwards of 16; 7 in groups of 2: of 2, 2, 2 and the 1 left over."""
     m = make_moae(capacity_factor=0.5, backend=backend).train()
     m.record_routing = True
     torch.manual_seed(5)
     h, noise = torch.randn(samples, L, D), torch.randn(samples, L, E)
-    m.capacity_group = 2
+    m.capacity_group = group
     with torch.no_grad():
         whole = m(h, noise)
     kept = m.routing.kept.view(samples, L, K)
     m.capacity_group = 0
     parts_kept, parts_out = [], []
     with torch.no_grad():
-        for start in range(0, samples, 2):
-            parts_out.append(m(h[start:start + 2], noise[start:start + 2]))
+        for start in range(0, samples, group):
+            parts_out.append(m(h[start:start + group], noise[start:start + group]))
             parts_kept.append(m.routing.kept.view(-1, L, K))
     assert torch.equal(kept, torch.cat(parts_kept))
     torch.testing.assert_close(whole, torch.cat(parts_out), rtol=1e-6, atol=1e-6)
     assert 0 < kept.sum() < kept.numel()
-    m.capacity_group = 0  # one group: the later samples lose more than in groups of 2
+    m.capacity_group = 0  # one group: the later samples lose more than in smaller groups
     with torch.no_grad():
         m(h, noise)
     assert not torch.equal(m.routing.kept.view(samples, L, K), kept)

@@ -182,6 +182,9 @@ def moae_backends(ctx: Context) -> dict:
         out["layer_ms"][row["dtype"]] = {n: s * 1e3 for n, s in row["median_s"].items()}
         if "graph_ms" in row:
             out["graph_ms"][row["dtype"]] = row["graph_ms"]
+            # torch.compile / CUDA graph capture that failed for a backend (a finding)
+            out.setdefault("errors", {})[row["dtype"]] = {
+                "compile": row["compile_errors"], "graph": row["graph_errors"]}
     for row in splits:
         out["glue"][row["dtype"]] = {k: row[k] for k in ("total_ms", "ms_by_kind",
                                                         "ms_per_pass")}
