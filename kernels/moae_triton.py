@@ -293,6 +293,9 @@ def fused_moae(x: torch.Tensor, router: tuple[torch.Tensor, ...],
     if capacity.group_tokens % L or T != samples * L:
         raise ValueError(f"capacity groups of {capacity.group_tokens} tokens do not split "
                          f"{samples} samples of {L} tokens")
+    if x.device.type != "cuda" and not triton.knobs.runtime.interpret:
+        raise ValueError(f"the Triton MoAE runs CUDA tensors (or any under TRITON_INTERPRET=1), "
+                         f"not {x.device.type} ones: use the `auto` or `torch` backend")
     cdt = compute_dtype(x)
     if cdt not in _TL_DTYPES:
         raise ValueError(f"the Triton MoAE computes in fp32, bf16 or fp16, not {cdt}")
