@@ -244,23 +244,27 @@ def test_micro_batch_drops_what_its_official_batches_would(samples, group, token
     assert 0 < whole.kept.sum() < whole.kept.numel()
 
 
-def test_moae_layer_on_triton_equals_torch():
+@pytest.mark.parametrize("official_quirks", [False, True])
+def test_moae_layer_on_triton_equals_torch(official_quirks):
     """The module as training runs it (train mode, given noise, aux loss, statistics) on both
-    backends."""
+    backends; with the official behaviours too (aux loss on raw logits, §3.2)."""
     torch.manual_seed(0)
-    reference = moae.MoAE(D, E, K, H, capacity_factor=0.5, backend="torch").to(DEVICE).train()
+    reference = moae.MoAE(D, E, K, H, capacity_factor=0.5, backend="torch",
+                          official_quirks=official_quirks).to(DEVICE).train()
     kernels = copy.deepcopy(reference)
     kernels.backend = "triton"
     h = torch.randn(B, L, D, device=DEVICE)
     noise = torch.randn(B, L, E, device=DEVICE)
     grad_out = torch.randn(B, L, D, device=DEVICE)
-    outs, grads = [], []
+    outs, grads, aux = [], [], []
     for m in (reference, kernels):
         hh = h.clone().requires_grad_()
         out = m(hh, noise)
         (out * grad_out).sum().add(m.aux_loss).backward()
         outs.append(out)
+        aux.append(m.aux_loss)
         grads.append([hh.grad] + [p.grad for p in m.parameters()])
+    torch.testing.assert_close(aux[1], aux[0], rtol=1e-5, atol=1e-6)
     assert torch.equal(kernels.stats["tokens_per_expert"], reference.stats["tokens_per_expert"])
     assert kernels.stats["drop_fraction"] == reference.stats["drop_fraction"] > 0
     torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-5)
