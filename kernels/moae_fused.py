@@ -72,6 +72,16 @@ def _slot_rows(slot_pair_ptr, filled_ptr, e, start, SE, C, E, K: tl.constexpr,
 
 
 @triton.jit
+def _slot_tile(slot_pair_ptr, filled_ptr, tile, TPE, SE, C, E, K: tl.constexpr,
+               BLOCK_S: tl.constexpr):
+    """Tile `tile` of the slot layout, TPE tiles per expert → (expert, _slot_rows' four)."""
+    e = tile // TPE
+    rows, valid, pair, token = _slot_rows(slot_pair_ptr, filled_ptr, e, (tile % TPE) * BLOCK_S,
+                                          SE, C, E, K, BLOCK_S)
+    return e, rows, valid, pair, token
+
+
+@triton.jit
 def _zero_rows(ptr, first_row, num_rows, D, BLOCK_ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
     rows = first_row + tl.arange(0, BLOCK_ROWS)
     for d0 in range(0, D, BLOCK_D):
@@ -248,10 +258,8 @@ def _expert_up_kernel(x_ptr, w1_ptr, b1_ptr, slot_pair_ptr, filled_ptr, a_ptr, h
                       BLOCK_S: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
     """a[slot] = x[token of slot] · W1[e]ᵀ + b1[e] and h = GELU(a), token rows gathered as they
     load; both stored (a for GELU' in backward, h for the second GEMM and dW2)."""
-    e = tl.program_id(0) // TPE
-    rows, valid, pair, token = _slot_rows(slot_pair_ptr, filled_ptr, e,
-                                          (tl.program_id(0) % TPE) * BLOCK_S, SE, C, E, K,
-                                          BLOCK_S)
+    e, rows, valid, pair, token = _slot_tile(slot_pair_ptr, filled_ptr, tl.program_id(0), TPE,
+                                             SE, C, E, K, BLOCK_S)
     if tl.max(valid.to(tl.int32), axis=0) > 0:  # skip a tile of empty slots
         hs = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
         h_ok = hs < H
@@ -274,40 +282,60 @@ def _expert_up_kernel(x_ptr, w1_ptr, b1_ptr, slot_pair_ptr, filled_ptr, a_ptr, h
 
 
 @triton.jit
-def _expert_down_kernel(h_ptr, w2_ptr, b2_ptr, gates_ptr, slot_pair_ptr, filled_ptr, out_ptr,
-                        D, H, E, SE, C, TPE,
-                        K: tl.constexpr, R: tl.constexpr, CDT: tl.constexpr,
-                        DOT_PRECISION: tl.constexpr, BLOCK_S: tl.constexpr,
-                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """out[token] += gate · (h[slot] · W2[e]ᵀ + b2[e]): the combine in the epilogue."""
-    e = tl.program_id(0) // TPE
-    rows, valid, pair, token = _slot_rows(slot_pair_ptr, filled_ptr, e,
-                                          (tl.program_id(0) % TPE) * BLOCK_S, SE, C, E, K,
-                                          BLOCK_S)
-    if tl.max(valid.to(tl.int32), axis=0) > 0:  # skip a tile of empty slots
-        ns = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-        n_ok = ns < D
-        w2 = w2_ptr + e.to(tl.int64) * D * H
-        h_rows = (e * SE + rows).to(tl.int64) * H
-        acc = tl.zeros([BLOCK_S, BLOCK_N], tl.float32)
+def _slot_tile_times_weight(src_ptr, w_ptr, slot_pair_ptr, filled_ptr, D, H, E, SE, C, TPE,
+                            K: tl.constexpr, W_IS_W1: tl.constexpr, CDT: tl.constexpr,
+                            DOT_PRECISION: tl.constexpr, BLOCK_S: tl.constexpr,
+                            BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The program's tile of slot rows of src (H wide) times W[e] on its D columns: W2[e]
+    (D, H) read transposed, or W1[e] (H, D) as it is. A tile of empty slots skips the GEMM.
+    Returns (fp32 accumulator, expert, valid rows, pairs, tokens, columns, valid columns)."""
+    e, rows, valid, pair, token = _slot_tile(slot_pair_ptr, filled_ptr, tl.program_id(0), TPE,
+                                             SE, C, E, K, BLOCK_S)
+    ns = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = ns < D
+    acc = tl.zeros([BLOCK_S, BLOCK_N], tl.float32)
+    if tl.max(valid.to(tl.int32), axis=0) > 0:
+        w_e = w_ptr + e.to(tl.int64) * D * H
+        src_rows = (e * SE + rows).to(tl.int64) * H
         for h0 in range(0, H, BLOCK_K):
             hs = h0 + tl.arange(0, BLOCK_K)
             h_ok = hs < H
-            hidden = tl.load(h_ptr + h_rows[:, None] + hs[None, :],
-                             mask=valid[:, None] & h_ok[None, :], other=0.0)
-            w = tl.load(w2 + ns[None, :] * H + hs[:, None], mask=h_ok[:, None] & n_ok[None, :],
-                        other=0.0)
-            acc = tl.dot(hidden.to(CDT), w.to(CDT), acc, input_precision=DOT_PRECISION)
-        bias = tl.load(b2_ptr + e * D + ns, mask=n_ok, other=0.0).to(CDT).to(tl.float32)
-        y = (acc + bias[None, :]).to(CDT).to(tl.float32)
-        gate = tl.load(gates_ptr + pair, mask=valid, other=0.0)
-        mask = valid[:, None] & n_ok[None, :]
-        if R == 1:
-            tl.atomic_add(out_ptr + token[:, None] * D + ns[None, :], y * gate[:, None], mask=mask,
-                          sem="relaxed")
-        else:
-            tl.store(out_ptr + pair.to(tl.int64)[:, None] * D + ns[None, :], y * gate[:, None],
-                     mask=mask)
+            src = tl.load(src_ptr + src_rows[:, None] + hs[None, :],
+                          mask=valid[:, None] & h_ok[None, :], other=0.0)
+            if W_IS_W1:
+                w_offs = hs[:, None] * D + ns[None, :]
+            else:
+                w_offs = ns[None, :] * H + hs[:, None]
+            w = tl.load(w_e + w_offs, mask=h_ok[:, None] & n_ok[None, :], other=0.0)
+            acc = tl.dot(src.to(CDT), w.to(CDT), acc, input_precision=DOT_PRECISION)
+    return acc, e, valid, pair, token, ns, n_ok
+
+
+@triton.jit
+def _add_to_token_rows(out_ptr, values, token, pair, valid, ns, n_ok, D, R: tl.constexpr):
+    """Each slot row's values into its token's output row: with R = 1 by fp32 atomics (k ≤ 2
+    rows onto zero: the same sum in any order), else into the pair's own row."""
+    mask = valid[:, None] & n_ok[None, :]
+    if R == 1:
+        tl.atomic_add(out_ptr + token[:, None] * D + ns[None, :], values, mask=mask,
+                      sem="relaxed")
+    else:
+        tl.store(out_ptr + pair.to(tl.int64)[:, None] * D + ns[None, :], values, mask=mask)
+
+
+@triton.jit
+def _expert_down_kernel(h_ptr, w2_ptr, b2_ptr, gates_ptr, slot_pair_ptr, filled_ptr, out_ptr,
+                        D, H, E, SE, C, TPE, K: tl.constexpr, R: tl.constexpr,
+                        CDT: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_S: tl.constexpr,
+                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """out[token] += gate · (h[slot] · W2[e]ᵀ + b2[e]): the combine in the epilogue."""
+    acc, e, valid, pair, token, ns, n_ok = _slot_tile_times_weight(
+        h_ptr, w2_ptr, slot_pair_ptr, filled_ptr, D, H, E, SE, C, TPE, K, False, CDT,
+        DOT_PRECISION, BLOCK_S, BLOCK_N, BLOCK_K)
+    bias = tl.load(b2_ptr + e * D + ns, mask=n_ok, other=0.0).to(CDT).to(tl.float32)
+    y = (acc + bias[None, :]).to(CDT).to(tl.float32)
+    gate = tl.load(gates_ptr + pair, mask=valid, other=0.0)
+    _add_to_token_rows(out_ptr, y * gate[:, None], token, pair, valid, ns, n_ok, D, R)
 
 
 @triton.jit
@@ -324,11 +352,9 @@ def _expert_grad_hidden_kernel(dout_ptr, w2_ptr, b2_ptr, a_ptr, h_ptr, gates_ptr
     if pid >= WORK:
         _zero_rows(dx_ptr, (pid - WORK) * BLOCK_S, DX_ROWS, D, BLOCK_S, BLOCK_Z)
     else:
-        tile = pid // NHC
         chunk = pid % NHC
-        e = tile // TPE
-        rows, valid, pair, token = _slot_rows(slot_pair_ptr, filled_ptr, e,
-                                              (tile % TPE) * BLOCK_S, SE, C, E, K, BLOCK_S)
+        e, rows, valid, pair, token = _slot_tile(slot_pair_ptr, filled_ptr, pid // NHC, TPE, SE,
+                                                 C, E, K, BLOCK_S)
         if tl.max(valid.to(tl.int32), axis=0) > 0:  # skip a tile of empty slots
             hs = chunk * BLOCK_H + tl.arange(0, BLOCK_H)
             h_ok = hs < H
@@ -357,34 +383,55 @@ def _expert_grad_hidden_kernel(dout_ptr, w2_ptr, b2_ptr, a_ptr, h_ptr, gates_ptr
 
 
 @triton.jit
+def _weight_grad(left_ptr, right_ptr, gates_ptr, slot_pair_ptr, filled_ptr, dw_ptr, db_ptr,
+                 D, H, E, SE, C, K: tl.constexpr, LEFT_IS_TOKEN: tl.constexpr,
+                 CDT: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_L: tl.constexpr,
+                 BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+    """dW[e] = Σ over expert e's slots of leftᵀ · right, db[e] = Σ left, on the program's
+    (left, right) tile. One side is the slot's token row (D wide, gathered; on the left scaled
+    by the pair's gate), the other its own row (H wide); the slots are summed in order."""
+    e = tl.program_id(0)
+    L_SIZE = D if LEFT_IS_TOKEN else H
+    R_SIZE = H if LEFT_IS_TOKEN else D
+    ls = tl.program_id(1) * BLOCK_L + tl.arange(0, BLOCK_L)
+    rs = tl.program_id(2) * BLOCK_R + tl.arange(0, BLOCK_R)
+    l_ok = ls < L_SIZE
+    r_ok = rs < R_SIZE
+    acc = tl.zeros([BLOCK_L, BLOCK_R], tl.float32)
+    bias_acc = tl.zeros([BLOCK_L], tl.float32)
+    for s0 in range(0, SE, BLOCK_K):
+        rows, valid, pair, token = _slot_rows(slot_pair_ptr, filled_ptr, e, s0, SE, C, E, K,
+                                              BLOCK_K)
+        if tl.max(valid.to(tl.int32), axis=0) > 0:  # skip a chunk of empty slots
+            own = (e * SE + rows)[:, None].to(tl.int64) * H
+            if LEFT_IS_TOKEN:
+                gate = tl.load(gates_ptr + pair, mask=valid, other=0.0)
+                left = tl.load(left_ptr + token[:, None] * D + ls[None, :],
+                               mask=valid[:, None] & l_ok[None, :], other=0.0).to(tl.float32)
+                left = (left * gate[:, None]).to(CDT)
+                right = tl.load(right_ptr + own + rs[None, :],
+                                mask=valid[:, None] & r_ok[None, :], other=0.0)
+            else:
+                left = tl.load(left_ptr + own + ls[None, :], mask=valid[:, None] & l_ok[None, :],
+                               other=0.0).to(CDT)
+                right = tl.load(right_ptr + token[:, None] * D + rs[None, :],
+                                mask=valid[:, None] & r_ok[None, :], other=0.0)
+            acc = tl.dot(tl.trans(left), right.to(CDT), acc, input_precision=DOT_PRECISION)
+            bias_acc += tl.sum(left.to(tl.float32), axis=0)
+    tl.store(dw_ptr + e.to(tl.int64) * D * H + ls[:, None] * R_SIZE + rs[None, :],
+             acc.to(dw_ptr.dtype.element_ty), mask=l_ok[:, None] & r_ok[None, :])
+    if tl.program_id(2) == 0:
+        tl.store(db_ptr + e * L_SIZE + ls, bias_acc.to(db_ptr.dtype.element_ty), mask=l_ok)
+
+
+@triton.jit
 def _expert_grad_w2_kernel(dout_ptr, h_ptr, gates_ptr, slot_pair_ptr, filled_ptr, dw2_ptr,
                            db2_ptr, D, H, E, SE, C,
                            K: tl.constexpr, CDT: tl.constexpr, DOT_PRECISION: tl.constexpr,
                            BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
     """dW2[e] = Σ_slots (gate · dout[token])ᵀ h, db2[e] = Σ_slots gate · dout[token]."""
-    e = tl.program_id(0)
-    ds = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    hs = tl.program_id(2) * BLOCK_H + tl.arange(0, BLOCK_H)
-    d_ok = ds < D
-    h_ok = hs < H
-    acc = tl.zeros([BLOCK_D, BLOCK_H], tl.float32)
-    bias_acc = tl.zeros([BLOCK_D], tl.float32)
-    for s0 in range(0, SE, BLOCK_K):
-        rows, valid, pair, token = _slot_rows(slot_pair_ptr, filled_ptr, e, s0, SE, C, E, K,
-                                              BLOCK_K)
-        if tl.max(valid.to(tl.int32), axis=0) > 0:  # skip a chunk of empty slots
-            gate = tl.load(gates_ptr + pair, mask=valid, other=0.0)
-            dy = tl.load(dout_ptr + token[:, None] * D + ds[None, :],
-                         mask=valid[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
-            dy = (dy * gate[:, None]).to(CDT)
-            hidden = tl.load(h_ptr + (e * SE + rows)[:, None].to(tl.int64) * H + hs[None, :],
-                         mask=valid[:, None] & h_ok[None, :], other=0.0)
-            acc = tl.dot(tl.trans(dy), hidden.to(CDT), acc, input_precision=DOT_PRECISION)
-            bias_acc += tl.sum(dy.to(tl.float32), axis=0)
-    tl.store(dw2_ptr + e.to(tl.int64) * D * H + ds[:, None] * H + hs[None, :],
-             acc.to(dw2_ptr.dtype.element_ty), mask=d_ok[:, None] & h_ok[None, :])
-    if tl.program_id(2) == 0:
-        tl.store(db2_ptr + e * D + ds, bias_acc.to(db2_ptr.dtype.element_ty), mask=d_ok)
+    _weight_grad(dout_ptr, h_ptr, gates_ptr, slot_pair_ptr, filled_ptr, dw2_ptr, db2_ptr,
+                 D, H, E, SE, C, K, True, CDT, DOT_PRECISION, BLOCK_D, BLOCK_H, BLOCK_K)
 
 
 @triton.jit
@@ -393,59 +440,20 @@ def _expert_grad_w1_kernel(x_ptr, da_ptr, slot_pair_ptr, filled_ptr, dw1_ptr, db
                            K: tl.constexpr, CDT: tl.constexpr, DOT_PRECISION: tl.constexpr,
                            BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr):
     """dW1[e] = Σ_slots dAᵀ x[token], db1[e] = Σ_slots dA."""
-    e = tl.program_id(0)
-    hs = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
-    ds = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
-    h_ok = hs < H
-    d_ok = ds < D
-    acc = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
-    bias_acc = tl.zeros([BLOCK_H], tl.float32)
-    for s0 in range(0, SE, BLOCK_K):
-        rows, valid, pair, token = _slot_rows(slot_pair_ptr, filled_ptr, e, s0, SE, C, E, K,
-                                              BLOCK_K)
-        if tl.max(valid.to(tl.int32), axis=0) > 0:  # skip a chunk of empty slots
-            da = tl.load(da_ptr + (e * SE + rows)[:, None].to(tl.int64) * H + hs[None, :],
-                         mask=valid[:, None] & h_ok[None, :], other=0.0)
-            xt = tl.load(x_ptr + token[:, None] * D + ds[None, :],
-                         mask=valid[:, None] & d_ok[None, :], other=0.0)
-            acc = tl.dot(tl.trans(da.to(CDT)), xt.to(CDT), acc, input_precision=DOT_PRECISION)
-            bias_acc += tl.sum(da.to(tl.float32), axis=0)
-    tl.store(dw1_ptr + e.to(tl.int64) * H * D + hs[:, None] * D + ds[None, :],
-             acc.to(dw1_ptr.dtype.element_ty), mask=h_ok[:, None] & d_ok[None, :])
-    if tl.program_id(2) == 0:
-        tl.store(db1_ptr + e * H + hs, bias_acc.to(db1_ptr.dtype.element_ty), mask=h_ok)
+    _weight_grad(da_ptr, x_ptr, da_ptr, slot_pair_ptr, filled_ptr, dw1_ptr, db1_ptr,
+                 D, H, E, SE, C, K, False, CDT, DOT_PRECISION, BLOCK_H, BLOCK_D, BLOCK_K)
 
 
 @triton.jit
-def _expert_grad_x_kernel(da_ptr, w1_ptr, slot_pair_ptr, filled_ptr, dx_ptr,
-                          D, H, E, SE, C, TPE,
-                          K: tl.constexpr, R: tl.constexpr, CDT: tl.constexpr,
+def _expert_grad_x_kernel(da_ptr, w1_ptr, slot_pair_ptr, filled_ptr, dx_ptr, D, H, E, SE, C,
+                          TPE, K: tl.constexpr, R: tl.constexpr, CDT: tl.constexpr,
                           DOT_PRECISION: tl.constexpr, BLOCK_S: tl.constexpr,
                           BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """dx[token] += dA[slot] · W1[e], combined as expert_down combines."""
-    e = tl.program_id(0) // TPE
-    rows, valid, pair, token = _slot_rows(slot_pair_ptr, filled_ptr, e,
-                                          (tl.program_id(0) % TPE) * BLOCK_S, SE, C, E, K,
-                                          BLOCK_S)
-    if tl.max(valid.to(tl.int32), axis=0) > 0:  # skip a tile of empty slots
-        ns = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-        n_ok = ns < D
-        w1 = w1_ptr + e.to(tl.int64) * H * D
-        da_rows = (e * SE + rows).to(tl.int64) * H
-        acc = tl.zeros([BLOCK_S, BLOCK_N], tl.float32)
-        for h0 in range(0, H, BLOCK_K):
-            hs = h0 + tl.arange(0, BLOCK_K)
-            h_ok = hs < H
-            da = tl.load(da_ptr + da_rows[:, None] + hs[None, :],
-                         mask=valid[:, None] & h_ok[None, :], other=0.0)
-            w = tl.load(w1 + hs[:, None] * D + ns[None, :], mask=h_ok[:, None] & n_ok[None, :],
-                        other=0.0)
-            acc = tl.dot(da.to(CDT), w.to(CDT), acc, input_precision=DOT_PRECISION)
-        mask = valid[:, None] & n_ok[None, :]
-        if R == 1:
-            tl.atomic_add(dx_ptr + token[:, None] * D + ns[None, :], acc, mask=mask, sem="relaxed")
-        else:
-            tl.store(dx_ptr + pair.to(tl.int64)[:, None] * D + ns[None, :], acc, mask=mask)
+    acc, e, valid, pair, token, ns, n_ok = _slot_tile_times_weight(
+        da_ptr, w1_ptr, slot_pair_ptr, filled_ptr, D, H, E, SE, C, TPE, K, True, CDT,
+        DOT_PRECISION, BLOCK_S, BLOCK_N, BLOCK_K)
+    _add_to_token_rows(dx_ptr, acc, token, pair, valid, ns, n_ok, D, R)
 
 
 @triton.jit

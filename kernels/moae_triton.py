@@ -144,16 +144,21 @@ def _constants(plan: _Plan, num_experts: int) -> dict:
             "E_P": max(triton.next_power_of_2(num_experts), 8)}
 
 
+def _dims(plan: _Plan, x: torch.Tensor, w1: torch.Tensor) -> tuple[int, ...]:
+    """(T, D, E, H, K, B, L, R, router blocks per sample, slots per expert)."""
+    T, D = x.shape
+    E, H = w1.shape[:2]
+    nblk = triton.cdiv(plan.sample_tokens, tiles(plan.compute_dtype)["route"]["BLOCK_T"])
+    return (T, D, E, H, plan.top_k, plan.samples, plan.sample_tokens, plan.rows_per_token,
+            nblk, plan.groups * plan.slots)
+
+
 class _FusedMoAE(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, wr, br, wn, bn, w1, b1, w2, b2, noise, seed, plan: _Plan):
-        T, D = x.shape
-        E, H = w1.shape[:2]
-        K, B, L, R = plan.top_k, plan.samples, plan.sample_tokens, plan.rows_per_token
+        T, D, E, H, K, B, L, R, nblk, SE = _dims(plan, x, w1)
         t = tiles(plan.compute_dtype)
-        nblk = triton.cdiv(L, t["route"]["BLOCK_T"])
-        SE = plan.groups * plan.slots
         f32 = torch.float32
         (logits, std, eps, noisy, topk, gates, kept, counts, psum, filled,
          aux_terms) = _carve(x.device, ((T, E), f32), ((T, E), f32), ((T, E), f32),
@@ -201,12 +206,8 @@ class _FusedMoAE(torch.autograd.Function):
         (x, wr, wn, w1, b1, w2, b2, gates, topk, kept, counts, noisy, std, eps, slot_pair,
          filled, a, h) = ctx.saved_tensors
         plan: _Plan = ctx.plan
-        T, D = x.shape
-        E, H = w1.shape[:2]
-        K, B, L, R = plan.top_k, plan.samples, plan.sample_tokens, plan.rows_per_token
+        T, D, E, H, K, B, L, R, nblk, SE = _dims(plan, x, w1)
         t = tiles(plan.compute_dtype)
-        nblk = triton.cdiv(L, t["route"]["BLOCK_T"])
-        SE = plan.groups * plan.slots
         const = _constants(plan, E)
         f32 = torch.float32
         if grad_out is None:
