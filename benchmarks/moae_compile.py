@@ -6,7 +6,8 @@ Records the kernel launches of a ViT-B-sized layer's forward + backward (bf16 mo
 under bf16 autocast, fp32 with k = 3), as tests/test_kernels_moae.py's
 test_kernels_compile_for_hopper does, compiles each for sm_90 and keeps ptxas's report:
 registers per thread (255 is the most; fewer lets more warps share an SM) and spill bytes
-(must be 0). Results go to benchmarks/results/moae_kernels_sm90.json.
+(must be 0). A variant reads "<first operand's dtype>→<compute dtype>". Results go to
+benchmarks/results/moae_kernels_sm90.json.
 """
 from __future__ import annotations
 
@@ -55,16 +56,17 @@ def main() -> None:
                               check=True)
     reports = [json.loads(line) for line in proc.stdout.splitlines()]
     rows = []
-    for report in reports:
+    for report, (_, signature, *_) in zip(reports, launches):
         c = report["constexprs"]
-        variant = f"{c.get('CDT', '-')} k={c['K']}" + "".join(
+        loads = next(t for t in signature.values() if t.startswith("*")).lstrip("*")
+        variant = f"{loads}→{c.get('CDT', '-')} k={c['K']}" + "".join(
             f" {key}={c[key]}" for key in ("NOISE", "AUX", "R") if key in c)
         rows.append({"kernel": report["kernel"].strip("_").removesuffix("_kernel"),
                      "variant": variant, "registers": report["registers"][0],
                      "spill_bytes": sum(report["spills"]),
                      "tiles": {k: v for k, v in c.items() if k.startswith("BLOCK")}})
     for row in rows:
-        print(f"{row['kernel']:<20} {row['variant']:<34} {row['registers']:>4} registers, "
+        print(f"{row['kernel']:<20} {row['variant']:<38} {row['registers']:>4} registers, "
               f"{row['spill_bytes']} spill bytes")
     out = Path(__file__).parent / "results" / "moae_kernels_sm90.json"
     out.write_text(json.dumps({
