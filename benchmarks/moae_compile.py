@@ -30,22 +30,10 @@ import test_kernels_moae as kt  # noqa: E402
 
 
 def main() -> None:
-    def layer(dtype: torch.dtype, top_k: int, noise: str, aux: str | None,
-              autocast: bool = False) -> None:
-        inputs = kt.make_inputs(samples=2, tokens=800, num_experts=8, top_k=top_k, dim=768,
-                                hidden=192, dtype=dtype, group=16)
-        params = kt.leaves(inputs)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-            fused = kt.fused_moae(params[0], params[1:5], params[5:], top_k, inputs["capacity"],
-                                  2, noise=inputs["noise"] if noise == "given" else None,
-                                  draw_noise=noise == "philox", aux=aux)
-        outputs = [fused.routing.out] + ([] if aux is None else [fused.aux_terms.sum()])
-        torch.autograd.backward(outputs, [torch.ones_like(t) for t in outputs])
-
     def calls() -> None:
-        layer(torch.bfloat16, 2, "philox", "softmax")
-        layer(torch.float32, 2, "given", "logits", autocast=True)
-        layer(torch.float32, 3, "none", None)
+        kt.vit_b_layer(torch.bfloat16, 2, "philox", "softmax")
+        kt.vit_b_layer(torch.float32, 2, "given", "logits", autocast=True)
+        kt.vit_b_layer(torch.float32, 3, "none", None)
 
     launches = kt.record_launches(pytest.MonkeyPatch(), calls)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}

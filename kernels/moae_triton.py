@@ -75,6 +75,20 @@ INTERPRETER_TILES: dict[str, dict[str, int]] = {
 }
 
 
+# Changes to GPU_TILES that the GPU kit (section B) checks and times against it, to choose
+# the defaults on a GPU; each compiles for sm_90 without spills (tests/test_kernels_moae.py).
+GPU_TILE_CANDIDATES: dict[str, dict[str, dict[str, int]]] = {
+    "gemm_rows_128": {k: {"BLOCK_S": 128, "num_warps": 8}
+                      for k in ("up", "down", "grad_hidden", "grad_x")},
+    "gemm_rows_32": {k: {"BLOCK_S": 32} for k in ("up", "down", "grad_hidden", "grad_x")},
+    "down_n_64": {"down": {"BLOCK_N": 64, "num_warps": 4},
+                  "grad_x": {"BLOCK_N": 64, "num_warps": 4}},
+    "weights_128": {"grad_w2": {"BLOCK_D": 128, "num_warps": 8},
+                    "grad_w1": {"BLOCK_D": 128, "num_warps": 8}},
+    "stages_4": {k: {"num_stages": 4} for k in ("up", "down", "grad_hidden", "grad_w2",
+                                                 "grad_w1", "grad_x")},
+}
+
 # fp32 GEMMs run IEEE (FMA, no tensor cores) on a GPU: smaller tiles keep them in registers.
 GPU_TILES_FP32 = GPU_TILES | {
     "route": GPU_TILES["route"] | {"BLOCK_K": 32},

@@ -364,6 +364,38 @@ def record_launches(monkeypatch, calls) -> list:
     return list(launches.values())
 
 
+def compile_for_hopper(launches: list, cache) -> list[dict]:
+    """Each recorded launch compiled for sm_90 in a subprocess: ptxas's reports."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env |= {"TRITON_DUMP_PTXAS_LOG": "1", "TRITON_CACHE_DIR": str(cache)}  # ptxas runs
+    proc = subprocess.run([sys.executable, "-c", COMPILE_FOR_HOPPER], env=env, text=True,
+                          input=json.dumps(launches), capture_output=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    reports = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert len(reports) == len(launches) and all(r["cubin"] for r in reports)
+    return reports
+
+
+def assert_no_spills(reports: list[dict]) -> None:
+    spilling = [r for r in reports if len(r["spills"]) != 2 or any(r["spills"])]
+    assert not spilling, [(r["kernel"], r["spills"], r["registers"], r["constexprs"])
+                          for r in spilling]
+
+
+def vit_b_layer(dtype: torch.dtype, top_k: int, noise: str, aux: str | None,
+                autocast: bool = False) -> None:
+    """Forward + backward of a ViT-B-sized layer (D 768, H 192, E 8), 2 clips of 800 tokens."""
+    inputs = make_inputs(samples=2, tokens=800, num_experts=8, top_k=top_k, dim=768,
+                         hidden=192, dtype=dtype, group=16)
+    params = leaves(inputs)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        fused = fused_moae(params[0], params[1:5], params[5:], top_k, inputs["capacity"], 2,
+                           noise=inputs["noise"] if noise == "given" else None,
+                           draw_noise=noise == "philox", aux=aux)
+    outputs = [fused.routing.out] + ([] if aux is None else [fused.aux_terms.sum()])
+    torch.autograd.backward(outputs, [torch.ones_like(t) for t in outputs])
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.is_available(),
                     reason="with a GPU the tests above run the compiled kernels themselves")
@@ -373,36 +405,36 @@ def test_kernels_compile_for_hopper(monkeypatch, tmp_path):
     no register spills (ptxas's report): a bf16 model (DeepSpeed bf16) with Philox noise and
     the aux loss, fp32 weights under bf16 autocast with given noise and the official aux, and
     fp32 with k = 3 (one output row per pair) without noise (evaluation)."""
-    def layer(dtype, top_k, noise, aux, autocast=False):
-        inputs = make_inputs(samples=2, tokens=800, num_experts=8, top_k=top_k, dim=768,
-                             hidden=192, dtype=dtype, group=16)
-        params = leaves(inputs)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-            fused = fused_moae(params[0], params[1:5], params[5:], top_k, inputs["capacity"],
-                               2, noise=inputs["noise"] if noise == "given" else None,
-                               draw_noise=noise == "philox", aux=aux)
-        outputs = [fused.routing.out] + ([] if aux is None else [fused.aux_terms.sum()])
-        torch.autograd.backward(outputs, [torch.ones_like(t) for t in outputs])
-
     def calls():
-        layer(torch.bfloat16, 2, "philox", "softmax")
-        layer(torch.float32, 2, "given", "logits", autocast=True)
-        layer(torch.float32, 3, "none", None)
+        vit_b_layer(torch.bfloat16, 2, "philox", "softmax")
+        vit_b_layer(torch.float32, 2, "given", "logits", autocast=True)
+        vit_b_layer(torch.float32, 3, "none", None)
 
     launches = record_launches(monkeypatch, calls)
     kernels = {name for name, *_ in launches}
     assert kernels == {name for name in dir(moae_fused) if name.endswith("_kernel")}
     assert {c["CDT"]["dtype"] for _, _, c, *_ in launches if "CDT" in c} == {"fp32", "bf16"}
+    assert_no_spills(compile_for_hopper(launches, tmp_path))
 
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env |= {"TRITON_DUMP_PTXAS_LOG": "1", "TRITON_CACHE_DIR": str(tmp_path)}  # ptxas runs
-    proc = subprocess.run([sys.executable, "-c", COMPILE_FOR_HOPPER], env=env, text=True,
-                          input=json.dumps(launches), capture_output=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    reports = [json.loads(line) for line in proc.stdout.splitlines()]
-    assert len(reports) == len(launches) and all(r["cubin"] for r in reports)
-    spilling = [r for r in reports if len(r["spills"]) != 2 or any(r["spills"])]
-    assert not spilling, [(r["kernel"], r["spills"], r["registers"], r["constexprs"]) for r in spilling]
+
+@pytest.mark.slow
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU kit builds them there")
+def test_tile_candidates_compile_for_hopper(monkeypatch, tmp_path):
+    """Every tile table the GPU kit tries (GPU_TILE_CANDIDATES) builds for sm_90 without
+    spills, for the bf16 model, so that trying one on a GPU never meets a kernel that fails."""
+    default = moae_triton.GPU_TILES
+    launches = {}
+    for changes in moae_triton.GPU_TILE_CANDIDATES.values():
+        table = {kernel: default[kernel] | changes.get(kernel, {}) for kernel in default}
+        monkeypatch.setattr(moae_triton, "GPU_TILES", table)
+        for launch in record_launches(monkeypatch, lambda: vit_b_layer(torch.bfloat16, 2,
+                                                                        "philox", "softmax")):
+            launches[json.dumps(launch, sort_keys=True)] = launch
+    monkeypatch.setattr(moae_triton, "GPU_TILES", default)
+    for launch in record_launches(monkeypatch, lambda: vit_b_layer(torch.bfloat16, 2, "philox",
+                                                                   "softmax")):
+        launches.pop(json.dumps(launch, sort_keys=True), None)  # compiled by the test above
+    assert_no_spills(compile_for_hopper(list(launches.values()), tmp_path))
 
 
 def test_launches_per_layer():

@@ -35,20 +35,6 @@ SHAPES = ((1, 1, 0), (1, 63, 0), (1, 64, 0), (1, 65, 0), (4, 100, 0), (16, 800, 
 SMOKE_SHAPES = ((1, 1, 0), (1, 65, 0), (3, 65, 2))  # the interpreter takes seconds a case
 # The kernels' own error (against the torch reference's identical math), as the issue sets it.
 KERNEL_TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
-# Candidate changes to the GPU tile tables (kernels/moae_triton.py), timed in part 3.
-TILE_CANDIDATES = {
-    "default": {},
-    "gemm_rows_128": {k: {"BLOCK_S": 128} for k in ("up", "down", "grad_hidden", "grad_x")},
-    "gemm_rows_32": {k: {"BLOCK_S": 32} for k in ("up", "down", "grad_hidden", "grad_x")},
-    "down_n_64": {"down": {"BLOCK_N": 64, "num_warps": 4}, "grad_x": {"BLOCK_N": 64,
-                                                                       "num_warps": 4}},
-    "weights_128": {"grad_w2": {"BLOCK_D": 128, "num_warps": 8},
-                    "grad_w1": {"BLOCK_D": 128, "num_warps": 8}},
-    "stages_4": {k: {"num_stages": 4} for k in ("up", "down", "grad_hidden", "grad_w2",
-                                                 "grad_w1", "grad_x")},
-}
-
-
 def compiled_test_suite(ctx) -> dict:
     """tests/test_kernels_moae.py without the interpreter (run from the scratch folder, see
     Context.run)."""
@@ -143,6 +129,7 @@ def every_tile(ctx) -> dict:
     from s4d_dist.kernels import moae_triton
 
     smoke = ctx.smoke
+    candidates = {"default": {}, **moae_triton.GPU_TILE_CANDIDATES}
     dtype = torch.float32 if smoke else torch.bfloat16
     samples, tokens, dim, hidden = (2, 65, 32, 16) if smoke else (16, 800, 768, 192)
     inputs = kt.make_inputs(samples, tokens, num_experts=8, top_k=2, dtype=dtype, dim=dim,
@@ -151,7 +138,7 @@ def every_tile(ctx) -> dict:
     default = getattr(moae_triton, table_name)
     reference, _, reference_grads = kt.run_fused(inputs)
     results, ok = {}, True
-    for name, changes in TILE_CANDIDATES.items():
+    for name, changes in candidates.items():
         if smoke and name not in ("default", "gemm_rows_32"):
             continue
         table = {kernel: default[kernel] | changes.get(kernel, {}) for kernel in default}
