@@ -123,10 +123,11 @@ def assert_routing_equal(fused, inputs: dict) -> None:
 
 
 def assert_close(got: torch.Tensor, want: torch.Tensor, tol: float, name: str) -> None:
-    """Elementwise within tol in fp32; in bf16 within tol of the tensor's scale, since a sum
-    rounded in another order than torch's differs by a share of its terms, not of itself."""
+    """Elementwise within tol in fp32 on the CPU; on a GPU (cuBLAS against Triton) and in bf16
+    within tol of the tensor's scale, since a sum rounded in another order than torch's
+    differs by a share of its terms, not of itself."""
     got, want = got.float(), want.float()
-    if tol < 1e-3:
+    if tol < 1e-3 and DEVICE == "cpu":
         torch.testing.assert_close(got, want, rtol=tol, atol=tol, msg=lambda m: f"{name}: {m}")
     else:
         error = (got - want).abs().max() / (1 + want.abs().max()) if got.numel() else 0.0
@@ -264,13 +265,13 @@ def test_moae_layer_on_triton_equals_torch(official_quirks):
         outs.append(out)
         aux.append(m.aux_loss)
         grads.append([hh.grad] + [p.grad for p in m.parameters()])
-    torch.testing.assert_close(aux[1], aux[0], rtol=1e-5, atol=1e-6)
+    assert_close(aux[1], aux[0], 1e-5, "aux loss")
     assert torch.equal(kernels.stats["tokens_per_expert"], reference.stats["tokens_per_expert"])
     assert kernels.stats["drop_fraction"] == reference.stats["drop_fraction"] > 0
-    torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-5)
+    assert_close(outs[1], outs[0], 1e-5, "out")
     names = ["h"] + [n for n, _ in reference.named_parameters()]
     for name, ref, got in zip(names, *grads):
-        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5, msg=name)
+        assert_close(got, ref, 1e-5, f"grad of {name}")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter's limitation")
@@ -441,16 +442,16 @@ def test_launches_per_layer():
     """A training forward is 4 kernel launches and backward 5, whatever the sizes."""
     inputs = make_inputs()
     launches = []
-    from triton.runtime.interpreter import InterpretedFunction
-    run = InterpretedFunction.run
+    launcher = type(moae_fused._route_kernel)  # the interpreter's, or the compiled JITFunction
+    run = launcher.run
 
     def count(self, *args, **kwargs):
         launches.append(self.fn.__name__)
         return run(self, *args, **kwargs)
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(InterpretedFunction, "run", count)
-        fused, *_ = run_fused(inputs, noise="philox")
+        patch.setattr(launcher, "run", count)
+        run_fused(inputs, noise="philox")
     assert launches == ["_route_kernel", "_queue_kernel", "_expert_up_kernel",
                         "_expert_down_kernel", "_expert_grad_hidden_kernel",
                         "_expert_grad_w2_kernel", "_expert_grad_w1_kernel",
