@@ -72,7 +72,7 @@ def layer_ops(backend: str, num_experts: int, top_k: int) -> dict:
     return counts
 
 
-def step_ops(preset: str, backend: str) -> dict:
+def finetune_step_ops(preset: str, backend: str) -> dict:
     """The preset's fine-tune model at a tiny width, one clip, as step_ops.py builds it."""
     torch.manual_seed(0)
     cfg = config.load(preset, ["model.embed_dim=48", "model.img_size=32", "model.num_frames=4",
@@ -107,7 +107,7 @@ def main() -> None:
         for backend in ("torch", "triton"):
             result["moae_layer"][backend] = layer_ops(backend, moae_cfg.num_experts,
                                                       moae_cfg.top_k)
-            result["step"][backend] = step_ops(args.preset, backend)
+            result["step"][backend] = finetune_step_ops(args.preset, backend)
     for backend, counts in result["moae_layer"].items():
         print(f"{backend:>6}: layer {counts['forward']} forward + {counts['backward']} backward "
               f"operators; fine-tune step {result['step'][backend]['forward']} + "
