@@ -23,7 +23,7 @@ from s4d_dist import atomic
 PRESET_DIR = Path(__file__).parent / "presets"
 
 Task = Literal["pretrain", "finetune"]
-MoAEBackend = Literal["loop", "torch", "triton"]
+MoAEBackend = Literal["auto", "loop", "torch", "triton"]  # auto: triton on CUDA, else torch
 DataBackend = Literal["auto", "dali", "torch"]
 DaliDevice = Literal["auto", "cpu", "mixed"]  # mixed: DALI decodes on the GPU (nvJPEG / NVDEC)
 Precision = Literal["bf16", "fp16", "fp32"]
@@ -44,8 +44,12 @@ class MoAEConfig:
     top_k: int = 2
     hidden_ratio: float = 0.25  # adapter width = int(embed_dim · hidden_ratio) = 192 for ViT-B
     capacity_factor: float = 1.0
+    # Capacity is counted per group of this many clips (images: twice as many), the official
+    # per-GPU batches, so a larger micro-batch drops what its official-size parts would (§2.4);
+    # 0 counts it over the whole forward.
+    capacity_group: int = 16
     aux_loss_coeff: float = 1e-3
-    backend: MoAEBackend = "torch"
+    backend: MoAEBackend = "auto"
 
 
 @dataclass
@@ -437,6 +441,7 @@ def validate(cfg: DictConfig) -> None:
     _require(all(0 <= i < m.depth for i in moae.layers),
              f"model.moae.layers {list(moae.layers)} must index blocks 0..{m.depth - 1}")
     _require(moae.capacity_factor > 0, "model.moae.capacity_factor must be > 0")
+    _require(moae.capacity_group >= 0, "model.moae.capacity_group must be >= 0 (0: whole forward)")
     for name in ("image_ratio", "video_ratio"):
         ratio = cfg.mask[name]
         _require(0.0 <= ratio < 1.0, f"mask.{name} must be in [0, 1), got {ratio}")

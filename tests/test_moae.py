@@ -356,13 +356,13 @@ def fresh_triton_loader():
 
 def test_triton_falls_back_to_torch_when_kernels_missing(fresh_triton_loader, monkeypatch,
                                                          caplog):
-    # s4d_dist.kernels.moae_triton may exist by now (written concurrently); a None entry in
-    # sys.modules makes its import fail either way, simulating an install without it.
+    # A None entry in sys.modules makes the import fail, simulating an install without it.
     monkeypatch.setitem(sys.modules, "s4d_dist.kernels.moae_triton", None)
     with caplog.at_level(logging.WARNING, logger=moae.__name__):
-        assert get_backend("triton") is vectorised_backend
-        assert get_backend("triton") is vectorised_backend
-        MoAE(D, E, K, H, backend="triton")
+        assert moae.resolve_backend("triton", torch.device("cpu")) == "torch"
+        assert moae.resolve_backend("auto", torch.device("cuda")) == "torch"
+        m = MoAE(D, E, K, H, backend="triton")
+        m(torch.randn(B, L, D))  # runs on the torch backend
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1  # once per process, not once per call or layer
     message = warnings[0].getMessage()
@@ -373,27 +373,87 @@ def test_triton_falls_back_to_torch_when_unavailable(fresh_triton_loader, monkey
     # A stand-in module, so the test does not depend on the real kernels or on a GPU.
     fake = types.ModuleType("s4d_dist.kernels.moae_triton")
     fake.triton_available = lambda: (False, "no CUDA device")
-    fake.triton_backend = lambda *args: pytest.fail("unavailable backend was called")
+    fake.fused_moae = lambda *args, **kwargs: pytest.fail("unavailable backend was called")
     monkeypatch.setitem(sys.modules, "s4d_dist.kernels.moae_triton", fake)
     with caplog.at_level(logging.WARNING, logger=moae.__name__):
-        assert get_backend("triton") is vectorised_backend
+        assert moae.resolve_backend("triton", torch.device("cpu")) == "torch"
     assert "no CUDA device" in caplog.text
 
 
-def test_triton_used_when_available(fresh_triton_loader, monkeypatch):
+def test_auto_is_triton_on_cuda_and_torch_elsewhere(fresh_triton_loader, monkeypatch):
     fake = types.ModuleType("s4d_dist.kernels.moae_triton")
     fake.triton_available = lambda: (True, "ok")
-    fake.triton_backend = lambda *args: vectorised_backend(*args)
+    fake.fused_moae = lambda *args, **kwargs: None
     monkeypatch.setitem(sys.modules, "s4d_dist.kernels.moae_triton", fake)
-    assert get_backend("triton") is fake.triton_backend
+    assert moae.resolve_backend("auto", torch.device("cuda")) == "triton"
+    assert moae.resolve_backend("auto", torch.device("cpu")) == "torch"  # the demo, CPU runs
+    assert moae.resolve_backend("triton", torch.device("cpu")) == "triton"  # asked for
+    assert moae.load_triton_backend()[0] is fake.fused_moae
+    assert MoAE(D, E, K, H).backend == "auto"
 
 
 def test_unknown_backend_lists_valid_names():
-    with pytest.raises(ValueError, match="loop, torch, triton"):
-        get_backend("cuda")
+    with pytest.raises(ValueError, match="auto, loop, torch, triton"):
+        moae.resolve_backend("cuda", torch.device("cpu"))
     with pytest.raises(ValueError):
         MoAE(D, E, K, H, backend="nope")
-    assert BACKEND_NAMES == ("loop", "torch", "triton")
+    with pytest.raises(ValueError, match="loop, torch"):
+        get_backend("triton")  # the fused layer takes the router's weights, not its logits
+    assert BACKEND_NAMES == ("auto", "loop", "torch", "triton")
+
+
+def test_capacity_per_group_of_samples():
+    m = make_moae(num_experts=8, top_k=2)
+    m.capacity_group = 16
+    assert m.capacity(16, 800) == (12800, 3200, 3200)   # the official batch: one group
+    assert m.capacity(64, 800) == (12800, 3200, 3200)   # four official batches
+    assert m.capacity(20, 800) == (12800, 3200, 800)    # 16 + 4: the last group as a batch of 4
+    assert m.capacity(3, 800) == (2400, 600, 600)       # smaller than a group: the forward
+    m.capacity_group = 0
+    assert m.capacity(64, 800) == (51200, 12800, 12800)  # counted over the whole forward
+    m.capacity_factor = 0.3
+    assert m.capacity(5, 7)[1] == int(5 * 7 * 2 / 8 * 0.3)  # the official rounding (§2.4)
+
+
+@pytest.mark.parametrize("backend", BACKENDS_UNDER_TEST)
+@pytest.mark.parametrize("samples, group", [(64, 16), (7, 2)])
+def test_micro_batch_drops_what_its_official_batches_would(backend, samples, group):
+    """A forward of 64 samples in capacity groups of 16 keeps exactly the pairs, and returns
+    the outputs, of four forwards of 16; 7 in groups of 2: of 2, 2, 2 and the 1 left over."""
+    m = make_moae(capacity_factor=0.5, backend=backend).train()
+    m.record_routing = True
+    torch.manual_seed(5)
+    h, noise = torch.randn(samples, L, D), torch.randn(samples, L, E)
+    m.capacity_group = group
+    with torch.no_grad():
+        whole = m(h, noise)
+    kept = m.routing.kept.view(samples, L, K)
+    m.capacity_group = 0
+    parts_kept, parts_out = [], []
+    with torch.no_grad():
+        for start in range(0, samples, group):
+            parts_out.append(m(h[start:start + group], noise[start:start + group]))
+            parts_kept.append(m.routing.kept.view(-1, L, K))
+    assert torch.equal(kept, torch.cat(parts_kept))
+    torch.testing.assert_close(whole, torch.cat(parts_out), rtol=1e-6, atol=1e-6)
+    assert 0 < kept.sum() < kept.numel()
+    m.capacity_group = 0  # one group: the later samples lose more than in smaller groups
+    with torch.no_grad():
+        m(h, noise)
+    assert not torch.equal(m.routing.kept.view(samples, L, K), kept)
+
+
+def test_classifier_sets_capacity_groups_per_modality():
+    from s4d_dist.models.classifier import S4DClassifier
+    model = S4DClassifier(img_size=32, num_frames=4, embed_dim=32, depth=2, num_heads=2,
+                          moae_layers=(1,), num_experts=2, top_k=1, capacity_group=3,
+                          moae_backend="torch").eval()
+    layer = model.moae_layers()[1]
+    with torch.no_grad():
+        model(torch.randn(2, 3, 4, 32, 32), "video")
+        assert layer.capacity_group == 3
+        model(torch.randn(2, 3, 32, 32), "image")
+        assert layer.capacity_group == 6  # the official image batch is twice the clips'
 
 
 def test_block_forward_is_attention_then_parallel_ffn_and_moae():

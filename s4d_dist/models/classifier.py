@@ -32,14 +32,17 @@ class S4DClassifier(ViTEncoder):
                  num_heads: int = 12, mlp_ratio: float = 4.0, num_image_classes: int = 7,
                  num_video_classes: int = 7, moae_layers: tuple[int, ...] = (6, 7, 8, 9, 10, 11),
                  num_experts: int = 8, top_k: int = 2, hidden_ratio: float = 0.25,
-                 capacity_factor: float = 1.0, moae_backend: str = "torch",
-                 **moae_official: bool) -> None:
+                 capacity_factor: float = 1.0, moae_backend: str = "auto",
+                 capacity_group: int = 0, **moae_official: bool) -> None:
         super().__init__(img_size, patch, tubelet, num_frames, in_chans, embed_dim, depth,
                          num_heads, mlp_ratio, final_norm=False)
         for i in moae_layers:
             self.blocks[i] = MoAEBlock(embed_dim, num_heads, mlp_ratio, num_experts, top_k,
                                        int(embed_dim * hidden_ratio), capacity_factor,
                                        moae_backend, **moae_official)
+        # MoAE capacity groups, in samples per modality (0: the whole forward): the official
+        # per-GPU batches, `capacity_group` clips and twice as many images (§2.4, §2.10).
+        self.capacity_groups = {"video": capacity_group, "image": 2 * capacity_group}
         self.fc_norm = nn.LayerNorm(embed_dim, eps=1e-6)
         self.head = nn.ModuleDict({"image": nn.Linear(embed_dim, num_image_classes),
                                    "video": nn.Linear(embed_dim, num_video_classes)})
@@ -55,6 +58,8 @@ class S4DClassifier(ViTEncoder):
         if expected is None or modality not in (None, expected):
             raise ValueError(f"pixels of shape {tuple(pixels.shape)} cannot be modality "
                              f"'{modality}': images are (B,C,H,W), videos (B,C,T,H,W)")
+        for layer in self.moae_layers().values():
+            layer.capacity_group = self.capacity_groups[expected]
         x = self.run_blocks(self.embed(pixels))
         logits = self.head[expected](self.fc_norm(x.mean(dim=1)))
         return (logits, self.aux_loss()) if with_aux else logits

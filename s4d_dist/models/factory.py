@@ -26,7 +26,8 @@ def build_classifier(cfg: DictConfig) -> S4DClassifier:
                          moae_layers=tuple(moae.layers) if moae.enabled else (),
                          num_experts=moae.num_experts, top_k=moae.top_k,
                          hidden_ratio=moae.hidden_ratio, capacity_factor=moae.capacity_factor,
-                         moae_backend=moae.backend, **moae_official(cfg))
+                         moae_backend=moae.backend, capacity_group=moae.capacity_group,
+                         **moae_official(cfg))
 
 
 def moae_official(cfg: DictConfig) -> dict[str, bool]:

@@ -1,33 +1,39 @@
 """Mixture of Adapter Experts (docs/method.md §2.2-2.5): the official SparseMoEWithCapacity,
-NoisyTopkRouter and BlockMoEAdapters, with interchangeable dispatch backends.
+NoisyTopkRouter and BlockMoEAdapters, with interchangeable backends.
 
 Routing is the same everywhere: noisy logits → top-k → softmax over the k selected logits
 (the gates). What differs between backends is only how each (token, expert) pair reaches its
 expert and comes back, under a per-expert capacity that drops pairs in flat token order
-(index b·L + l, so later samples of a batch lose tokens first, §3.7):
+(index b·L + l, so later samples of a batch lose tokens first, §3.7). Capacity is counted per
+group of `capacity_group` samples (the official per-GPU batch), so a larger micro-batch drops
+exactly the tokens its official-size parts would.
 
 - `loop`:   the official formulation, one Python iteration per expert; the reference.
 - `torch`:  vectorised, static shapes, no host synchronisation — cumsum gives each pair its
             queue position, kept pairs go into a padded (E, capacity, D) buffer, the experts run
             as two batched GEMMs, gate-weighted rows are scatter-added back.
-- `triton`: custom kernels from `s4d_dist.kernels.moae_triton`, loaded lazily; falls back to `torch`.
+- `triton`: the whole layer fused in Triton kernels (`s4d_dist.kernels.moae_triton`, loaded
+            lazily): router GEMM, routing, grouped expert GEMMs that gather and combine, and the
+            mirrored backward; falls back to `torch` where it cannot run.
+- `auto`:   `triton` on a CUDA device, `torch` elsewhere (the default).
 
-Given the same noise all backends must return the same RoutingResult and gradients; the tests
-hold them to it. `router_noise_at_eval`, `aux_loss_on_logits` and `stale_aux_loss` reproduce
-the official router noise at eval (§3.3), raw-logit aux loss (§3.2) and stale aux value (§3.4);
-the defaults do the right thing.
+Given the same router values and noise all backends return the same RoutingResult and
+gradients; the tests hold them to it. `router_noise_at_eval`, `aux_loss_on_logits` and
+`stale_aux_loss` reproduce the official router noise at eval (§3.3), raw-logit aux loss (§3.2)
+and stale aux value (§3.4); the defaults do the right thing.
 """
 from __future__ import annotations
 
 import functools
 import importlib
 import logging
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from s4d_dist.kernels.moae_contract import Backend, RoutingResult, batched_experts
+from s4d_dist.kernels.moae_contract import Backend, Capacity, RoutingResult, batched_experts
 from s4d_dist.models.vit import Attention, Mlp, init_linear_trunc_normal
 
 logger = logging.getLogger(__name__)
@@ -54,27 +60,33 @@ def expert_mlp(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Te
 def loop_backend(x: torch.Tensor, logits: torch.Tensor, noise_std: torch.Tensor,
                  noise: torch.Tensor | None, w1: torch.Tensor, b1: torch.Tensor,
                  w2: torch.Tensor, b2: torch.Tensor, top_k: int,
-                 capacity: int) -> RoutingResult:
-    """The official per-expert loop (videomae.py:254-287): the reference the others must match."""
+                 capacity: int | Capacity) -> RoutingResult:
+    """The official per-expert loop (videomae.py:254-287), run on each capacity group as on a
+    forward of its own: the reference the others must match."""
     noisy, topk_idx, gates = route(logits, noise_std, noise, top_k)
     out = torch.zeros_like(x)
     kept = torch.zeros_like(topk_idx, dtype=torch.bool)
-    for e in range(w1.shape[0]):
-        chose_e = topk_idx == e                                   # (T, k)
-        tokens = chose_e.any(dim=-1).nonzero().squeeze(-1)[:capacity]
-        if tokens.numel() == 0:
-            continue
-        gate = (gates * chose_e).sum(dim=-1)[tokens, None]        # this expert's gate per token
-        y = expert_mlp(x[tokens], w1[e], b1[e], w2[e], b2[e]) * gate
-        out.index_add_(0, tokens, y.to(out.dtype))
-        kept[tokens] |= chose_e[tokens]
+    groups = Capacity.of(capacity, x.shape[0])
+    for start in range(0, x.shape[0], groups.group_tokens):
+        last = start + groups.group_tokens >= x.shape[0]
+        cap = groups.last_group if last else groups.per_group
+        for e in range(w1.shape[0]):
+            chose_e = topk_idx[start:start + groups.group_tokens] == e          # (Tg, k)
+            tokens = start + chose_e.any(dim=-1).nonzero().squeeze(-1)[:cap]
+            if tokens.numel() == 0:
+                continue
+            chose_e = topk_idx[tokens] == e
+            gate = (gates[tokens] * chose_e).sum(dim=-1, keepdim=True)      # this expert's gate
+            y = expert_mlp(x[tokens], w1[e], b1[e], w2[e], b2[e]) * gate
+            out.index_add_(0, tokens, y.to(out.dtype))
+            kept[tokens] |= chose_e
     return RoutingResult(out, noisy, topk_idx, gates, kept)
 
 
 def vectorised_backend(x: torch.Tensor, logits: torch.Tensor, noise_std: torch.Tensor,
                        noise: torch.Tensor | None, w1: torch.Tensor, b1: torch.Tensor,
                        w2: torch.Tensor, b2: torch.Tensor, top_k: int,
-                       capacity: int) -> RoutingResult:
+                       capacity: int | Capacity) -> RoutingResult:
     """The `torch` backend: vectorised dispatch with static shapes, no loop over experts, no
     host synchronisation.
 
@@ -87,13 +99,27 @@ def vectorised_backend(x: torch.Tensor, logits: torch.Tensor, noise_std: torch.T
     num_tokens, dim = x.shape
     num_experts = w1.shape[0]
     num_pairs = num_tokens * top_k
-    # An expert sees a token at most once, so slots beyond num_tokens would always stay empty.
-    slots = min(capacity, num_tokens)
+    groups = Capacity.of(capacity, num_tokens)
+    num_groups, group_tokens = groups.groups(num_tokens), groups.group_tokens
+    slots = groups.slots() * num_groups  # per expert: each group's C slots one after the other
 
-    # Queue position of each pair = how many lower-index tokens chose the same expert.
+    # Queue position of each pair = how many lower-index tokens of its group chose the same
+    # expert.
     chosen = torch.zeros_like(noisy, dtype=torch.long).scatter_(1, topk_idx, 1)
-    position = (chosen.cumsum(dim=0) - 1).gather(1, topk_idx)              # (T, k)
-    kept = position < slots
+    if num_groups > 1:
+        padded = F.pad(chosen, (0, 0, 0, num_groups * group_tokens - num_tokens))
+        count = padded.view(num_groups, group_tokens, -1).cumsum(dim=1).view(-1, num_experts)
+        count = count[:num_tokens]
+    else:
+        count = chosen.cumsum(dim=0)
+    position = (count - 1).gather(1, topk_idx)                             # (T, k)
+    if num_groups > 1:
+        group = (torch.arange(num_tokens, device=x.device) // group_tokens).unsqueeze(1)
+        limit = torch.where(group == num_groups - 1, groups.last_group, groups.per_group)
+        kept = position < limit
+        position = position + group * groups.slots()
+    else:
+        kept = position < groups.last_group
     trash = num_experts * slots
     slot = torch.where(kept, topk_idx * slots + position, trash)           # (T, k)
 
@@ -112,15 +138,14 @@ def vectorised_backend(x: torch.Tensor, logits: torch.Tensor, noise_std: torch.T
 
 
 BACKENDS: dict[str, Backend] = {"loop": loop_backend, "torch": vectorised_backend}
-BACKEND_NAMES = (*BACKENDS, "triton")
+BACKEND_NAMES = ("auto", *BACKENDS, "triton")
 
 
 @functools.cache
-def load_triton_backend() -> tuple[Backend | None, str]:
-    """Import the Triton kernels on first use, so CPU-only installs never import triton.
-
-    Returns (backend or None, reason). Cached, so the fallback warning is logged once per
-    process however many layers ask.
+def load_triton_backend() -> tuple[Callable | None, str]:
+    """The fused layer (`moae_triton.fused_moae`), imported on first use so that CPU-only
+    installs never import triton. Returns (function or None, reason). Cached, so the fallback
+    warning is logged once per process however many layers ask.
     """
     try:
         kernels = importlib.import_module("s4d_dist.kernels.moae_triton")
@@ -129,17 +154,27 @@ def load_triton_backend() -> tuple[Backend | None, str]:
     else:
         available, reason = kernels.triton_available()
     if available:
-        return kernels.triton_backend, reason
+        return kernels.fused_moae, reason
     logger.warning("MoAE backend 'triton' unavailable (%s); using 'torch'", reason)
     return None, reason
 
 
-def get_backend(name: str) -> Backend:
-    """The dispatch function for a backend name; 'triton' degrades to 'torch' with a warning."""
-    if name == "triton":
-        return load_triton_backend()[0] or vectorised_backend
-    if name not in BACKENDS:
+def resolve_backend(name: str, device: torch.device) -> str:
+    """The backend that runs on `device`: 'auto' is 'triton' on CUDA and 'torch' elsewhere;
+    'triton' degrades to 'torch' (warning once) where its kernels cannot run."""
+    if name not in BACKEND_NAMES:
         raise ValueError(f"unknown MoAE backend {name!r}; valid: {', '.join(BACKEND_NAMES)}")
+    if name == "auto":
+        name = "triton" if device.type == "cuda" else "torch"
+    if name == "triton" and load_triton_backend()[0] is None:
+        return "torch"
+    return name
+
+
+def get_backend(name: str) -> Backend:
+    """The dispatch function of a backend that takes router logits ('loop', 'torch')."""
+    if name not in BACKENDS:
+        raise ValueError(f"MoAE dispatch backend {name!r} unknown; valid: {', '.join(BACKENDS)}")
     return BACKENDS[name]
 
 
@@ -188,6 +223,11 @@ class NoisyTopkRouter(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.topkroute_linear(x).float(), F.softplus(self.noise_linear(x).float())
+
+    def weights(self) -> tuple[torch.Tensor, ...]:
+        """(W_r, b_r, W_n, b_n), as the fused backend runs both linears as one GEMM."""
+        return (self.topkroute_linear.weight, self.topkroute_linear.bias,
+                self.noise_linear.weight, self.noise_linear.bias)
 
 
 # The experts' weights, one Parameter per kind stacked over experts (E, ...), and the official
@@ -245,19 +285,26 @@ class MoAE(nn.Module):
     the backends read them without a copy, and an optimizer or ZeRO handles 4 tensors a layer
     instead of 4·E. State dicts keep the official per-expert keys (`experts.{e}.fc1.weight`),
     in both directions, so checkpoints are the official files.
+
+    `capacity_group` (samples, 0 = the whole forward) splits a forward into groups whose
+    capacities are counted separately, each as a forward of that many samples would; the
+    classifier sets it per modality before each forward.
     """
 
     def __init__(self, dim: int, num_experts: int, top_k: int, hidden: int,
-                 capacity_factor: float = 1.0, backend: str = "torch", *,
-                 router_noise_at_eval: bool = False, aux_loss_on_logits: bool = False,
-                 stale_aux_loss: bool = False) -> None:
+                 capacity_factor: float = 1.0, backend: str = "auto", *,
+                 capacity_group: int = 0, router_noise_at_eval: bool = False,
+                 aux_loss_on_logits: bool = False, stale_aux_loss: bool = False) -> None:
         super().__init__()
         if not 1 <= top_k <= num_experts:
             raise ValueError(f"top_k {top_k} must be in [1, num_experts={num_experts}]")
-        get_backend(backend)  # fail (or warn about the fallback) at construction, not mid-run
+        if backend == "triton":  # warn about a fallback at construction, not mid-run
+            load_triton_backend()
+        resolve_backend(backend, torch.device("cpu"))  # an unknown name fails here
         self.num_experts = num_experts
         self.top_k = top_k
         self.capacity_factor = capacity_factor
+        self.capacity_group = capacity_group
         self.backend = backend
         self.router_noise_at_eval = router_noise_at_eval
         self.aux_loss_on_logits = aux_loss_on_logits
@@ -301,30 +348,47 @@ class MoAE(nn.Module):
             self.fc1_bias.zero_()
             self.fc2_bias.zero_()
 
+    def capacity(self, samples: int, sample_tokens: int) -> Capacity:
+        """Per-expert capacity int(n·L·k/E · capacity_factor) of a group of n samples (§2.4),
+        per group of `capacity_group` samples; the last group holds what is left."""
+        group = min(self.capacity_group or samples, samples)
+        last = samples - (-(-samples // group) - 1) * group
+
+        def of(n: int) -> int:
+            return int(n * sample_tokens * self.top_k / self.num_experts * self.capacity_factor)
+
+        return Capacity(group * sample_tokens, of(group), of(last))
+
     def forward(self, h: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
         """(B, L, D) → (B, L, D). `noise` (B, L, E) replaces the standard-normal draw (tests,
         backend comparisons); it is ignored when no noise applies (eval, correct mode)."""
         B, L, D = h.shape
         x = h.reshape(B * L, D)
-        logits, noise_std = self.router(x)
-        if self.training or self.router_noise_at_eval:  # the official adds noise at eval too (§3.3)
-            noise = torch.randn_like(logits) if noise is None else noise.reshape(B * L, -1)
-        else:
-            noise = None
-        # Per forward, so it follows the batch size (official, §2.4, §3.7).
-        capacity = int(B * L * self.top_k / self.num_experts * self.capacity_factor)
-        result = get_backend(self.backend)(x, logits, noise_std, noise, *self.expert_weights(),
-                                           self.top_k, capacity)
-
+        noisy = self.training or self.router_noise_at_eval  # the official adds noise at eval (§3.3)
+        noise = noise.reshape(B * L, -1) if noisy and noise is not None else None
+        capacity = self.capacity(B, L)
         # The official refreshes the loss only when grad flows and keeps a stale one otherwise
         # (§3.4); the correct mode measures every training batch and clears it at eval.
         refresh = h.requires_grad if self.stale_aux_loss else self.training
-        if refresh:
-            self.aux_loss = load_balancing_loss(result.noisy_logits.view(B, L, -1),
-                                                result.topk_idx.view(B, L, -1),
-                                                use_softmax=not self.aux_loss_on_logits)
-        elif not self.stale_aux_loss:
-            self.aux_loss = None
+        backend = resolve_backend(self.backend, h.device)
+        if backend == "triton":
+            fused = load_triton_backend()[0](
+                x, self.router.weights(), self.expert_weights(), self.top_k, capacity, B,
+                noise=noise, draw_noise=noisy,
+                aux=("logits" if self.aux_loss_on_logits else "softmax") if refresh else None)
+            result = fused.routing
+            aux = fused.aux_terms.sum() if refresh else None
+        else:
+            logits, noise_std = self.router(x)
+            if noisy and noise is None:
+                noise = torch.randn_like(logits)
+            result = get_backend(backend)(x, logits, noise_std, noise, *self.expert_weights(),
+                                          self.top_k, capacity)
+            aux = load_balancing_loss(result.noisy_logits.view(B, L, -1),
+                                      result.topk_idx.view(B, L, -1),
+                                      use_softmax=not self.aux_loss_on_logits) if refresh else None
+        if refresh or not self.stale_aux_loss:
+            self.aux_loss = aux
         self._last_routing = (result.noisy_logits.detach(), result.topk_idx, result.kept)
         self._stats = None
         self.routing = result if self.record_routing else None
@@ -339,14 +403,14 @@ class MoAEBlock(nn.Module):
     """
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float, num_experts: int,
-                 top_k: int, hidden: int, capacity_factor: float = 1.0, backend: str = "torch",
-                 **official: bool) -> None:
+                 top_k: int, hidden: int, capacity_factor: float = 1.0, backend: str = "auto",
+                 capacity_group: int = 0, **official: bool) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
         self.attn = Attention(dim, num_heads)
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         self.moe_layer = MoAE(dim, num_experts, top_k, hidden, capacity_factor, backend,
-                              **official)
+                              capacity_group=capacity_group, **official)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
