@@ -85,14 +85,26 @@ class Attention(nn.Module):
         self.q_bias = nn.Parameter(torch.zeros(dim))
         self.v_bias = nn.Parameter(torch.zeros(dim))
         self.proj = nn.Linear(dim, dim)
+        self._k_bias: dict[tuple, torch.Tensor] = {}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, N, C = x.shape
-        bias = torch.cat([self.q_bias, torch.zeros_like(self.v_bias), self.v_bias])
+        bias = torch.cat([self.q_bias, self._zero_k_bias(), self.v_bias])
         qkv = F.linear(x, self.qkv.weight, bias).reshape(B, N, 3, self.num_heads, -1)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4)
+        # q, k, v as (B, heads, N, d) views of qkv: their gradients stack back into qkv's
+        # layout without a copy.
+        q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))
         out = F.scaled_dot_product_attention(q, k, v)
         return self.proj(out.transpose(1, 2).reshape(B, N, C))
+
+    def _zero_k_bias(self) -> torch.Tensor:
+        """The fixed zero k bias in the q/v biases' dtype and device, made once (a plain
+        attribute: neither a parameter nor in the state dict)."""
+        key = (self.v_bias.device, self.v_bias.dtype)
+        zeros = self._k_bias.get(key)
+        if zeros is None:
+            zeros = self._k_bias[key] = torch.zeros_like(self.v_bias, requires_grad=False)
+        return zeros
 
 
 class Mlp(nn.Module):
