@@ -126,13 +126,42 @@ class _Run:
         self.dtype = dtype
 
 
-def finetune_step(preset: str, backend: str) -> dict:
-    from s4d_dist.train.finetune import FinetuneTask
+def finetune_objective(cfg, model):
+    """The fine-tuning task's objective; for code older than `FinetuneTask.objective` (run from
+    an older checkout), the same loss written out: soft-target CE + coefficient · aux loss."""
+    from s4d_dist.train import finetune
 
+    if hasattr(finetune.FinetuneTask, "objective"):
+        return finetune.FinetuneTask(cfg).objective(_Run(model))
+
+    def loss(pixels, targets):
+        logits, aux = model(pixels, with_aux=True)
+        return finetune.soft_target_cross_entropy(logits, targets) + \
+            cfg.model.moae.aux_loss_coeff * aux.float()
+    return loss
+
+
+def pretrain_objective(cfg, model):
+    """The pre-training task's objective; for older code, the same loss written out."""
+    from s4d_dist.models.mae import mae_loss, mae_targets
+    from s4d_dist.train import pretrain
+
+    if hasattr(pretrain.PretrainTask, "objective"):
+        return pretrain.PretrainTask(cfg).objective(_Run(model))
+
+    def loss(pixels, mask):
+        m = cfg.model
+        visible = int((~mask[0]).sum())
+        pred = model(pixels, mask, num_visible=visible)
+        return mae_loss(pred, mae_targets(pixels, m.tubelet, m.patch), mask)
+    return loss
+
+
+def finetune_step(preset: str, backend: str) -> dict:
     cfg = config.load(preset, TINY + [f"model.moae.backend={backend}"])
     torch.manual_seed(0)
     model = build_classifier(cfg).train()
-    objective = FinetuneTask(cfg).objective(_Run(model))
+    objective = finetune_objective(cfg, model)
     clip = torch.randn(1, 3, 4, 32, 32)
     targets = torch.softmax(torch.randn(1, cfg.model.num_video_classes), -1)
     objective(clip, targets).backward()  # warm-up: what is made once is not per step
@@ -145,12 +174,11 @@ def finetune_step(preset: str, backend: str) -> dict:
 
 def pretrain_step(preset: str) -> dict:
     from s4d_dist.data.masking import random_masks
-    from s4d_dist.train.pretrain import PretrainTask
 
     cfg = config.load(preset, TINY)
     torch.manual_seed(0)
     model = build_mae(cfg).train()
-    objective = PretrainTask(cfg).objective(_Run(model))
+    objective = pretrain_objective(cfg, model)
     clip, mask = torch.randn(1, 3, 4, 32, 32), random_masks(1, 8, cfg.mask.video_ratio)
     objective(clip, mask).backward()
     model.zero_grad(set_to_none=True)  # as the flat AdamW leaves them between steps
@@ -171,12 +199,15 @@ def moae_layer(preset: str, backend: str) -> dict:
 
 
 def optimizer_step(preset: str) -> dict:
-    from s4d_dist.train.flat_adamw import FlatAdamW
-
     cfg = config.load(preset, TINY)
     torch.manual_seed(0)
     model = build_classifier(cfg)
     o = cfg.optim
+    try:
+        from s4d_dist.train.flat_adamw import FlatAdamW
+    except ImportError:  # older code: DeepSpeed's groups, one per layer and decay
+        groups = param_groups(model, o.weight_decay, o.layer_decay, depth=cfg.model.depth)
+        return {"host_groups": len(groups), "parameters": len(list(model.parameters()))}
     groups = param_groups(model, o.weight_decay, o.layer_decay, depth=cfg.model.depth)
     optimizer = FlatAdamW(groups, tuple(o.betas), o.eps)
     logits, aux = model(torch.randn(1, 3, 4, 32, 32), with_aux=True)
@@ -204,6 +235,8 @@ def main() -> None:
 
     result = {"device": "cpu (counts do not depend on it)", "torch": torch.__version__,
               "preset": args.preset, "width": "embed_dim 48, 32 px, 4 frames, 1 clip",
+              "method": "the tasks' objectives, after a warm-up step, gradients None before "
+                        "backward (the flat AdamW leaves them so)",
               "step": finetune_step(args.preset, args.moae_backend),
               "pretrain_step": pretrain_step(args.pretrain_preset),
               "moae_layer": moae_layer(args.preset, args.moae_backend),
