@@ -11,7 +11,8 @@ are taken here on the CPU: the presets' models at a tiny width (same depth, same
 experts and top-k), and the tasks' own objectives (the loss a training step computes), eager:
 - `finetune` / `pretrain`: one forward + backward of one clip after a warm-up step (the steady
   state: what is made once is not counted), every operator that reaches torch's dispatch except
-  views (which launch no kernel), each Triton launch counted as one (`--moae-backend triton`);
+  views and allocations (which launch no kernel), each Triton launch counted as one
+  (`--moae-backend triton`);
   the fine-tuning forward's operators inside MoAE layers are counted apart;
 - `moae_layer`: one MoAE layer on its own, forward and backward;
 - `optimizer`: the flat AdamW (ZeRO-0, the presets): parameter groups walked on the host and
@@ -41,18 +42,23 @@ RESULTS = Path(__file__).parent / "results"
 VIEWS = {"view", "_unsafe_view", "t", "transpose", "permute", "expand", "slice", "select",
          "unsqueeze", "squeeze", "as_strided", "detach", "alias", "unbind", "split",
          "split_with_sizes", "_reshape_alias", "lift_fresh", "reshape"}
+# Operators that allocate or answer a question about dtypes, launching no kernel.
+NO_KERNEL = {"empty", "empty_like", "new_empty", "new_empty_strided", "empty_strided",
+             "promote_types", "result_type"}
 TINY = ["model.embed_dim=48", "model.img_size=32", "model.num_frames=4", "model.decoder_dim=24"]
 
 
 class OperatorCount(TorchDispatchMode):
-    """Counts the operators that reach dispatch while active, views excluded, and Triton kernel
-    launches (as `triton:<kernel>`); `inside` counts those made while `inside_depth` > 0."""
+    """Counts the operators that reach dispatch while active, views and allocations excluded,
+    and Triton kernel launches (as `triton:<kernel>`, the interpreter's own tensor work inside
+    one not counted); `inside` counts those made while `inside_depth` > 0."""
 
     def __init__(self) -> None:
         super().__init__()
         self.ops: collections.Counter[str] = collections.Counter()
         self.inside = 0
         self.inside_depth = 0
+        self.in_kernel = 0  # inside a Triton launch: the interpreter's own tensor work is not counted
 
     def add(self, name: str) -> None:
         self.ops[name] += 1
@@ -60,7 +66,7 @@ class OperatorCount(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = func.overloadpacket.__name__
-        if name not in VIEWS:
+        if name not in VIEWS and name not in NO_KERNEL and not self.in_kernel:
             self.add(name)
         return func(*args, **(kwargs or {}))
 
@@ -81,8 +87,13 @@ def counting_triton(counter: OperatorCount):
         original = getattr(cls, attr)
 
         def run(self, *args, _original=original, **kwargs):
-            counter.add(f"triton:{getattr(self, 'fn', self).__name__}")
-            return _original(self, *args, **kwargs)
+            if not counter.in_kernel:  # an autotuner's launch of its kernel counts once
+                counter.add(f"triton:{getattr(self, 'fn', self).__name__}")
+            counter.in_kernel += 1
+            try:
+                return _original(self, *args, **kwargs)
+            finally:
+                counter.in_kernel -= 1
         setattr(cls, attr, run)
         patched.append((cls, attr, original))
     try:
