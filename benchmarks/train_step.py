@@ -362,7 +362,6 @@ def summarise(results: dict[str, list[dict]]) -> dict:
         first = firsts.setdefault(task, name)
         speed = sum(r["samples_per_s"] for r in ranks)
         held = max(r["optimizer_and_grad_bytes"] for r in ranks)
-        base = summary[first]
         entry = {"samples_per_s": speed, "step_ms": 1e3 * max(r["step_s"] for r in ranks),
                  "host_ms_per_step": max(r["host_ms_per_step"] for r in ranks),
                  "batch": ranks[0]["batch"], "optimizer_and_grad_mib_per_rank": held / 2**20,
@@ -373,9 +372,9 @@ def summarise(results: dict[str, list[dict]]) -> dict:
         if sites is not None:
             entry["host_syncs_per_step"] = sum(sites.values()) / ranks[0]["sync_steps"] \
                 if "sync_steps" in ranks[0] else sum(sites.values())
-        entry[f"speed_vs_{first}"] = speed / (base["samples_per_s"] if name != first else speed)
-        entry[f"memory_vs_{first}"] = held / (base["optimizer_and_grad_mib_per_rank"] * 2**20
-                                              if name != first else held)
+        base = summary.get(first, entry)
+        entry[f"speed_vs_{first}"] = speed / base["samples_per_s"]
+        entry[f"memory_vs_{first}"] = held / 2**20 / base["optimizer_and_grad_mib_per_rank"]
         summary[name] = entry
     return summary
 
