@@ -13,7 +13,8 @@ experts and top-k), and the tasks' own objectives (the loss a training step comp
   state: what is made once is not counted), every operator that reaches torch's dispatch except
   views and allocations (which launch no kernel), each Triton launch counted as one
   (`--moae-backend triton`);
-  the fine-tuning forward's operators inside MoAE layers are counted apart;
+  the fine-tuning forward's operators inside MoAE layers are counted apart, and
+  `step_without_moae` is the same model with plain blocks in their place (the rest of the step);
 - `moae_layer`: one MoAE layer on its own, forward and backward;
 - `optimizer`: the flat AdamW (ZeRO-0, the presets): parameter groups walked on the host and
   operators of one eager device step (one fused kernel per group when compiled).
@@ -147,8 +148,8 @@ def finetune_objective(cfg, model):
 
     def loss(pixels, targets):
         logits, aux = model(pixels, with_aux=True)
-        return finetune.soft_target_cross_entropy(logits, targets) + \
-            cfg.model.moae.aux_loss_coeff * aux.float()
+        value = finetune.soft_target_cross_entropy(logits, targets)
+        return value if aux is None else value + cfg.model.moae.aux_loss_coeff * aux.float()
     return loss
 
 
@@ -168,8 +169,8 @@ def pretrain_objective(cfg, model):
     return loss
 
 
-def finetune_step(preset: str, backend: str) -> dict:
-    cfg = config.load(preset, TINY + [f"model.moae.backend={backend}"])
+def finetune_step(preset: str, backend: str, *overrides: str) -> dict:
+    cfg = config.load(preset, TINY + [f"model.moae.backend={backend}", *overrides])
     torch.manual_seed(0)
     model = build_classifier(cfg).train()
     objective = finetune_objective(cfg, model)
@@ -249,6 +250,7 @@ def main() -> None:
               "method": "the tasks' objectives, after a warm-up step, gradients None before "
                         "backward (the flat AdamW leaves them so)",
               "step": finetune_step(args.preset, args.moae_backend),
+              "step_without_moae": finetune_step(args.preset, "torch", "model.moae.enabled=false"),
               "pretrain_step": pretrain_step(args.pretrain_preset),
               "moae_layer": moae_layer(args.preset, args.moae_backend),
               "optimizer": optimizer_step(args.preset)}
