@@ -367,7 +367,8 @@ class CapturedStep:
         modules = list(self.stepper.engine.module.modules())
         before = [dict(vars(m)) for m in modules]
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
+        # thread_local: the data pipeline's threads may use CUDA while this thread captures.
+        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
             self.out = self._body()
         for module, old in zip(modules, before):
             now = {k: v for k, v in vars(module).items() if k != "training"}
