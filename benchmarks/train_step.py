@@ -19,7 +19,8 @@ count), at one precision, through the step training uses (`Stepper.step` with th
 objective). Per rank it records step time, samples/s, MFU, host ms per step (the time the host
 spends issuing a step: far below the step time means the host runs ahead of the GPU), the bytes
 of optimizer state + gradients the rank holds (the memory ZeRO partitions; walked in the last
-warm-up step, never a timed one), and on a GPU peak allocated memory and the host-synchronisation
+warm-up step, never a timed one), the first 8 steps' losses (the same batch every step: two
+modes of a configuration must agree), and on a GPU peak allocated memory and the host-synchronisation
 sites of a few extra steps under torch's sync debug mode (the sync census: a step of the flat
 AdamW, compiled or captured, must have none).
 
@@ -230,6 +231,7 @@ def worker(args: argparse.Namespace) -> None:
     dtype = DTYPES[args.precision]
     inputs, batch = synthetic_batch(cfg, spec, device, dtype, seed=rank)
     held: list[int] = []  # optimizer state + gradients, measured in warm-up steps only
+    losses: list[torch.Tensor] = []  # the first steps' losses, read at the end
     parameters = sum(p.numel() for p in model.parameters())
 
     if spec.optimizer == "ddp":
@@ -239,7 +241,7 @@ def worker(args: argparse.Namespace) -> None:
         ddp = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
         if spec.mode == "compile":
             ddp = torch.compile(ddp)
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=device.type == "cuda")
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
         amp = args.precision != "fp32"
         scaler = torch.amp.GradScaler(enabled=args.precision == "fp16")
         weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
@@ -249,6 +251,8 @@ def worker(args: argparse.Namespace) -> None:
         def step(measure: bool = False) -> None:
             with torch.autocast(device.type, dtype, enabled=amp):
                 loss = objective(*inputs)
+            if len(losses) < 8:
+                losses.append(loss.detach().float())
             scaler.scale(loss).backward()
             if measure:
                 held.append(reachable_bytes(opt, weights))
@@ -280,8 +284,11 @@ def worker(args: argparse.Namespace) -> None:
         def step(measure: bool = False) -> None:
             if flat is None:
                 engine.backward = backward_and_measure if measure else backward
-            stepper.step(objective, inputs, 1e-5)
+            outcome = stepper.step(objective, inputs, 1e-4)
+            if len(losses) < 8:
+                losses.append(outcome.loss)
 
+    initial = [p.detach().clone() for p in model.parameters()]
     for i in range(args.warmup):
         step(measure=i == args.warmup - 1)
     if device.type == "cuda":
@@ -307,7 +314,7 @@ def worker(args: argparse.Namespace) -> None:
     result = {"rank": rank, "batch": batch, "samples_per_s": args.steps * batch / elapsed,
               "step_s": elapsed / args.steps, "host_ms_per_step": 1e3 * host / args.steps,
               "optimizer_and_grad_bytes": max(held), "parameters": parameters,
-              "step_flops": flops}
+              "step_flops": flops, "first_losses": [float(x) for x in losses]}
     if device.type == "cuda":
         result["peak_allocated_bytes"] = torch.cuda.max_memory_allocated()
         if peak:
@@ -319,6 +326,10 @@ def worker(args: argparse.Namespace) -> None:
     if args.profile_steps:
         table = Path(args.out).with_suffix(f".rank{rank}.profile.txt")
         result["profile"] = profile(step, args.profile_steps, device, table)
+    # How far the weights moved from their initial values over every step run (the same count
+    # in every mode): an update the captured step missed or doubled shows here.
+    result["weight_movement"] = float(sum((p.detach().float() - p0.float()).abs().sum()
+                                          for p, p0 in zip(model.parameters(), initial)))
     Path(args.out).with_suffix(f".rank{rank}.json").write_text(json.dumps(result))
     distributed.barrier()
 
