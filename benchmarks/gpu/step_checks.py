@@ -25,7 +25,7 @@ CONFIGS = ("ft:zero0+graphs@16", "pt:zero0+graphs", "ft:zero0@16", "pt:zero0", "
            "ft:ddp@16")
 MORE_CONFIGS = ("ft:zero2@16", "ft:zero0+graphs@64", "ft:zero0+graphs@16/triton",
                 "ft:zero0+compile@16", "ft-image:zero0+graphs", "pt-image:zero0+graphs")
-SMOKE_CONFIGS = ("ft:zero0", "pt:zero0", "ft:ddp")
+SMOKE_CONFIGS = ("ft:zero0", "pt:zero0")
 TARGET_MFU = 0.45
 
 
