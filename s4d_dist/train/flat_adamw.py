@@ -15,8 +15,8 @@ layers the lr decay tells apart.
 
 AdamW's per-parameter facts are kept: each parameter's own lr scale and its own step count, and
 a parameter that received no gradient in a step (the other modality's head) is left as it is —
-no decay, no moment update, no step counted — as torch's AdamW leaves a parameter whose `.grad`
-is None (the official loop, docs/method.md §2.9).
+no decay, no moment update, no step counted — as torch's AdamW (the official loop's optimizer)
+leaves a parameter whose `.grad` is None.
 
 Two ways to take a step:
 - `step()`: the host's numbers (lr and step counts as Python floats), the operations of torch's
@@ -25,7 +25,7 @@ Two ways to take a step:
 - `device_step(skip)`: lr, step counts and the skip flag as device tensors, nothing read back;
   the per-parameter numbers (scale, bias corrections, whether it steps) are small tables indexed
   by each element's parameter id (`seg`, int32), and the update is `flat_adamw`, elementwise
-  over the flat buffers (one fused kernel per group under torch.compile). A skipped step
+  over the flat buffers (fused by torch.compile after `compile()`). A skipped step
   (`skip` = 1: a non-finite loss or gradient) leaves weights, moments and counts untouched.
   This is what a GPU step, compiled or captured in a CUDA graph, runs.
 """
@@ -150,7 +150,7 @@ class FlatAdamW(torch.optim.Optimizer):
         self._update: Callable[..., None] = flat_adamw
 
     def compile(self, **kwargs) -> None:
-        """Run `device_step`'s update through torch.compile (one fused kernel per group)."""
+        """Run `device_step`'s update through torch.compile (its elementwise work fused)."""
         self._update = torch.compile(flat_adamw, fullgraph=True, dynamic=False, **kwargs)
 
     # ---- what a step needs --------------------------------------------------------------
