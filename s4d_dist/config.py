@@ -174,14 +174,19 @@ class CheckpointConfig:
 class DeepSpeedConfig:
     """What the generated DeepSpeed config contains (never edited by hand at run time)."""
 
-    zero_stage: int = 1
+    # 0: every rank holds the whole optimizer state and steps it with the flat AdamW of
+    # train/flat_adamw.py (no per-group host loops); 1/2: DeepSpeed's ZeRO partitions it, for a
+    # model whose 16 bytes of state per parameter do not fit (docs/design.md "The training step").
+    zero_stage: int = 0
     precision: Precision = "bf16"  # why bf16, what stays fp32 under fp16: §1.10
     grad_accum: int = 1
     activation_checkpointing: bool = False
-    # torch.compile the model (DeepSpeed's engine.compile): one compilation per modality and for
-    # evaluation, the same steps as eager (tests/test_engine.py) except the router noise, which
-    # inductor draws from its own generator. Measured against eager by benchmarks/train_step.py.
-    compile: bool = False
+    # torch.compile the training step (forward + loss, and the flat AdamW's update); null: on a
+    # GPU only. With ZeRO-1/2 the model alone (DeepSpeed's engine.compile).
+    compile: bool | None = None
+    # With compile on a GPU (ZeRO-0, grad_accum 1): each batch shape's whole step — forward,
+    # backward, all-reduce, optimizer — replayed as one CUDA graph.
+    cuda_graphs: bool = True
     # ZeRO buckets, in elements. Gradients are reduced bucket by bucket as backward produces
     # them, so a bucket must be a fraction of the model to overlap backward (the ViT-B MAE has
     # ~94M parameters: DeepSpeed's default 5e8 makes one bucket, reduced after backward ends);

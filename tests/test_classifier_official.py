@@ -149,10 +149,18 @@ def _names_by_group(model, groups):
 def test_finetune_layer_decay_and_no_decay(vit_base_pair):
     _, model = vit_base_pair
     groups = param_groups(model, weight_decay=0.05, layer_decay=0.75, depth=12)
+    assert [g["name"] for g in groups] == ["decay", "no_decay"]  # the flat AdamW's two groups
+    names = {id(p): n for n, p in model.named_parameters()}
     scale, decay = {}, {}
-    for group, names in _names_by_group(model, groups):
-        for n in names:
-            scale[n], decay[n] = group["lr_scale"], group["weight_decay"]
+    for group in groups:
+        assert group["names"] == [names[id(p)] for p in group["params"]]
+        for n, s in zip(group["names"], group["lr_scales"]):
+            scale[n], decay[n] = s, group["weight_decay"]
+    by_layer = param_groups(model, weight_decay=0.05, layer_decay=0.75, depth=12, by_layer=True)
+    assert len(by_layer) == 28  # one per (layer, decay): what DeepSpeed's ZeRO steps
+    for group, members in _names_by_group(model, by_layer):
+        assert {scale[n] for n in members} == {group["lr_scale"]}
+        assert {decay[n] for n in members} == {group["weight_decay"]}
     assert len(scale) == 212  # 380 state-dict tensors: each MoAE layer's 32 expert ones are 4
     assert scale["patch_embed.proj.weight"] == pytest.approx(0.75 ** 13)  # 0.0238
     assert scale["blocks.0.attn.qkv.weight"] == pytest.approx(0.75 ** 12)  # 0.0317
@@ -175,4 +183,4 @@ def test_pretrain_decay_rules_correct_and_official(vit_base_pair):
             assert decay[name] == decayed, name
         assert decay["encoder.blocks.0.norm1.weight"] == decay["decoder.head.bias"] == 0.0
         assert decay["encoder.blocks.0.mlp.fc1.weight"] == decay["encoder_to_decoder.weight"] == 0.05
-        assert {g["lr_scale"] for g in groups} == {1.0}
+        assert {s for g in groups for s in g["lr_scales"]} == {1.0}

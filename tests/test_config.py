@@ -86,7 +86,9 @@ def test_inherit_chain_and_save_round_trip(tmp_path):
 def test_deepspeed_config_takes_zero_buckets_from_the_config():
     from s4d_dist.train.ds_config import deepspeed_config
 
-    zero = deepspeed_config(load("pretrain_vit_base"), 16)["zero_optimization"]
+    assert deepspeed_config(load("pretrain_vit_base"), 16)["zero_optimization"] == {"stage": 0}
+    zero = deepspeed_config(load("pretrain_vit_base", ["deepspeed.zero_stage=1"]),
+                            16)["zero_optimization"]
     # The default buckets are a fraction of ViT-B's ~94M parameters, so reduction overlaps backward.
     assert zero["reduce_bucket_size"] == zero["allgather_bucket_size"] == 50_000_000
     assert zero["overlap_comm"] is True

@@ -47,15 +47,22 @@ def tiny_cfg(tmp_path, *extra):
     return config.load("demo", tiny_overrides(tmp_path, tmp_path, "pretrain") + list(extra))
 
 
-def test_build_engine_uses_plain_adamw_on_cpu_and_keeps_lr_scales(tmp_path):
+def test_zero0_steps_with_the_flat_adamw_and_keeps_lr_scales(tmp_path):
     distributed.init()
-    cfg = tiny_cfg(tmp_path, "optim.layer_decay=0.75")
+    cfg = tiny_cfg(tmp_path, "optim.layer_decay=0.75", "deepspeed.precision=bf16")
     engine = build_engine(cfg, build_mae(cfg))
-    assert not engine.client_optimizer.defaults["fused"]  # CPU runs reproduce earlier ones
-    assert Stepper(engine).device_skip is None  # so a non-finite step is skipped on the host
+    optimizer = engine.flat_optimizer
+    assert engine.optimizer is None  # DeepSpeed steps nothing
+    assert len(optimizer.param_groups) == 2  # decay, no decay: not one per layer
     set_lr(engine, 1.0)
-    scales = [g["lr_scale"] for g in engine.optimizer.param_groups]
-    assert len(set(scales)) > 1 and [g["lr"] for g in engine.optimizer.param_groups] == scales
+    scales = {s for group in optimizer.flat for s in group.scales}
+    assert len(scales) > 1 and all(g["lr"] == 1.0 for g in optimizer.param_groups)
+    assert optimizer.lr_t.item() == 1.0
+    stepper = Stepper(engine)
+    assert stepper.on_host and stepper.dtype == torch.bfloat16  # a CPU run: exact torch AdamW
+    # the parameters are bf16 views into the flat buffer, their fp32 masters kept apart
+    assert all(p.dtype == torch.bfloat16 for p in engine.module.parameters())
+    assert optimizer.flat[0].master.dtype == torch.float32
 
 
 def test_adamw_is_fused_for_cuda_parameters(tmp_path, monkeypatch):
@@ -250,3 +257,142 @@ def test_resume_refuses_optimizer_state_of_other_parameters(tmp_path, caplog):
     torch.save(saved, trainer)
     assert checkpoints.load(build_engine(cfg0, build_mae(cfg0)), tag)["global_step"] == 2
     assert "does not record its parameter layout" in caplog.text
+
+
+def flat_tiny_step(tmp_path, *extra):
+    """A ZeRO-0 engine (the flat AdamW) on the tiny MoAE classifier and a clip batch."""
+    from s4d_dist.models.factory import build_classifier
+    from s4d_dist.train.finetune import FinetuneTask
+    from s4d_dist.train.loop import Run
+
+    distributed.init()
+    cfg = config.load("demo_finetune", tiny_overrides(tmp_path, tmp_path, "finetune") + [
+        "deepspeed.zero_stage=0", *extra])
+    torch.manual_seed(0)
+    engine = build_engine(cfg, build_classifier(cfg))
+    run = Run(cfg, tmp_path, None, None, engine)
+    task = FinetuneTask(cfg)
+    dtype = torch.bfloat16 if engine.bfloat16_enabled() else torch.float32
+    pixels = torch.randn(2, 3, 4, 32, 32).to(dtype)
+    targets = torch.softmax(torch.randn(2, cfg.model.num_video_classes), -1)
+    return engine, task.objective(run), (pixels, targets)
+
+
+def test_flat_device_step_reads_nothing_and_skips_on_the_device(tmp_path):
+    """The path a GPU runs (on_host False): no host read in a step, and a non-finite loss or
+    gradient leaves weights, moments and step counts untouched, counted on the device."""
+    engine, objective, inputs = flat_tiny_step(tmp_path)
+    stepper = Stepper(engine, max_consecutive_skips=5)
+    stepper.on_host = False  # what a CUDA device sets: the flags stay on the device
+    stepper.step(objective, inputs, 1e-3)
+    optimizer = engine.flat_optimizer
+
+    def state():
+        return [t.clone() for g in optimizer.flat
+                for t in (g.data, g.exp_avg, g.exp_avg_sq, g.steps_t)]
+    before = state()
+    with no_host_reads():
+        outcome = stepper.step(lambda *x: objective(*x) * float("nan"), inputs, 1e-3)
+        stepper.step(lambda *x: objective(*x) * 0 + 1.0 + 0 * engine.module.head["video"].bias.sum()
+                     * float("inf"), inputs, 1e-3)  # a finite loss, its gradient not finite
+    assert all(torch.equal(a, b) for a, b in zip(before, state()))
+    assert outcome.skipped and stepper.check() == 2
+    outcome = stepper.step(objective, inputs, 1e-3)
+    assert not outcome.skipped and torch.isfinite(outcome.grad_norm)
+    assert not torch.equal(before[0], optimizer.flat[0].data)
+
+
+def test_flat_resume_refuses_another_optimizers_state_and_exports_fp32_masters(tmp_path):
+    from s4d_dist.models.factory import build_classifier
+    from s4d_dist.train.checkpoint import Checkpoints, ResumeError, export_fp32
+
+    engine, objective, inputs = flat_tiny_step(tmp_path, "deepspeed.precision=bf16")
+    Stepper(engine).step(objective, inputs, 1e-2)
+    cfg = config.load("demo_finetune", tiny_overrides(tmp_path, tmp_path, "finetune") + [
+        "deepspeed.zero_stage=0", "deepspeed.precision=bf16"])
+    checkpoints = Checkpoints(tmp_path / "flat", cfg)
+    tag = checkpoints.save(engine, {"global_step": 1})
+    masters = engine.flat_optimizer.master_weights()
+    weights = export_fp32(engine, checkpoints.dir, tag)
+    name = "blocks.1.moe_layer.experts.0.fc1.weight"  # official per-expert key, from the masters
+    torch.testing.assert_close(weights[name], masters["blocks.1.moe_layer.fc1_weight"][0],
+                               rtol=0, atol=0)
+    assert not torch.equal(weights["head.video.weight"],
+                           weights["head.video.weight"].bfloat16().float())  # not bf16 values
+    torch.manual_seed(0)
+    resumed = build_engine(cfg, build_classifier(cfg))
+    assert checkpoints.load(resumed, tag)["global_step"] == 1
+    for a, b in zip(engine.flat_optimizer.flat, resumed.flat_optimizer.flat):
+        assert torch.equal(a.master, b.master) and torch.equal(a.exp_avg_sq, b.exp_avg_sq)
+        assert torch.equal(a.data, b.data) and a.steps == b.steps
+
+    zero1 = config.load("demo_finetune", tiny_overrides(tmp_path, tmp_path, "finetune") + [
+        "deepspeed.zero_stage=1"])
+    old = Checkpoints(tmp_path / "zero1", zero1)
+    torch.manual_seed(0)
+    old_tag = old.save(build_engine(zero1, build_classifier(zero1)), {"global_step": 1})
+    torch.manual_seed(0)
+    with pytest.raises(ResumeError, match="optimizer state of DeepSpeed's optimizer.*flat AdamW"):
+        Checkpoints(tmp_path / "zero1", cfg).load(build_engine(cfg, build_classifier(cfg)), old_tag)
+
+
+@pytest.mark.parametrize("task", ["finetune", "pretrain"])
+def test_both_objectives_trace_without_graph_breaks(tmp_path, task):
+    """What `deepspeed.compile` compiles (fullgraph) and a GPU captures: the fine-tuning
+    objective (MoAE classifier, aux loss) and the pre-training one (visible tubelets, MAE loss),
+    each one dynamo graph."""
+    from s4d_dist.data.masking import random_masks
+    from s4d_dist.models.factory import build_classifier
+    from s4d_dist.train.finetune import FinetuneTask
+    from s4d_dist.train.loop import Run
+    from s4d_dist.train.pretrain import PretrainTask
+
+    distributed.init()
+    cfg = config.load("demo_finetune" if task == "finetune" else "demo",
+                      tiny_overrides(tmp_path, tmp_path, task))
+    torch.manual_seed(0)
+    model = (build_classifier if task == "finetune" else build_mae)(cfg)
+    engine = build_engine(cfg, model)
+    run = Run(cfg, tmp_path, None, None, engine)
+    pixels = torch.randn(2, 3, 4, 32, 32)
+    if task == "finetune":
+        objective = FinetuneTask(cfg).objective(run)
+        inputs = (pixels, torch.softmax(torch.randn(2, cfg.model.num_video_classes), -1))
+    else:
+        objective = PretrainTask(cfg).objective(run)
+        inputs = (pixels, random_masks(2, 8, cfg.mask.video_ratio))
+    explained = torch._dynamo.explain(objective)(*inputs)
+    assert explained.graph_break_count == 0 and explained.graph_count == 1, explained.break_reasons
+
+
+@pytest.mark.slow
+def test_compiled_flat_step_trains_like_the_eager_one(tmp_path):
+    """`deepspeed.compile=true` with the flat AdamW (ZeRO-0): the objective through
+    torch.compile (inductor's CPU code here) and the compiled device-side update take the same
+    steps as the eager host path (torch's AdamW arithmetic), to float rounding: losses and
+    weights of a few fine-tuning steps of the MoAE classifier, with image and clip steps (the
+    other head left alone in each). The router noise comes from eager's generator
+    (fallback_random) for the comparison."""
+    import torch._inductor.config as inductor_config
+
+    runs = {}
+    for compiled in (False, True):
+        engine, objective, _ = flat_tiny_step(tmp_path)
+        stepper = Stepper(engine, compile=compiled)
+        assert stepper.on_host is not compiled
+        data = torch.Generator().manual_seed(1)
+        losses = []
+        with mock.patch.object(inductor_config, "fallback_random", True):
+            for step in range(4):
+                image = step == 2
+                batch = torch.randn((2, 3, 32, 32) if image else (2, 3, 4, 32, 32), generator=data)
+                classes = engine.module.head["image" if image else "video"].out_features
+                soft = torch.softmax(torch.randn(2, classes, generator=data), -1)
+                torch.manual_seed(100 + step)
+                losses.append(float(stepper.step(objective, (batch, soft), 1e-3).loss))
+        runs[compiled] = losses, [p.detach().clone() for p in engine.module.parameters()]
+    eager, compiled = runs[False], runs[True]
+    assert eager[0][-1] != eager[0][0]
+    torch.testing.assert_close(compiled[0], eager[0], rtol=1e-4, atol=1e-5)
+    for got, want in zip(compiled[1], eager[1], strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-5)

@@ -55,9 +55,12 @@ def test_aux_loss_not_applied_leaves_the_cross_entropy_alone():
     for flag in (False, True):
         cfg = finetune_cfg(f"official.aux_loss_not_applied={flag}")
         model = classifier(f"official.aux_loss_not_applied={flag}").train()
-        run = SimpleNamespace(engine=model, device=torch.device("cpu"), dtype=torch.float32)
+        run = SimpleNamespace(engine=SimpleNamespace(module=model), device=torch.device("cpu"),
+                              dtype=torch.float32)
+        task = FinetuneTask(cfg)
+        inputs = task.inputs(run, batch, np.random.default_rng(3))
         torch.manual_seed(2)
-        losses[flag] = FinetuneTask(cfg).loss(run, batch, np.random.default_rng(3))
+        losses[flag] = task.objective(run)(*inputs)
         torch.manual_seed(2)  # the same forward (router noise), by hand
         pixels, targets = mix_batch(batch["pixels"], batch["label"], 7, cfg.augment, np.random.default_rng(3))
         logits, aux = model(pixels, "video", with_aux=True)
@@ -174,7 +177,7 @@ def test_pretrain_decay_qv_bias_is_the_official_fnmatch_rule(tmp_path):
             "deepspeed.precision=fp32"])
         model = build_mae(cfg)
         engine = build_engine(cfg, model)
-        decays = {id(p): g["weight_decay"] for g in engine.optimizer.param_groups for p in g["params"]}
+        decays = {id(p): g.weight_decay for g in engine.flat_optimizer.flat for p in g.params}
         norms = {f"{m}.{n}" if m else n for m, module in model.named_modules()
                  if isinstance(module, nn.LayerNorm) for n, _ in module.named_parameters()}
         for name, param in model.named_parameters():

@@ -216,16 +216,16 @@ def test_resume_rules(synthetic_shards, tmp_path):
 
 
 class ExplodingTask(PretrainTask):
-    """Returns NaN from step `start` on: the guard must skip, count, then abort."""
+    """Feeds NaN pixels (a NaN loss) from step `start` on: the guard must skip, count, then abort."""
 
     def __init__(self, cfg, start):
         super().__init__(cfg)
         self.start, self.calls = start, 0
 
-    def loss(self, run, batch, rng):
+    def inputs(self, run, batch, rng):
         self.calls += 1
-        loss = super().loss(run, batch, rng)
-        return loss * float("nan") if self.calls > self.start else loss
+        pixels, mask = super().inputs(run, batch, rng)
+        return (pixels * float("nan") if self.calls > self.start else pixels), mask
 
 
 def test_nonfinite_losses_are_skipped_then_abort(synthetic_shards, tmp_path):

@@ -174,3 +174,37 @@ def test_normalisation_constants_made_once_serve_autograd():
     x = torch.randn(1, 3, 2, 2, requires_grad=True)
     unnormalize(x).sum().backward()
     torch.testing.assert_close(x.grad, torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1).expand(1, 3, 2, 2))
+
+
+def test_patch_embedding_is_the_official_conv3d_in_float64():
+    """The Linear over flattened tubelets computes the official Conv3d (kernel = stride) with the
+    same parameters: float64 outputs and weight gradients agree to rounding, images (repeated to
+    a tubelet) and clips alike."""
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    enc = ViTEncoder(32, 16, 2, 4, 3, 24, 1, 2, 4.0, final_norm=False).double()
+    proj = enc.patch_embed.proj
+    for pixels in (torch.randn(2, 3, 4, 32, 32, dtype=torch.float64),
+                   torch.randn(2, 3, 32, 32, dtype=torch.float64)):
+        clip = pixels if pixels.ndim == 5 else pixels.unsqueeze(2).repeat(1, 1, 2, 1, 1)
+        want = F.conv3d(clip, proj.weight, proj.bias, stride=(2, 16, 16)).flatten(2).transpose(1, 2)
+        got = enc.patch_embed(pixels)
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+        grad = torch.randn_like(want)
+        (want_grad,) = torch.autograd.grad(want, proj.weight, grad)
+        (got_grad,) = torch.autograd.grad(got, proj.weight, grad)
+        torch.testing.assert_close(got_grad, want_grad, rtol=1e-12, atol=1e-12)
+
+
+def test_mae_embeds_only_the_visible_tubelets():
+    """The encoder's input is the full embedding's visible rows (positions included), computed
+    from the visible tubelets alone."""
+    torch.manual_seed(0)
+    model = PretrainMAE(**TINY).double()
+    pixels = torch.randn(3, 3, 4, 32, 32, dtype=torch.float64)
+    mask = random_masks(3, 8, 0.75)
+    keep = torch.argsort(mask.to(torch.int8), dim=1, stable=True)[:, :2]
+    full = model.encoder.embed(pixels)
+    want = torch.gather(full, 1, keep.unsqueeze(-1).expand(-1, -1, full.shape[-1]))
+    torch.testing.assert_close(model.encoder.embed(pixels, keep), want, rtol=1e-12, atol=1e-12)

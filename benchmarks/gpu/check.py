@@ -1,6 +1,6 @@
 """The prepared GPU run: every GPU path of s4d_dist validated and measured, one JSON at the end.
 
-    bash benchmarks/gpu/run.sh --sections A,B,C,D   # on a GPU machine (benchmarks/gpu/README.md)
+    bash benchmarks/gpu/run.sh --sections A,C,B,D   # on a GPU machine (benchmarks/gpu/README.md)
     bash benchmarks/gpu/run.sh --cpu-smoke          # the same code at toy sizes, on a CPU
 
 Sections (each independent; a failing one is recorded and the next runs):
@@ -8,8 +8,10 @@ Sections (each independent; a failing one is recorded and the next runs):
   B  compiled Triton MoAE: the kernel test file compiled, a stress against the `torch` and
      `loop` backends, candidate tiles, compute-sanitizer memcheck on a small case
                                                                             (triton_checks.py)
-  C  one ViT-B fine-tune rank, bf16, ZeRO-1 / ZeRO-2 / DDP: step time, MFU, peak memory,
-     host-sync sites                                                  (benchmarks/train_step.py)
+  C  the training step, one rank, bf16: fine-tune and pre-train, the flat AdamW captured as
+     CUDA graphs first, then eager, ZeRO-1/2, DDP, batch 64, Triton MoAE: step time, MFU,
+     host ms, host-sync census, GPU busy fraction, kernels per step, peak memory
+                                                (step_checks.py, benchmarks/train_step.py)
   D  MoAE layer at the ViT-B fine-tune shape: backends eager, torch compiled, CUDA graph
      replay; the fused layer kernel by kernel (benchmarks/moae_backends.py, moae_glue.py)
   E  DALI "mixed" against "cpu": every recipe, corrupt samples, stream safety  (dali_checks.py)
@@ -18,8 +20,9 @@ Sections (each independent; a failing one is recorded and the next runs):
      `predict` on the fine-tuned run with `--decoder dali` against `--decoder python`
 
 The JSON (`<out>/gpu_<device>.json`) holds, per section, `ok` (the checks passed), `targets`
-(measured value, target, met) and every figure, and at top level the headline figures the
-issues read (`moae_layer_ms`); a section's entry is written as soon as it
+(measured value, target, met) and every figure, and at the top `headline`: the figures the
+issues ask for (`finetune_mfu`, `pretrain_mfu`, `moae_layer_ms`), gathered from the sections'
+own `headline` entries; a section's entry is written as soon as it
 ends, so a run cut short keeps what it measured, and a later call with other sections adds
 to the same file. Under `--smoke` sizes are toy sizes and GPU-only parts say "skipped".
 """
@@ -126,34 +129,9 @@ def environment(ctx: Context) -> dict:
 
 # ------------------------------------------------------------------------------------ C
 def train_step(ctx: Context) -> dict:
-    """One rank, the finetune_dfew model (ViT-B + MoAE), synthetic batches on the device."""
-    report = ctx.out / "train_step.json"
-    if ctx.smoke:
-        cmd = ["--preset", "demo_finetune", "--steps", "2", "--warmup", "2", "--precision", "fp32",
-               "model.img_size=32", "model.num_frames=4", "data.video_batch_size=2"]
-    else:
-        cmd = ["--preset", "finetune_dfew", "--steps", "20", "--warmup", "3", "--precision", "bf16",
-               "--sync-steps", "3", "seed=0"]
-    # torch.compile in both loops: the first GPU run found the eager step far below its target
-    # (MFU 4-12%). Not in the smoke run: compiling costs it ~40 s on two cores, and compiled
-    # training is held to eager by tests/test_engine.py.
-    configs = "zero1,ddp" if ctx.smoke else "zero0,zero1,zero2,ddp,zero1+compile,ddp+compile"
-    result = ctx.run([sys.executable, str(BENCHMARKS / "train_step.py"), "--ranks", "1",
-                      "--configs", configs, "--profile-steps", "2" if ctx.smoke else "3",
-                      "--results", str(report), *cmd], timeout=540, log="train_step.log")
-    if result.returncode:
-        return {"ok": False, "error": tail(result.stderr)}
-    data = json.loads(report.read_text())
-    rows = {name: r["ranks"][0] for name, r in data["results"].items()}
-    summary = {name: {key: r.get(key) for key in ("step_s", "samples_per_s", "mfu",
-                                                 "peak_allocated_bytes", "host_sync_sites",
-                                                 "profile")}
-               for name, r in rows.items()}
-    best_zero = max((n for n in rows if n.startswith("zero")), key=lambda n: rows[n]["samples_per_s"])
-    return {"ok": all(r["step_s"] > 0 for r in rows.values()), "precision": data["precision"],
-            "results": summary, "best_zero": best_zero,
-            "ddp_over_zero1": rows["ddp"]["samples_per_s"] / rows["zero1"]["samples_per_s"],
-            "targets": {"finetune_mfu": target(rows[best_zero].get("mfu"), 0.45)}}
+    """The training step's configurations and the headline MFUs (step_checks.py)."""
+    import step_checks
+    return step_checks.run(ctx, BENCHMARKS, target)
 
 
 # ------------------------------------------------------------------------------------ D
@@ -360,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
                      "traceback": tail(traceback.format_exc(), 25)}
         entry["seconds"] = round(time.perf_counter() - started, 1)
         report["sections"][f"{key}_{name}"] = entry
-        report.update(entry.get("headline", {}))  # the figures the issue reads at top level
+        report.setdefault("headline", {}).update(entry.get("headline", {}))
         path.write_text(scrub(json.dumps(report, indent=1, default=str), ctx) + "\n")
         failed |= not entry["ok"]
         met = {k: t["met"] for k, t in entry.get("targets", {}).items()}

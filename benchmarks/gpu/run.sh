@@ -2,7 +2,7 @@
 # The prepared GPU run (benchmarks/gpu/README.md): installs what benchmarks/gpu/wheels.sh put in
 # .gpu/ against the machine's own torch and Triton, then runs benchmarks/gpu/check.py.
 #
-#   bash benchmarks/gpu/run.sh --sections A,B,C,D   # GPU: check sections (default: all)
+#   bash benchmarks/gpu/run.sh --sections A,C,B,D   # GPU: check sections (default: all)
 #   bash benchmarks/gpu/run.sh --stage-only         # GPU: only keep the carried DALI piece
 #   bash benchmarks/gpu/run.sh --cpu-smoke          # CPU: the same checks at toy sizes
 #

@@ -64,7 +64,7 @@ last=$((${#pieces[@]} - 1))
 echo
 echo "Device calls, back to back (the machine goes back ~30 s after a call); each carries .gpu/dali/SHA256SUMS too:"
 echo "  1. carry .gpu/wheels .gpu/av ${pieces[0]}"
-echo "     command: bash benchmarks/gpu/run.sh --sections A,B,C,D"
+echo "     command: bash benchmarks/gpu/run.sh --sections A,C,B,D"
 for i in $(seq 1 "$last"); do
   if (( i < last )); then
     echo "  $((i + 1)). carry ${pieces[$i]}   command: bash benchmarks/gpu/run.sh --stage-only"

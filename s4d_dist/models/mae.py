@@ -1,10 +1,10 @@
 """Dual-modal masked autoencoder: one encoder and one decoder for images and clips
 (docs/method.md §1.3-1.5).
 
-The encoder sees only the visible tokens. Their features are projected to the decoder width and
-put back at their original raster positions, the masked positions filled with a learned token,
-so the decoder predicts every token (100 for an image, 800 for a clip at ViT-B sizes). The loss
-keeps the masked ones only.
+The encoder sees only the visible tokens (only their tubelets are embedded). Their features are
+projected to the decoder width and put back at their original raster positions, the masked
+positions filled with a learned token, so the decoder predicts every token (100 for an image,
+800 for a clip at ViT-B sizes). The loss keeps the masked ones only.
 """
 from __future__ import annotations
 
@@ -69,8 +69,8 @@ class PretrainMAE(nn.Module):
         host (masking.num_masked of the ratio). Given, nothing is read back from the device
         (a host sync each step on a GPU): the rows are checked by an asynchronous device-side
         assert instead. Omitted, it is read from the mask and checked on the host."""
-        x = self.encoder.embed(pixels)
-        B, N, D = x.shape
+        slots = pixels.shape[2] // self.tubelet if pixels.ndim == 5 else 1
+        B, N = len(pixels), slots * (pixels.shape[-2] // self.patch) * (pixels.shape[-1] // self.patch)
         if mask.shape != (B, N):
             raise ValueError(f"mask shape {tuple(mask.shape)} does not match the {N} tokens of "
                              f"input {tuple(pixels.shape)}")
@@ -84,10 +84,11 @@ class PretrainMAE(nn.Module):
             torch._assert_async((visible_counts == num_visible).all(),
                                 f"every row of the mask must leave num_visible={num_visible} "
                                 "visible tokens")
-        # Visible token ids in raster order: a stable sort puts False (visible) first.
+        # Visible token ids in raster order: a stable sort puts False (visible) first. Only
+        # their tubelets are embedded.
         order = torch.argsort(mask.to(torch.int8), dim=1, stable=True)
         keep = order[:, :num_visible]
-        visible = torch.gather(x, 1, keep.unsqueeze(-1).expand(-1, -1, D))
+        visible = self.encoder.embed(pixels, keep)
         latent = self.encoder_to_decoder(self.encoder.run_blocks(visible))
         Dd = latent.shape[-1]
         tokens = self.mask_token.to(latent.dtype).expand(B, N, Dd)

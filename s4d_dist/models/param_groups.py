@@ -38,10 +38,15 @@ def no_decay(name: str, param: nn.Parameter) -> bool:
 
 
 def param_groups(model: nn.Module, weight_decay: float, layer_decay: float = 1.0,
-                 depth: int | None = None, official_pretrain_rule: bool = False) -> list[dict]:
-    """Groups for torch/DeepSpeed optimizers; each carries `lr_scale` for the scheduler.
+                 depth: int | None = None, official_pretrain_rule: bool = False,
+                 by_layer: bool = False) -> list[dict]:
+    """Groups for the optimizers, parameters in module order with their `names`.
 
-    `depth` (number of blocks) is needed only when `layer_decay` != 1.
+    Default: one group per weight-decay value (≤ 2), each parameter's lr scale in `lr_scales`
+    (the scheduled lr is multiplied by it): what train/flat_adamw.py takes. `by_layer`: one
+    group per (layer, decay) with a single `lr_scale`, named `layer{id}_decay|no_decay`, for an
+    optimizer with one lr per group (DeepSpeed's ZeRO; layer-wise decay over ViT-B's 12 blocks
+    makes 28). `depth` (number of blocks) is needed only when `layer_decay` != 1.
     """
     if layer_decay != 1.0 and depth is None:
         raise ValueError("layer-wise lr decay needs the encoder depth")
@@ -52,11 +57,14 @@ def param_groups(model: nn.Module, weight_decay: float, layer_decay: float = 1.0
             continue
         skip_decay = name in quirky if quirky is not None else no_decay(name, param)
         lid = layer_id(name, depth) if layer_decay != 1.0 else 0
-        group = groups.setdefault((lid, skip_decay), {
-            "name": f"layer{lid}_{'no_decay' if skip_decay else 'decay'}",
-            "params": [],
-            "weight_decay": 0.0 if skip_decay else weight_decay,
-            "lr_scale": layer_decay ** (depth + 1 - lid) if layer_decay != 1.0 else 1.0,
-        })
+        scale = layer_decay ** (depth + 1 - lid) if layer_decay != 1.0 else 1.0
+        kind = "no_decay" if skip_decay else "decay"
+        group = groups.setdefault((lid if by_layer else 0, skip_decay), {
+            "name": f"layer{lid}_{kind}" if by_layer else kind, "params": [], "names": [],
+            "lr_scales": [], "weight_decay": 0.0 if skip_decay else weight_decay})
         group["params"].append(param)
+        group["names"].append(name)
+        group["lr_scales"].append(scale)
+        if by_layer:
+            group["lr_scale"] = scale
     return list(groups.values())

@@ -21,6 +21,7 @@ training when a fold was re-run, docs/method.md §3.16).
 from __future__ import annotations
 
 import logging
+import math
 import random
 import shutil
 from collections.abc import Iterable
@@ -34,9 +35,13 @@ from omegaconf import DictConfig, OmegaConf
 from s4d_dist import atomic
 from s4d_dist.models.moae import split_all_experts
 from s4d_dist.train import distributed
+from s4d_dist.train.flat_adamw import OptimizerStateError
 from s4d_dist.train.faults import EXIT_USAGE, RunStopped, StorageError, human_bytes, storage_failure
 
 log = logging.getLogger(__name__)
+
+# The flat AdamW's state in DeepSpeed's model-states file (its client state; ZeRO-0 only).
+FLAT_OPTIMIZER = "flat_optimizer"
 
 # Sections a resumed run must share with the checkpoint; the rest (logging, epochs, ...) may change.
 MUST_MATCH = ("task", "model", "mask")
@@ -199,7 +204,9 @@ class Checkpoints:
         recorded = engine.checkpoint_engine = _RecordedWrites(engine.checkpoint_engine)
         try:
             (self.dir / tag).mkdir(parents=True, exist_ok=True)
-            engine.save_checkpoint(str(self.dir), tag=tag, save_latest=False)
+            optimizer = getattr(engine, "flat_optimizer", None)  # ZeRO-0: ours, in DeepSpeed's file
+            client = {} if optimizer is None else {FLAT_OPTIMIZER: optimizer.state_dict()}
+            engine.save_checkpoint(str(self.dir), tag=tag, save_latest=False, client_state=client)
             if recorded.error is None:
                 torch.save(trainer, self._trainer_file(self.dir, tag))
         except (OSError, RuntimeError) as error:
@@ -259,9 +266,29 @@ class Checkpoints:
             raise ResumeError(f"{self.dir / tag}: DeepSpeed could not load this checkpoint")
         if module_only:
             return saved["trainer"]
+        self._load_flat_optimizer(engine, client.get(FLAT_OPTIMIZER), tag)
         set_rng_state(saved["rng"])
         log.info("resumed from %s (global step %d)", self.dir / tag, saved["trainer"]["global_step"])
         return saved["trainer"]
+
+    def _load_flat_optimizer(self, engine, state: dict | None, tag: str) -> None:
+        """The flat AdamW's state (train/flat_adamw.py), refused if the checkpoint holds
+        another optimizer's (an older s4d_dist's per-parameter AdamW, or ZeRO's partitions)."""
+        optimizer = getattr(engine, "flat_optimizer", None)
+        if optimizer is None and state is None:
+            return
+        if optimizer is None or state is None:
+            wrote, runs = (("DeepSpeed's optimizer (ZeRO-1/2, fp16, or an s4d_dist before the "
+                            "flat AdamW)", "the flat AdamW (ZeRO-0)") if state is None else
+                           ("the flat AdamW (ZeRO-0)", "DeepSpeed's optimizer"))
+            raise ResumeError(f"{self.dir / tag} holds the optimizer state of {wrote}, this run "
+                              f"steps with {runs}: resume with the deepspeed.zero_stage and "
+                              f"s4d_dist that wrote it, or start a run from its weights")
+        try:
+            optimizer.load_state_dict(state)
+        except OptimizerStateError as error:
+            raise ResumeError(f"{self.dir / tag}: {error}; resume it with the s4d_dist that "
+                              f"wrote it, or start a run from its weights") from error
 
     def _check_layout(self, saved: list | None, module: torch.nn.Module, tag: str) -> None:
         """Refuse optimizer state written for other parameters. ZeRO keeps it as flat
@@ -321,11 +348,12 @@ class Checkpoints:
 
 
 def export_fp32(engine, ckpt_dir: Path, tag: str) -> dict[str, torch.Tensor]:
-    """The fp32 weights of a saved checkpoint (ZeRO ≥ 1: from the fp32 master partitions).
+    """The fp32 weights of a saved checkpoint: ZeRO ≥ 1's fp32 master partitions, the flat
+    AdamW's fp32 masters (ZeRO-0), or the module's weights where they are fp32.
 
-    With ZeRO-0 in bf16/fp16 there are no fp32 masters in the checkpoint that DeepSpeed's
-    `zero_to_fp32` can read; the module's low-precision weights are exported instead, with a
-    warning.
+    With DeepSpeed's ZeRO-0 optimizer in bf16/fp16 (fp16 runs) the checkpoint holds no fp32
+    masters that DeepSpeed's `zero_to_fp32` can read; the module's low-precision weights are
+    exported instead, with a warning.
     """
     if engine.zero_optimization_stage() >= 1:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
@@ -334,6 +362,21 @@ def export_fp32(engine, ckpt_dir: Path, tag: str) -> dict[str, torch.Tensor]:
         split_all_experts(state)  # the masters are named as parameters; exports as state dicts
         module_keys = list(engine.module.state_dict())
         return {k: state[k].float() for k in module_keys}
+    module_state = engine.module.state_dict()
+    if getattr(engine, "flat_optimizer", None) is not None:  # the checkpoint's fp32 masters
+        saved = torch.load(ckpt_dir / tag / "mp_rank_00_model_states.pt", map_location="cpu",
+                           weights_only=False)[FLAT_OPTIMIZER]
+        masters = {}
+        for group in saved["groups"]:
+            flat = group["master"]
+            if flat is None:  # fp32 parameters: the module's weights are the masters
+                return {k: v.detach().float().cpu().clone() for k, v in module_state.items()}
+            sizes = [math.prod(shape) for _, shape in group["layout"]]
+            for (name, shape), part in zip(group["layout"], flat.split(sizes)):
+                masters[name] = part.view(shape)
+        split_all_experts(masters)
+        return {k: masters[k].float().clone() if k in masters else v.detach().float().cpu()
+                for k, v in module_state.items()}
     if engine.bfloat16_enabled() or engine.fp16_enabled():
         log.warning("ZeRO-0 in reduced precision: exporting the low-precision module weights")
-    return {k: v.detach().float().cpu().clone() for k, v in engine.module.state_dict().items()}
+    return {k: v.detach().float().cpu().clone() for k, v in module_state.items()}

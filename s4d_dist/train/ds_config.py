@@ -2,8 +2,9 @@
 
 Generated rather than hand-written so the batch sizes, precision and ZeRO stage a run uses are
 the ones its resolved config records; `launch/ds/*.json` are examples of the output, written by
-`python -m s4d_dist.train.ds_config <preset>`. The optimizer is not in it: the loops pass a
-client AdamW built from our parameter groups, whose per-group `lr_scale` the schedule applies.
+`python -m s4d_dist.train.ds_config <preset>`. The optimizer is not in it: with ZeRO-0 the step
+uses the flat AdamW (train/flat_adamw.py) and DeepSpeed gets none; with ZeRO-1/2 the loops pass a
+client AdamW with one group per layer, whose `lr_scale` the schedule applies.
 """
 from __future__ import annotations
 

@@ -121,16 +121,26 @@ class FinetuneTask:
         m = self.cfg.model
         return m.num_video_classes if modality == "video" else m.num_image_classes
 
-    def loss(self, run: Run, batch: dict, rng: np.random.Generator) -> torch.Tensor:
-        modality = batch["modality"]
+    def inputs(self, run: Run, batch: dict, rng: np.random.Generator) -> tuple[torch.Tensor, ...]:
+        """The step's device tensors: mixed pixels in the model's dtype, soft targets."""
         pixels = batch["pixels"].to(run.device, non_blocking=True)
         labels = batch["label"].to(run.device, non_blocking=True)
-        pixels, targets = mix_batch(pixels, labels, self.num_classes(modality), self.cfg.augment,
-                                    rng)
-        logits, aux = run.engine(pixels.to(run.dtype), modality, with_aux=True)
-        loss = soft_target_cross_entropy(logits, targets)
-        if aux is not None and not self.cfg.official.aux_loss_not_applied:
-            loss = loss + self.cfg.model.moae.aux_loss_coeff * aux.float()
+        pixels, targets = mix_batch(pixels, labels, self.num_classes(batch["modality"]),
+                                    self.cfg.augment, rng)
+        return pixels.to(run.dtype), targets
+
+    def objective(self, run: Run):
+        """`loss(pixels, targets)`: soft-target cross-entropy (+ the MoAE aux loss) of the
+        modality the pixels' shape says; tensors in, a 0-d loss out (what a step compiles)."""
+        model, coeff = run.engine.module, self.cfg.model.moae.aux_loss_coeff
+        with_aux = not self.cfg.official.aux_loss_not_applied
+
+        def loss(pixels: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+            logits, aux = model(pixels, with_aux=True)
+            value = soft_target_cross_entropy(logits, targets)
+            if aux is not None and with_aux:
+                value = value + coeff * aux.float()
+            return value
         return loss
 
     def step_flops(self, batch: dict) -> float:

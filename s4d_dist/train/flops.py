@@ -27,11 +27,11 @@ def transformer_flops(tokens: int, dim: int, depth: int, mlp_ratio: float) -> fl
 
 
 def mae_step_flops(cfg: DictConfig, tokens: int, mask_ratio: float, batch: int) -> float:
-    """Patch embedding of every token (the visible ones are picked from its output), encoder
-    blocks on the visible tokens, decoder on all of them, for fwd + bwd."""
+    """Patch embedding and encoder blocks of the visible tokens, decoder on all of them, for
+    fwd + bwd."""
     m = cfg.model
     visible = tokens - num_masked(tokens, mask_ratio)
-    encoder = 2 * tokens * m.in_chans * m.tubelet * m.patch ** 2 * m.embed_dim + \
+    encoder = 2 * visible * m.in_chans * m.tubelet * m.patch ** 2 * m.embed_dim + \
         transformer_flops(visible, m.embed_dim, m.depth, m.mlp_ratio)
     decoder = 2 * visible * m.embed_dim * m.decoder_dim + \
         transformer_flops(tokens, m.decoder_dim, m.decoder_depth, m.mlp_ratio) + \

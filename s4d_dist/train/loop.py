@@ -40,7 +40,7 @@ from s4d_dist.models import official
 from s4d_dist.shards.layout import BuildError
 from s4d_dist.train import distributed, exports
 from s4d_dist.train.checkpoint import Checkpoints, export_fp32
-from s4d_dist.train.engine import Stepper, build_engine
+from s4d_dist.train.engine import Stepper, build_engine, compile_enabled
 from s4d_dist.train.faults import DataError, MainThread, Preempted, Preemption, on_this_thread
 from s4d_dist.train.flops import peak_flops
 from s4d_dist.train.logs import run_logs
@@ -78,7 +78,8 @@ class Run:
 
 class Task(Protocol):
     def build_model(self, run: Run, resuming: bool) -> nn.Module: ...
-    def loss(self, run: Run, batch: dict, rng: np.random.Generator) -> torch.Tensor: ...
+    def inputs(self, run: Run, batch: dict, rng: np.random.Generator) -> tuple[torch.Tensor, ...]: ...
+    def objective(self, run: Run) -> Callable[..., torch.Tensor]: ...
     def step_flops(self, batch: dict) -> float: ...
     def eval_catalogs(self) -> list[Catalog]: ...
     def on_log(self, run: Run, batch: dict, step: int) -> None: ...
@@ -235,7 +236,8 @@ def _train(run: Run, task: Task, loader: TrainLoader, resume_tag: str | None,
     run.engine = build_engine(cfg, task.build_model(run, resuming=resume_tag is not None))
     distributed.release_shared_memory()
     checkpoints.check_space(run.engine)
-    stepper = Stepper(run.engine, cfg.optim.max_nonfinite_steps)
+    stepper = Stepper(run.engine, cfg.optim.max_nonfinite_steps, compile=compile_enabled(cfg),
+                      cuda_graphs=cfg.deepspeed.cuda_graphs)
     run.dtype = stepper.dtype
     schedule = Schedule(cfg, loader.steps_per_epoch, world)
     run.state = {"epoch": 0, "batches": None, "global_step": 0, "task": {}}
@@ -245,6 +247,7 @@ def _train(run: Run, task: Task, loader: TrainLoader, resume_tag: str | None,
                  f"(epoch {run.state['epoch']}, step {run.state['global_step']})")
     peak = peak_flops(run.device, cfg.logging.peak_tflops)
     meter = Meter()
+    objective = task.objective(run)
 
     for epoch in range(run.state["epoch"], cfg.optim.epochs):
         batches = loader.epoch(epoch)
@@ -260,7 +263,7 @@ def _train(run: Run, task: Task, loader: TrainLoader, resume_tag: str | None,
                 step = run.state["global_step"]
                 lr = schedule(step)
                 rng = seeds.step_rng(cfg.seed, step, rank)
-                outcome = stepper(task.loss(run, batch, rng), lr)
+                outcome = stepper.step(objective, task.inputs(run, batch, rng), lr)
                 meter.add(batch["modality"], outcome.loss, len(batch["pixels"]), _tokens(batch, cfg),
                           task.step_flops(batch), started - waited)
                 epoch_losses.append(outcome.loss)

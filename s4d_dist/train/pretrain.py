@@ -31,14 +31,25 @@ class PretrainTask:
     def _ratio(self, modality: str) -> float:
         return self.cfg.mask.video_ratio if modality == "video" else self.cfg.mask.image_ratio
 
-    def loss(self, run: Run, batch: dict, rng: np.random.Generator) -> torch.Tensor:
-        m = self.cfg.model
-        pixels = batch["pixels"].to(run.device, non_blocking=True)
-        mask = batch["mask"].to(run.device, non_blocking=True)
-        tokens = mask.shape[1]
-        visible = tokens - num_masked(tokens, self._ratio(batch["modality"]))
-        pred = run.engine(pixels.to(run.dtype), mask, num_visible=visible)
-        return mae_loss(pred, mae_targets(pixels, m.tubelet, m.patch), mask)
+    def inputs(self, run: Run, batch: dict, rng: np.random.Generator) -> tuple[torch.Tensor, ...]:
+        """The step's device tensors: pixels (as loaded, for the targets) and the mask."""
+        return (batch["pixels"].to(run.device, non_blocking=True),
+                batch["mask"].to(run.device, non_blocking=True))
+
+    def objective(self, run: Run):
+        """`loss(pixels, mask)`: the normalised-pixel MAE loss of the modality the pixels'
+        shape says, with the visible count its mask ratio gives (static shapes: nothing read
+        back); tensors in, a 0-d loss out (what a step compiles)."""
+        model, dtype = run.engine.module, run.dtype
+        tubelet, patch = self.cfg.model.tubelet, self.cfg.model.patch
+        ratios = {ndim: self._ratio(modality) for ndim, modality in ((4, "image"), (5, "video"))}
+
+        def loss(pixels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+            tokens = mask.shape[1]
+            visible = tokens - num_masked(tokens, ratios[pixels.ndim])
+            pred = model(pixels.to(dtype), mask, num_visible=visible)
+            return mae_loss(pred, mae_targets(pixels, tubelet, patch), mask)
+        return loss
 
     def step_flops(self, batch: dict) -> float:
         tokens = batch["mask"].shape[1]
