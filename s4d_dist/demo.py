@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 from omegaconf import DictConfig, OmegaConf
 
 from s4d_dist import config
@@ -111,6 +112,9 @@ def report(results: dict, names: list[str], out: Path) -> None:
                 print(f"[demo] {task:5s} {name:5s} {r['war']:5.1f} {r['uar']:5.1f} "
                       f"{r['f1_weighted']:5.1f}          " + " ".join(f"{v:5.1f}" for v in recall))
         print(f"[demo]   {task}: {scores['last']['samples']} test {unit}")
+    print(f"[demo] computed with {torch.get_num_threads()} torch threads, "
+          f"{torch.backends.cpu.get_cpu_capability()} kernels; another thread count or CPU gives "
+          f"other numbers for the same seed (README: how much)")
     print(f"[demo] scores: {out / 'finetune' / 'metrics.json'}; TensorBoard (MAE reconstructions "
           f"of images and clips, confusion matrices, recall): tensorboard --logdir {out}")
 
