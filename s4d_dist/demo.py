@@ -19,13 +19,16 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 from omegaconf import DictConfig, OmegaConf
 
 from s4d_dist import config
 from s4d_dist.shards.layout import DATASET_JSON, read_dataset
 from s4d_dist.train import metrics
 from s4d_dist.train.checkpoint import ResumeError, config_differences
+from s4d_dist.train import preflight
 from s4d_dist.train.cli import report as report_stop
+from s4d_dist.train.faults import RunStopped
 from s4d_dist.train.finetune import FinetuneTask
 from s4d_dist.train.logs import run_logs
 from s4d_dist.train.loop import run_dir, train
@@ -67,7 +70,7 @@ def finished(folder: Path, cfg: DictConfig) -> bool:
     differences = config_differences(saved, cfg, [k for k in cfg if k not in NOT_RESULT])
     if differences:
         raise ResumeError(f"{folder} holds a finished run of another config "
-                          f"({'; '.join(differences)}); pick another --output or delete it")
+                          f"({'; '.join(differences)}); pick another output_dir or delete it")
     return True
 
 
@@ -109,29 +112,84 @@ def report(results: dict, names: list[str], out: Path) -> None:
                 print(f"[demo] {task:5s} {name:5s} {r['war']:5.1f} {r['uar']:5.1f} "
                       f"{r['f1_weighted']:5.1f}          " + " ".join(f"{v:5.1f}" for v in recall))
         print(f"[demo]   {task}: {scores['last']['samples']} test {unit}")
+    print(f"[demo] computed with {torch.get_num_threads()} torch threads, "
+          f"{torch.backends.cpu.get_cpu_capability()} kernels; another thread count or CPU gives "
+          f"other numbers for the same seed (README: how much)")
     print(f"[demo] scores: {out / 'finetune' / 'metrics.json'}; TensorBoard (MAE reconstructions "
           f"of images and clips, confusion matrices, recall): tensorboard --logdir {out}")
+
+
+# Keys the demo sets itself: each stage's run name, the shards it builds, the weights the second
+# stage starts from.
+DEMO_KEYS = ("task", "run_name", "init_checkpoint", "data.image_shards", "data.video_shards")
+DEFAULT_OUTPUT = "runs/demo"
+
+
+def _key(override: str) -> str:
+    return override.partition("=")[0].strip()
+
+
+def output_folder(parser: argparse.ArgumentParser, args) -> tuple[Path, list[str]]:
+    """The folder for everything the demo writes — `--output`, or `output_dir=` as every other
+    command takes it (the same thing), or runs/demo — and the overrides left for the stages.
+    Overrides of what the demo sets itself are refused at once."""
+    ours = [o for o in args.overrides if _key(o) in DEMO_KEYS]
+    if ours:
+        parser.error(f"{', '.join(ours)}: the demo sets {', '.join(DEMO_KEYS)} itself; choose "
+                     f"its folder with output_dir=")
+    given = [o.partition("=")[2].strip() for o in args.overrides if _key(o) == "output_dir"]
+    if given and args.output and Path(given[-1]) != Path(args.output):
+        parser.error(f"--output {args.output} and output_dir={given[-1]} name different "
+                     f"folders; give one")
+    out = Path(args.output or (given[-1] if given else DEFAULT_OUTPUT))
+    return out, [o for o in args.overrides if _key(o) != "output_dir"]
+
+
+def stage_overrides(out: Path, data: dict[str, Path], name: str, overrides: list[str]) -> list[str]:
+    """A stage's overrides: the user's, then where the demo keeps its data and runs."""
+    ours = [f"data.image_shards={data['image'] / 'train'}",
+            f"data.video_shards={data['video'] / 'train'}", f"output_dir={out}",
+            f"run_name={name}"]
+    if name == "finetune":
+        ours.append(f"init_checkpoint={out / 'pretrain' / 'weights_fp32.pt'}")
+    return [*overrides, *ours]
+
+
+def refuse_early(check, *args) -> None:
+    """`check(*args)` (preflight), a refusal as one line and its exit code (as stage's)."""
+    try:
+        check(*args)
+    except (config.ConfigError, RunStopped) as error:
+        raise SystemExit(report_stop(error, 0, None)) from None
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(prog="python -m s4d_dist.demo",
                                      description=__doc__.splitlines()[0])
-    parser.add_argument("--output", default="runs/demo", help="folder for data, runs and logs")
+    parser.add_argument("--output", default=None,
+                        help=f"folder for data, runs and logs, the same as output_dir= "
+                             f"(default {DEFAULT_OUTPUT})")
     parser.add_argument("overrides", nargs="*", help="config overrides for both stages")
     args = parser.parse_args(argv)
     start = time.time()
-    out = Path(args.output)
+    out, overrides = output_folder(parser, args)
+    data = {modality: out / "data" / modality for modality in ("image", "video")}  # build_data's
+    stages = {"pretrain": ("demo", PretrainTask), "finetune": ("demo_finetune", FinetuneTask)}
     try:
-        demo_cfg = config.load("demo", args.overrides)
+        cfgs = {name: config.load(preset, stage_overrides(out, data, name, overrides))
+                for name, (preset, _) in stages.items()}
     except config.ConfigError as error:
         parser.error(str(error))
-    data = build_data(out / "data", demo_cfg)
-    shards = [f"data.image_shards={data['image'] / 'train'}",
-              f"data.video_shards={data['video'] / 'train'}", f"output_dir={out}"]
-    stage("demo", shards + ["run_name=pretrain", *args.overrides], PretrainTask)
-    weights = out / "pretrain" / "weights_fp32.pt"
-    folder = stage("demo_finetune", shards + ["run_name=finetune", f"init_checkpoint={weights}",
-                                              *args.overrides], FinetuneTask)
+    refuse_early(preflight.output_dir, cfgs["pretrain"])  # before minutes of building data
+    build_data(out / "data", cfgs["pretrain"])
+    # Both stages checked before the first trains; the weights the second starts from are the
+    # first's to write.
+    refuse_early(preflight.check, cfgs["pretrain"])
+    refuse_early(preflight.check, config.from_values(
+        ("demo fine-tuning", OmegaConf.to_container(cfgs["finetune"])),
+        ("not written yet", "init_checkpoint=")))
+    for name, (preset, task_type) in stages.items():
+        folder = stage(preset, stage_overrides(out, data, name, overrides), task_type)
     results = json.loads((folder / "metrics.json").read_text())
     report(results, read_dataset(data["video"])["class_names"], out)
     print(f"[demo] finished in {time.time() - start:.0f}s", flush=True)

@@ -174,7 +174,7 @@ def build_split(source: DatasetSource, split: str, out: str | os.PathLike, optio
 
         jobs = [(i, records[i], options.encode) for i in range(resumed_from, len(records))]
         bar = tqdm(total=len(records), initial=resumed_from, desc=f"{source.name}/{split}",
-                   unit="rec", disable=not progress)
+                   unit="rec", disable=None if progress else True)
         writer = ShardWriter(folder, manifest.header["media"]["ext"], bool(source.class_names),
                              options.shard_bytes, len(manifest.shards), shard_closed)
         with bar, writer, contextlib.closing(_encoded(jobs, options.workers)) as results:

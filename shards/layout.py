@@ -41,6 +41,10 @@ class BuildError(Exception):
     a folder holding another build, an unfinished split). The message says what and where."""
 
 
+class FoldError(BuildError):
+    """A fold asked of a dataset that has no such fold, or a k-fold dataset asked for none."""
+
+
 def index_path(tar_path: str) -> str:
     """The DALI index next to a shard: ``.../shard-000003.tar`` → ``.../shard-000003.idx``."""
     if not tar_path.endswith(".tar"):
@@ -73,6 +77,16 @@ def read_manifest(out: str | os.PathLike, split: str) -> dict[str, Any]:
     return _read_json(Path(out) / split / MANIFEST_JSON, "manifest")
 
 
+def class_names(location: str | os.PathLike) -> list[str] | None:
+    """The class names a shard location (a split folder or a built dataset) was built with;
+    None where it holds neither."""
+    for name in (MANIFEST_JSON, DATASET_JSON):
+        path = Path(location) / name
+        if location and path.is_file():
+            return list(json.loads(path.read_text())["class_names"])
+    return None
+
+
 def split_shards(out: str | os.PathLike, split: str) -> list[str]:
     """Tar paths of a split, in order; fails if the split's build did not finish or is empty."""
     manifest = read_manifest(out, split)
@@ -93,11 +107,11 @@ def fold_shards(out: str | os.PathLike, fold: int, split: str) -> list[str]:
     dataset = read_dataset(out)
     folds = dataset.get("folds")
     if not folds:
-        raise BuildError(f"{Path(out) / DATASET_JSON}: dataset {dataset['dataset']} has no folds; "
-                         f"its splits are {dataset['splits']}")
+        raise FoldError(f"{Path(out) / DATASET_JSON}: dataset {dataset['dataset']} has no folds; "
+                        f"its splits are {', '.join(dataset['splits'])}")
     if str(fold) not in folds:
-        raise BuildError(f"dataset {dataset['dataset']} has no fold {fold}; "
-                         f"folds are {sorted(folds, key=int)}")
+        raise FoldError(f"dataset {dataset['dataset']} ({out}) has no fold {fold}; its folds are "
+                        f"{', '.join(sorted(folds, key=int))}")
     if split not in folds[str(fold)]:
         raise BuildError(f"fold {fold} has no {split!r} set; it has {sorted(folds[str(fold)])}")
     return [tar for part in folds[str(fold)][split] for tar in split_shards(out, part)]

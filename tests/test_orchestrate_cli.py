@@ -8,6 +8,7 @@ stopped by the ids of their own processes, found through their own temp folder o
 """
 import os
 import pwd
+import re
 import shutil
 import signal
 import socket
@@ -140,6 +141,62 @@ def test_ray_job_submit_runs_a_two_worker_finetune(started_cluster, synthetic_sh
     assert job.returncode == 0 and "succeeded" in output, output[-5000:]
     assert '"samples": 7' in output  # the driver printed the final metrics of both ranks
     assert (tmp_path / "tiny" / "finished.json").is_file()
+
+
+def readme_ray_pair() -> list[str]:
+    """The README's two commands that start a cluster and submit a run to it, as lines of bash
+    (a continuation joined)."""
+    blocks = re.findall(r"```bash\n(.*?)```", (REPO / "README.md").read_text(), re.S)
+    block = next(b for b in blocks if "ray start --head" in b)
+    return [line.strip() for line in block.replace("\\\n", " ").splitlines() if line.strip()]
+
+
+def test_the_readme_pair_starts_a_cluster_and_submits_to_it_from_a_fresh_home(synthetic_shards,
+                                                                               tmp_path):
+    """Exactly the README's pair, run by bash in the repository root with a HOME that has never
+    seen Ray (no token, no ~/.ray) and no RAY_AUTH_* in the environment. Changed for a test: the
+    cluster's ports are free ones and its temp folder its own (`ray start` flags added), the
+    submit goes to that dashboard port, and the README's `...` becomes the tiny run's overrides
+    (their output_dir, under tmp_path, overrides the README's)."""
+    start, submit = readme_ray_pair()
+    assert start.startswith("ray get-auth-token --generate") and "ray start --head" in start
+    assert submit.startswith("RAY_AUTH_MODE=token ray job submit --address http://127.0.0.1:8265")
+    assert submit.endswith(" ...")
+    home = tmp_path / "home"
+    home.mkdir()
+    temp = tempfile.mkdtemp(prefix="rs", dir="/tmp")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
+    env.update(HOME=str(home), PATH=f"{Path(sys.executable).parent}:{env['PATH']}",
+               RAY_USAGE_STATS_ENABLED="0", RAY_memory_monitor_refresh_ms="0",
+               # DeepSpeed's JIT-built CPU op, not rebuilt for the new home
+               TORCH_EXTENSIONS_DIR=env.get("TORCH_EXTENSIONS_DIR", str(
+                   Path.home() / ".cache" / "torch_extensions")))
+
+    def bash(line: str, **kwargs) -> subprocess.CompletedProcess:
+        return run(["bash", "-c", line], env=env, cwd=REPO, **kwargs)
+
+    def start_head(ports):
+        port, dashboard, client, agent = ports
+        return bash(start.replace("ray start --head", (
+            f"ray start --head --port {port} --dashboard-port {dashboard} --ray-client-server-port "
+            f"{client} --dashboard-agent-listen-port {agent} --temp-dir {temp} --num-cpus 2")))
+
+    try:
+        _, dashboard, _, _ = on_free_ports(4, start_head, lambda: kill_tree(processes_mentioning(temp)))
+        assert (home / ".ray" / "auth_token").is_file()
+        overrides = " ".join(tiny_overrides(synthetic_shards, tmp_path / "runs", "finetune")[1:])
+        try:
+            job = bash(submit.replace(":8265", f":{dashboard}")[:-len("...")]
+                       + f"{overrides} optim.epochs=1", timeout=900)
+        except subprocess.TimeoutExpired as late:
+            pytest.fail(f"the job did not finish in 900 s: {str(late.output)[-3000:]}")
+        output = job.stdout + job.stderr
+        assert job.returncode == 0 and "succeeded" in output, output[-5000:]
+        assert (tmp_path / "runs" / "tiny" / "finished.json").is_file()
+    finally:
+        kill_tree(processes_mentioning(temp))
+        shutil.rmtree(temp, ignore_errors=True)
+    assert not processes_mentioning(temp)
 
 
 # --- ray up / ray submit over SSH to this machine ------------------------------------------------

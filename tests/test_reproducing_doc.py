@@ -172,13 +172,17 @@ class Session:
         from s4d_dist.orchestrate import runs
         from s4d_dist.train.loop import run_dir
 
-        runs.check_data(cfg)
         if cfg.task == "finetune":
-            eval_catalog(cfg, "test", "video")
             start = os.path.abspath(cfg.init_checkpoint)
             assert start in self.exports or os.path.isfile(start), (
                 f"init_checkpoint={cfg.init_checkpoint} is neither there nor what a checked "
                 f"pre-training command writes ({sorted(self.exports)})")
+            if not os.path.isfile(start):  # the checked pre-training's export, stood in for
+                os.makedirs(os.path.dirname(start), exist_ok=True)
+                shutil.copy(self.stand_in / PAPER_WEIGHTS, start)
+        runs.check_data(cfg)  # preflight.check included: init_checkpoint must be a file
+        if cfg.task == "finetune":
+            eval_catalog(cfg, "test", "video")
             self.stand_in_at(run_dir(cfg))
 
     def stand_in_at(self, folder: Path) -> None:

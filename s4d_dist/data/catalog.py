@@ -50,12 +50,16 @@ def shard_paths(location: str, split: str = "train", fold: int | None = None) ->
     path = Path(location)
     if (path / layout.MANIFEST_JSON).is_file():
         if fold is not None:
-            raise ValueError(f"{path} is one split folder; data.fold needs the dataset folder "
-                             f"(the one holding {layout.DATASET_JSON})")
+            raise layout.FoldError(f"{path} is one split folder; data.fold needs the dataset "
+                                   f"folder (the one holding {layout.DATASET_JSON})")
         return layout.split_shards(path.parent, path.name)
     if (path / layout.DATASET_JSON).is_file():
         if fold is not None:
             return layout.fold_shards(path, fold, split)
+        dataset = layout.read_dataset(path)
+        if dataset.get("folds") and split not in dataset["splits"]:
+            raise layout.FoldError(f"{path} holds the k-fold dataset {dataset['dataset']}: set "
+                                   f"data.fold to one of {', '.join(sorted(dataset['folds'], key=int))}")
         return layout.split_shards(path, split)
     raise FileNotFoundError(f"{path}: neither a shard split folder ({layout.MANIFEST_JSON}) nor a built "
                             f"dataset ({layout.DATASET_JSON}); build one with `python -m s4d_dist.shards`")

@@ -131,7 +131,8 @@ def verify_dataset(out: str | Path, decode: bool = True, progress: bool = True) 
                                   f"manifest {manifest['samples']}")
         checked = 0
         if decode and catalog is not None:
-            for sample in tqdm(range(len(catalog)), desc=f"verify {split}", disable=not progress,
+            for sample in tqdm(range(len(catalog)), desc=f"verify {split}",
+                               disable=None if progress else True,  # None: terminal only
                                leave=False):
                 raw = catalog.read(sample)
                 try:

@@ -13,6 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from s4d_dist import config
 from s4d_dist.data.loaders import MODALITIES, train_catalog
+from s4d_dist.train import preflight
 from s4d_dist.train.checkpoint import Checkpoints
 from s4d_dist.train.cli import make_task
 from s4d_dist.train.loop import run_dir
@@ -74,7 +75,9 @@ def check_folder(cfg: DictConfig) -> None:
 
 def check_data(cfg: DictConfig) -> None:
     """Refuse in the driver training or evaluation shards that cannot be opened (see
-    check_folder for why). A modality without shards is left out, as the loop leaves it out."""
+    check_folder for why), and whatever else preflight.py refuses. A modality without shards
+    is left out, as the loop leaves it out."""
+    preflight.check(cfg)
     for modality in MODALITIES[cfg.task]:
         if cfg.data.image_shards if modality == "image" else cfg.data.video_shards:
             train_catalog(cfg, modality)

@@ -37,6 +37,7 @@ from s4d_dist.models.moae import split_all_experts
 from s4d_dist.train import distributed
 from s4d_dist.train.flat_adamw import OptimizerStateError
 from s4d_dist.train.faults import EXIT_USAGE, RunStopped, StorageError, human_bytes, storage_failure
+from s4d_dist.train.run_folder import CHECKPOINTS, LATEST
 
 log = logging.getLogger(__name__)
 
@@ -134,7 +135,7 @@ class Checkpoints:
     """Saving into, and resuming from, `<run_dir>/checkpoints`."""
 
     def __init__(self, run_dir: Path, cfg: DictConfig, keep: int = 2) -> None:
-        self.dir = Path(run_dir) / "checkpoints"
+        self.dir = Path(run_dir) / CHECKPOINTS
         self.cfg = cfg
         self.keep = keep
         self.size = 0  # bytes of one checkpoint, once `check_space` has estimated it
@@ -159,7 +160,7 @@ class Checkpoints:
 
     @property
     def latest_file(self) -> Path:
-        return self.dir / "latest_complete"
+        return self.dir / LATEST
 
     def latest(self) -> str | None:
         return self.latest_file.read_text().strip() if self.latest_file.is_file() else None

@@ -59,7 +59,14 @@ def main(task: str, argv: list[str] | None = None, prog: str | None = None) -> d
     """Train; on a stop, one line on the console and SystemExit with the documented code."""
     cfg = parse(task, argv, prog)
     rank = int(os.environ.get("RANK", "0"))
-    from s4d_dist.train.loop import run_dir, train  # heavy imports after argument errors are reported
+    from s4d_dist.train import preflight
+    from s4d_dist.train.run_folder import run_dir
+
+    try:  # before torch and DeepSpeed are imported, and before the run folder is made
+        preflight.check(cfg)
+    except Exception as error:  # noqa: BLE001 - one line and an exit code, as below
+        raise SystemExit(report(error, rank, None)) from None
+    from s4d_dist.train.loop import train  # heavy imports after the checks
 
     with run_logs(run_dir(cfg) / "logs" / f"rank{rank}.log", rank) as log_file:
         try:
@@ -70,20 +77,24 @@ def main(task: str, argv: list[str] | None = None, prog: str | None = None) -> d
 
 def exit_code(error: BaseException) -> int:
     """The code faults.py documents for what stopped the run."""
-    from s4d_dist.data.catalog import TruncatedShardError  # a shard cut short while the run trains
-    from s4d_dist.train.engine import NonFiniteLossError
     from s4d_dist.train.faults import (EXIT_DATA, EXIT_DIVERGED, EXIT_FAILED, EXIT_PEERS,
                                        EXIT_USAGE, RunStopped, peer_failure)
 
     if isinstance(error, RunStopped):
         return error.exit_code
+    if isinstance(error, config.ConfigError):  # before the imports below: preflight is fast
+        return EXIT_USAGE
+    from s4d_dist.data.catalog import TruncatedShardError  # a shard cut short while the run trains
+    from s4d_dist.models.official import CheckpointError  # an init_checkpoint that does not fit
+    from s4d_dist.train.engine import NonFiniteLossError
+
     if peer_failure(error):
         return EXIT_PEERS
     if isinstance(error, NonFiniteLossError):
         return EXIT_DIVERGED
     if isinstance(error, TruncatedShardError):
         return EXIT_DATA
-    return EXIT_USAGE if isinstance(error, config.ConfigError) else EXIT_FAILED
+    return EXIT_USAGE if isinstance(error, CheckpointError) else EXIT_FAILED
 
 
 def report(error: BaseException, rank: int, log_file: Path | None) -> int:

@@ -28,7 +28,8 @@ def predict(model: nn.Module, loader, dtype: torch.dtype,
     device = next(model.parameters()).device
     rows: dict[str, list] = {"index": [], "view": [], "probs": [], "label": []}
     batches = tqdm(loader.batches(), total=len(loader), desc=f"eval {loader.modality}",
-                   disable=not distributed.is_main(), leave=False, dynamic_ncols=True)
+                   disable=None if distributed.is_main() else True,  # None: to a terminal only
+                   leave=False, dynamic_ncols=True)
     for batch in batches:
         logits = model(batch["pixels"].to(device, dtype, non_blocking=True), loader.modality)
         if on_batch is not None:

@@ -5,9 +5,11 @@ scheduler or wrapper script can tell a retry from a bug:
 
      0  finished
      1  unexpected error (its traceback is in <run>/logs/rank<k>.log)
-     2  usage: bad config or command line, a run folder this run must not continue from
+     2  usage: bad config or command line — a file, fold or class count the config names that
+        the files contradict (preflight.py), a checkpoint that does not fit the model — a run
+        folder this run must not continue from
      3  diverged: too many consecutive non-finite losses
-    65  data (EX_DATAERR): missing, empty or truncated shards, bad labels
+    65  data (EX_DATAERR): empty, unfinished or truncated shards, a missing split, bad labels
     69  peers (EX_UNAVAILABLE): a collective with the other ranks failed or timed out — a rank
         died, hangs, or cannot be reached (NCCL / gloo errors and timeouts); every rank that
         meets it says so, since the one that would normally speak may be the one that died
@@ -24,8 +26,6 @@ import threading
 from collections.abc import Callable
 from types import FrameType, TracebackType
 from typing import Any
-
-from s4d_dist.train import distributed
 
 EXIT_FAILED, EXIT_USAGE, EXIT_DIVERGED = 1, 2, 3
 EXIT_DATA, EXIT_PEERS, EXIT_STORAGE, EXIT_PREEMPTED = 65, 69, 73, 75
@@ -182,6 +182,8 @@ class Preemption:
     def requested(self, step: int) -> bool:
         if step % self.check_every:
             return False
+        from s4d_dist.train import distributed  # torch: not for the exceptions' importers
+
         agreed = distributed.host_max(self.received)
         self.signal = signal.Signals(agreed).name if agreed else ""
         return bool(agreed)

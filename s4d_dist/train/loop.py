@@ -38,12 +38,13 @@ from s4d_dist.data.catalog import Catalog
 from s4d_dist.data.loaders import TrainLoader, train_loader
 from s4d_dist.models import official
 from s4d_dist.shards.layout import BuildError
-from s4d_dist.train import distributed, exports
+from s4d_dist.train import distributed, exports, preflight
 from s4d_dist.train.checkpoint import Checkpoints, export_fp32
 from s4d_dist.train.engine import Stepper, build_engine, compile_enabled
 from s4d_dist.train.faults import DataError, MainThread, Preempted, Preemption, on_this_thread
 from s4d_dist.train.flops import peak_flops
 from s4d_dist.train.logs import run_logs
+from s4d_dist.train.run_folder import run_dir
 from s4d_dist.train.schedule import Schedule
 from s4d_dist.train.storage import check_shared, shard_files
 from s4d_dist.train.tracking import RunLogger
@@ -51,12 +52,6 @@ from s4d_dist.tubelets import model_tokens
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-
-
-def run_dir(cfg: DictConfig) -> Path:
-    """`<output_dir>/<run_name>`, plus `/fold<k>` for a k-fold fine-tuning run."""
-    path = Path(cfg.output_dir) / cfg.run_name
-    return path / f"fold{cfg.data.fold}" if cfg.task == "finetune" and cfg.data.fold else path
 
 
 @dataclass
@@ -193,6 +188,15 @@ def truncated_samples(loader: TrainLoader) -> dict[str, int]:
     return {tar: n for stream in loader.streams for tar, n in stream.plan.catalog.truncated.items()}
 
 
+def last_epoch_loss(mine: dict[str, float]) -> dict[str, float]:
+    """Collective: the last epoch's mean training loss — of all its steps ("all") and per
+    modality — averaged over the ranks (each takes as many steps). A rank's share is the
+    steps it ran itself (after a mid-epoch resume, those since the resume)."""
+    gathered = distributed.host_gather(mine)
+    return {name: float(np.mean([losses[name] for losses in gathered if name in losses]))
+            for name in mine}
+
+
 EpochHook = Callable[[int, dict[str, float]], None]
 
 
@@ -206,6 +210,7 @@ def train(cfg: DictConfig, task: Task, on_epoch_end: EpochHook | None = None,
     without the loop knowing about it. `main_thread` installs the preemption signal handlers
     where the loop does not run on the process's main thread (faults.Preemption).
     """
+    preflight.check(cfg)
     distributed.init()
     rank, world = distributed.rank(), distributed.world_size()
     with (run_logs(run_dir(cfg) / "logs" / f"rank{rank}.log", rank),
@@ -253,10 +258,12 @@ def _train(run: Run, task: Task, loader: TrainLoader, resume_tag: str | None,
         batches = loader.epoch(epoch)
         if run.state["batches"] is not None:
             batches.load_state_dict(run.state["batches"])
-        # `with`: a stop closes (clears) the bar, so its one line starts on a clean console line
-        with tqdm(total=len(batches), initial=batches.step, disable=not distributed.is_main(),
+        # `with`: a stop closes (clears) the bar, so its one line starts on a clean console line.
+        # disable=None: rank 0's bar goes to a terminal only, never into a piped log.
+        with tqdm(total=len(batches), initial=batches.step,
+                  disable=None if distributed.is_main() else True,
                   desc=f"epoch {epoch}", leave=False, dynamic_ncols=True) as bar:
-            epoch_losses: list[torch.Tensor] = []
+            epoch_losses: dict[str, list[torch.Tensor]] = {}  # per modality
             waited = time.perf_counter()
             for batch in batches:
                 started = time.perf_counter()
@@ -266,7 +273,7 @@ def _train(run: Run, task: Task, loader: TrainLoader, resume_tag: str | None,
                 outcome = stepper.step(objective, task.inputs(run, batch, rng), lr)
                 meter.add(batch["modality"], outcome.loss, len(batch["pixels"]), _tokens(batch, cfg),
                           task.step_flops(batch), started - waited)
-                epoch_losses.append(outcome.loss)
+                epoch_losses.setdefault(batch["modality"], []).append(outcome.loss)
                 run.state["global_step"] = step = step + 1
                 run.state["batches"] = batches.state_dict()
                 bar.update(1)
@@ -292,7 +299,9 @@ def _train(run: Run, task: Task, loader: TrainLoader, resume_tag: str | None,
                                     f"again to resume")
                 waited = time.perf_counter()
         stepper.check()
-        epoch_loss = mean_losses({"epoch": epoch_losses}).get("epoch", float("nan"))
+        every = [loss for losses in epoch_losses.values() for loss in losses]
+        epoch_loss = mean_losses({"epoch": every}).get("epoch", float("nan"))
+        run.state["epoch_loss"] = {"all": epoch_loss, **mean_losses(epoch_losses)}
         with meter.paused():  # validation and checkpoints are not training throughput
             run.state.update(epoch=epoch + 1, batches=None)
             metrics = task.after_epoch(run, epoch)
@@ -306,6 +315,7 @@ def _train(run: Run, task: Task, loader: TrainLoader, resume_tag: str | None,
                 on_epoch_end(epoch + 1, {"train_loss": epoch_loss, **metrics})
 
     final = task.finish(run)
+    final["train_loss"] = last_epoch_loss(run.state.get("epoch_loss", {}))
     tag = checkpoints.latest()
     weights = export_fp32(run.engine, checkpoints.dir, tag) if tag else None
     if distributed.is_main():
