@@ -15,19 +15,21 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from .media import (NOMINAL_FPS, EncodeOptions, chunk_bounds, encode_clip, image_file_to_jpeg,
-                    load_frames, load_video)
+from .media import (NOMINAL_FPS, EncodeOptions, chunk_bounds, encode_clip, encode_frames,
+                    frame_problem, image_file_to_jpeg, load_frames, load_video)
 from .sources.base import SourceRecord
 
 
 @dataclass(frozen=True)
 class Sample:
-    """One tar sample: ``<key>.<ext>`` media bytes, ``<key>.label``, ``<key>.json``."""
+    """One tar sample: ``<key>.<ext>`` media bytes, ``<key>.label``, ``<key>.json``; for frame
+    storage also each frame's end offset in `media` (the shard's frame index records them)."""
 
     key: str
     media: bytes
     label: int | None
     meta: dict[str, Any]
+    frame_ends: tuple[int, ...] | None = None
 
 
 def chunk_key(key: str, chunk: int, chunks: int) -> str:
@@ -59,7 +61,7 @@ def encode_record(record: SourceRecord, options: EncodeOptions) -> list[Sample]:
         fps = None
     else:
         clip, fps, resized = load_video(record.paths[0])
-    bounds = chunk_bounds(len(clip), options.chunk_frames)
+    bounds = chunk_bounds(len(clip), options.chunk_length)
     samples = []
     for chunk, (start, end) in enumerate(bounds):
         meta = {
@@ -68,6 +70,14 @@ def encode_record(record: SourceRecord, options: EncodeOptions) -> list[Sample]:
             "frames": end - start, "chunk": chunk, "chunks": len(bounds), "frame_start": start,
             "frame_end": end, "clip_frames": len(clip), "fps": fps, "resized_frames": resized,
         }
+        key = chunk_key(record.key, chunk, len(bounds))
+        if options.video_codec == "frames":
+            media, ends = encode_frames(clip[start:end], options.jpeg_quality)
+            problem = frame_problem(media, ends, end - start)
+            if problem:  # the encoder's output is checked once, here, not in training
+                raise RuntimeError(f"{key}: encoded frames fail their check: {problem}")
+            samples.append(Sample(key, media, record.label, meta, tuple(ends)))
+            continue
         media = encode_clip(clip[start:end], fps or NOMINAL_FPS, options)
-        samples.append(Sample(chunk_key(record.key, chunk, len(bounds)), media, record.label, meta))
+        samples.append(Sample(key, media, record.label, meta))
     return samples

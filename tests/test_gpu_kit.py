@@ -35,7 +35,9 @@ def test_cpu_smoke_runs_every_section(tmp_path):
     stress = report["sections"]["B_triton_moae"]["stress"]
     assert stress["cases"] == 30 and not stress["failures"]
     recipes = report["sections"]["E_dali_mixed_vs_cpu"]["recipes"]
-    assert len(recipes) == 9 and all(r["batches"] > 0 for r in recipes.values())
+    assert len(recipes) == 12 and all(r["batches"] > 0 for r in recipes.values())  # 3 clip storages
+    data_plane = report["sections"]["F_data_throughput"]
+    assert set(data_plane["data_benchmark"]) == {"frames", "vp9"} and data_plane["run"]["steps_logged"] > 0
     for path in (str(REPO), str(tmp_path), str(Path.home())):
         assert path not in report_text
     assert (tmp_path / "out" / "logs.tgz").stat().st_size > 0

@@ -10,8 +10,8 @@
     test = eval_loader(cfg, "test", "video", rank, world_size)
     for batch in test.batches(): ...                     # rows: (index, view), valid
 
-Batches (the contract in docs/design.md), tensors on the CPU for the torch backend, on the GPU
-for DALI "mixed":
+Batches (the contract in docs/design.md), pixels on the loader's device (the trainer's), the
+other tensors on the CPU:
   pre-training  {"modality", "pixels" (B, 3, [T,] S, S) float, "mask" (B, N) bool, "index" (B,)}
                 (videos: B = video_batch_size clips = video_batch_size / video_repeats videos,
                 each video repeated with independent crops and masks, docs/method.md §1.6)
@@ -72,14 +72,20 @@ def pinned(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
-def make_runner(cfg: DictConfig, batches: Plan, backend: Literal["dali", "torch"], seed: int):
-    """The object that turns the plan's requests into pixel batches (`backend` as
+def default_device() -> torch.device:
+    """The current CUDA device where there is one, else the CPU (callers that train pass theirs)."""
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def make_runner(cfg: DictConfig, batches: Plan, backend: Literal["dali", "torch"], seed: int,
+                device: torch.device):
+    """The object that turns the plan's requests into pixel batches on `device` (`backend` as
     `choose_backend` resolves it; the config's type admits no other value)."""
     if backend == "dali":
         from .dali_backend import DaliRunner  # DALI is optional
-        return DaliRunner(batches, dali_decode_device(cfg), cfg.data.workers, cfg.data.prefetch, seed)
+        return DaliRunner(batches, dali_decode_device(cfg), cfg.data.workers, cfg.data.prefetch, seed, device)
     from .torch_backend import TorchRunner
-    return TorchRunner(batches, cfg.data.workers, cfg.data.prefetch)
+    return TorchRunner(batches, cfg.data.workers, cfg.data.prefetch, device)
 
 
 def clip_of(key: str) -> str:
@@ -140,7 +146,8 @@ def eval_catalog(cfg: DictConfig, split: str, modality: str) -> Catalog:
 class _Stream:
     """One modality's training batches: its plan, recipe and runner."""
 
-    def __init__(self, cfg: DictConfig, modality: str, rank: int, world: int, backend: str) -> None:
+    def __init__(self, cfg: DictConfig, modality: str, rank: int, world: int, backend: str,
+                 device: torch.device) -> None:
         self.modality = modality
         self.recipe: Recipe = recipe_from_config(cfg, cfg.task, modality)
         batch = cfg.data.image_batch_size if modality == "image" else cfg.data.video_batch_size
@@ -156,7 +163,7 @@ class _Stream:
             raise ValueError(f"{catalog.tars[0]} ...: {catalog.dataset} has {len(catalog.class_names)} classes "
                              f"{catalog.class_names}, model.num_{modality}_classes is {classes}")
         self.plan = TrainPlan(catalog, self.recipe, batch, cfg.seed, rank, world, balanced)
-        self.runner = make_runner(cfg, self.plan, backend, seeds.dali_seed(cfg.seed, rank))
+        self.runner = make_runner(cfg, self.plan, backend, seeds.dali_seed(cfg.seed, rank), device)
 
 
 class TrainLoader:
@@ -164,14 +171,16 @@ class TrainLoader:
 
     A modality whose shards are not configured is left out (single-modality runs)."""
 
-    def __init__(self, cfg: DictConfig, rank: int = 0, world_size: int = 1, backend: str | None = None) -> None:
+    def __init__(self, cfg: DictConfig, rank: int = 0, world_size: int = 1, backend: str | None = None,
+                 device: torch.device | None = None) -> None:
         self.cfg, self.rank, self.world = cfg, rank, world_size
+        device = device or default_device()
         self.backend = backend or choose_backend(cfg)
         self.corrupt = CorruptionLog()
         wanted = [m for m in MODALITIES[cfg.task] if (cfg.data.image_shards if m == "image" else cfg.data.video_shards)]
         if not wanted:
             raise ValueError("set data.image_shards and/or data.video_shards")
-        self.streams = [_Stream(cfg, m, rank, world_size, self.backend) for m in wanted]
+        self.streams = [_Stream(cfg, m, rank, world_size, self.backend, device) for m in wanted]
         rates = {"image": cfg.data.image_rate, "video": cfg.data.video_rate}
         self.counts = plan.step_counts([s.plan.batches_per_pass for s in self.streams],
                                          [rates[s.modality] for s in self.streams])
@@ -253,7 +262,7 @@ class EvalLoader:
 
     def __init__(self, cfg: DictConfig, catalog: Catalog, modality: str, rank: int = 0, world_size: int = 1,
                  backend: str | None = None, temporal_views: int | None = None,
-                 spatial_crops: int | None = None) -> None:
+                 spatial_crops: int | None = None, device: torch.device | None = None) -> None:
         recipe = recipe_from_config(cfg, "eval", modality)
         if temporal_views is not None or spatial_crops is not None:
             recipe = replace(recipe, temporal_views=temporal_views or recipe.temporal_views,
@@ -261,7 +270,8 @@ class EvalLoader:
         self.modality, self.recipe = modality, recipe
         self.corrupt = CorruptionLog()
         self.plan = EvalPlan(catalog, recipe, cfg.data.eval_batch_size, rank, world_size)
-        self.runner = make_runner(cfg, self.plan, backend or choose_backend(cfg), seeds.dali_seed(cfg.seed, rank))
+        self.runner = make_runner(cfg, self.plan, backend or choose_backend(cfg), seeds.dali_seed(cfg.seed, rank),
+                                  device or default_device())
 
     @property
     def class_names(self) -> list[str]:
@@ -285,15 +295,16 @@ class EvalLoader:
         self.runner.close()
 
 
-def train_loader(cfg: DictConfig, rank: int = 0, world_size: int = 1, backend: str | None = None) -> TrainLoader:
-    """Training epochs for cfg.task."""
-    return TrainLoader(cfg, rank, world_size, backend)
+def train_loader(cfg: DictConfig, rank: int = 0, world_size: int = 1, backend: str | None = None,
+                 device: torch.device | None = None) -> TrainLoader:
+    """Training epochs for cfg.task, batches on `device` (default: `default_device()`)."""
+    return TrainLoader(cfg, rank, world_size, backend, device)
 
 
 def eval_loader(cfg: DictConfig, split: str, modality: str, rank: int = 0, world_size: int = 1,
                 backend: str | None = None, temporal_views: int | None = None,
-                spatial_crops: int | None = None) -> EvalLoader:
+                spatial_crops: int | None = None, device: torch.device | None = None) -> EvalLoader:
     """Evaluation of `split` ("val" | "test") of a modality; views default to
     data.test_temporal_views × data.test_spatial_crops (videos; images have one view)."""
     return EvalLoader(cfg, eval_catalog(cfg, split, modality), modality, rank, world_size, backend,
-                      temporal_views, spatial_crops)
+                      temporal_views, spatial_crops, device)

@@ -70,7 +70,7 @@ def main(task: str, argv: list[str] | None = None, prog: str | None = None) -> d
 
 def exit_code(error: BaseException) -> int:
     """The code faults.py documents for what stopped the run."""
-    from s4d_dist.data.catalog import TruncatedShardError  # a shard cut short while the run trains
+    from s4d_dist.data.catalog import ShardError  # a shard cut short or broken while the run trains
     from s4d_dist.train.engine import NonFiniteLossError
     from s4d_dist.train.faults import (EXIT_DATA, EXIT_DIVERGED, EXIT_FAILED, EXIT_PEERS,
                                        EXIT_USAGE, RunStopped, peer_failure)
@@ -81,7 +81,7 @@ def exit_code(error: BaseException) -> int:
         return EXIT_PEERS
     if isinstance(error, NonFiniteLossError):
         return EXIT_DIVERGED
-    if isinstance(error, TruncatedShardError):
+    if isinstance(error, ShardError):
         return EXIT_DATA
     return EXIT_USAGE if isinstance(error, config.ConfigError) else EXIT_FAILED
 
