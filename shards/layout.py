@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +58,15 @@ def index_path(tar_path: str) -> str:
     if not tar_path.endswith(".tar"):
         raise ValueError(f"not a shard: {tar_path}")
     return tar_path[: -len(".tar")] + ".idx"
+
+
+CHUNK_SUFFIX = re.compile(r"__c(\d{3})$")  # a chunk's key: the clip's key + __cNNN (samples.chunk_key)
+
+
+def clip_key(key: str) -> tuple[str, int]:
+    """The clip a sample key belongs to, and which chunk of it the sample is (0 for a whole clip)."""
+    match = CHUNK_SUFFIX.search(key)
+    return (key[:match.start()], int(match.group(1))) if match else (key, 0)
 
 
 def read_index(idx_path: str, exts: list[str]) -> tuple[list[str], np.ndarray]:

@@ -97,7 +97,7 @@ def test_pretrain_parameters_are_arrays_over_the_batch(paths):
     cfg = frames_cfg(paths, "pretrain", "data.image_shards=")
     recipe = recipe_from_config(cfg, "pretrain", "video")
     plan = TrainPlan(open_catalog(shard_paths(str(paths["frames"]), "train", 1)), recipe, 4, 0, 0, 1)
-    first = plan.first_params((0, 0, 0))
+    _, first = plan.first_params((0, 0, 0))
     again = recipe.batch_params(plan.catalog.table(plan.rows(0, 0)[0]), seeds.batch_rng((0, 0, 0, 0, 0)))
     for a, b in zip(first, again):
         assert np.array_equal(a.rois, b.rois) and np.array_equal(a.frames, b.frames)

@@ -92,6 +92,27 @@ class _Members:
                         self.parts[samples], self.first_part[samples], self.ends)
 
 
+@dataclass(frozen=True)
+class Clips:
+    """The clips of a catalog's samples: a long clip stored as chunks (shards/samples.py) is one
+    clip, whose chunks cover its frames in order. Clip c's samples are
+    `members[first[c]:first[c + 1]]`; a catalog without chunks has one clip per sample."""
+
+    keys: list[str]
+    of_sample: np.ndarray  # (N,) int64
+    first: np.ndarray      # (C + 1,) int64
+    members: np.ndarray    # (N,) int64
+    start: np.ndarray      # (N,) int64: the clip frame each sample starts at
+    frames: np.ndarray     # (C,) int64: frames of each clip (-1 where not read: no chunks)
+
+    @property
+    def chunked(self) -> bool:
+        return len(self.keys) != len(self.of_sample)
+
+    def samples(self, clip: int) -> np.ndarray:
+        return self.members[self.first[clip]:self.first[clip + 1]]
+
+
 @dataclass
 class Catalog:
     """The samples of `tars` (all from folders of one modality, media type and class list)."""
@@ -109,6 +130,7 @@ class Catalog:
     _files: dict[int, int] = field(default_factory=dict, repr=False)
     _maps: dict[int, tuple[mmap.mmap, np.ndarray]] = field(default_factory=dict, repr=False)
     _labels: np.ndarray | None = field(default=None, repr=False)
+    _clips: Clips | None = field(default=None, repr=False)
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -172,6 +194,34 @@ class Catalog:
 
     def read_meta(self, sample: int) -> dict[str, Any]:
         return json.loads(self._pread(sample, self.members.meta[sample]))
+
+    @property
+    def clips(self) -> Clips:
+        """Which clip each sample is (part of), from the keys; frames per clip read only where
+        a clip has several chunks."""
+        if self._clips is None:
+            parsed = [layout.clip_key(k) for k in self.keys]
+            if all(chunk == 0 for _, chunk in parsed) and len({k for k, _ in parsed}) == len(parsed):
+                n = np.arange(len(self.keys), dtype=np.int64)
+                self._clips = Clips(list(self.keys), n, np.arange(len(n) + 1, dtype=np.int64), n,
+                                    np.zeros(len(n), np.int64), np.full(len(n), -1, np.int64))
+            else:
+                self._clips = self._chunked_clips(parsed)
+        return self._clips
+
+    def _chunked_clips(self, parsed: list[tuple[str, int]]) -> Clips:
+        ids: dict[str, int] = {}
+        of_sample = np.array([ids.setdefault(key, len(ids)) for key, _ in parsed], np.int64)
+        chunk = np.array([c for _, c in parsed], np.int64)
+        members = np.lexsort((chunk, of_sample)).astype(np.int64)  # by clip (first seen), then chunk
+        first = np.searchsorted(of_sample[members], np.arange(len(ids) + 1)).astype(np.int64)
+        lengths = self.table(members)[:, 0].astype(np.int64)
+        ends = np.cumsum(lengths)
+        clip_first = first[:-1]
+        start = np.empty(len(members), np.int64)
+        start[members] = ends - lengths - np.repeat(np.concatenate([[0], ends])[clip_first], np.diff(first))
+        frames = np.add.reduceat(lengths, clip_first) if len(members) else np.zeros(0, np.int64)
+        return Clips(list(ids), of_sample, first, members, start, frames)
 
     def table(self, samples: np.ndarray) -> np.ndarray:
         """(len(samples), 3) int32 frames, height, width: from the frame index, or read once

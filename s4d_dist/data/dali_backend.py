@@ -425,18 +425,19 @@ class DaliRunner:
         catalog = self.plan.catalog
         for _, planned, _ in self.feeder.inflight:
             for slot in planned.slots:
-                if slot.index < 0 or slot.index in self.known_bad:
+                clip = int(catalog.clips.of_sample[slot.sample])
+                if not slot.valid or clip in self.known_bad:
                     continue
                 try:
                     if self.frames:  # read again: a feeder process's slot may hold another batch now
-                        decode_window(read_window(catalog, slot.index, slot.params.frames))
+                        decode_window(read_window(catalog, slot.sample, slot.params.frames))
                     elif slot.params.frames is None:
-                        decode_image(catalog.read(slot.index).media)
+                        decode_image(catalog.read(slot.sample).media)
                     else:
-                        decode_frames(catalog.read(slot.index).media, slot.params.frames)
+                        decode_frames(catalog.read(slot.sample).media, slot.params.frames)
                 except CorruptSample as err:
-                    self.known_bad.add(slot.index)
-                    events.append(CorruptEvent(slot.index, catalog.where(slot.index), str(err)))
+                    self.known_bad.add(clip)
+                    events.append(CorruptEvent(slot.sample, catalog.where(slot.sample), str(err)))
         return events
 
     def _nvdec_cannot_decode(self, error: Exception) -> bool:

@@ -49,14 +49,13 @@ class SlotFiller:
         return int(catalog.labels[index]) if catalog.labelled else -1
 
     def _try(self, index: int, params: SampleParams, events: list[CorruptEvent]) -> Any | None:
-        """The payload of `index`, or None (recorded) when it is corrupt."""
+        """The payload of sample `index`, or None (recorded) when it is corrupt."""
         catalog = self.plan.catalog
         try:
             if index in catalog.bad:
                 raise CorruptSample(catalog.bad[index])
             return self.load(index, params)
         except CorruptSample as err:
-            self.known_bad.add(index)
             events.append(CorruptEvent(index, catalog.where(index), str(err)))
             return None
 
@@ -71,69 +70,81 @@ class SlotFiller:
         return out
 
     def _train(self, request: Request) -> BatchPlan:
+        """Candidates are clips (known_bad holds clips); a slot holds the sample (chunk) its
+        window is in."""
         plan: TrainPlan = self.plan
-        first = plan.first_params(request)
         mine, later = plan.candidates(request)
-        loaded = self._first_payloads(mine, first)
+        samples, first = plan.first_params(request)
+        loaded = self._first_payloads(samples, first)
         catalog = plan.catalog
-        labels = catalog.labels[mine].tolist() if catalog.labelled else [-1] * len(mine)
+        labels = catalog.labels[samples].tolist() if catalog.labelled else [-1] * len(samples)
         slots, events = [], []
-        for j, index in enumerate(mine.tolist()):
-            if loaded is not None and index not in self.known_bad and not isinstance(loaded[j], CorruptSample):
-                slots.append(Slot(index, catalog.keys[index], labels[j], 0, True, first[j], loaded[j]))
+        for j, (clip, sample) in enumerate(zip(mine.tolist(), samples.tolist())):
+            if loaded is not None and clip not in self.known_bad and not isinstance(loaded[j], CorruptSample):
+                slots.append(Slot(sample, catalog.keys[sample], labels[j], 0, True, first[j], loaded[j], sample))
                 continue
-            for attempt, index in enumerate(chain(mine[j:].tolist(), mine[:j].tolist(), map(int, later))):
-                if index in self.known_bad:
+            for attempt, clip in enumerate(chain(mine[j:].tolist(), mine[:j].tolist(), map(int, later))):
+                if clip in self.known_bad:
                     continue
-                params = first[j] if attempt == 0 else plan.params(request, j, attempt, index)
+                if attempt == 0:
+                    sample, params = int(samples[j]), first[j]
+                else:
+                    sample, params = plan.params(request, j, attempt, clip)
                 if attempt == 0 and loaded is not None:
                     payload = loaded[j]
-                    self.known_bad.add(index)
-                    events.append(CorruptEvent(index, catalog.where(index), str(payload)))
+                    events.append(CorruptEvent(sample, catalog.where(sample), str(payload)))
+                else:
+                    payload = self._try(sample, params, events)
+                if payload is None or isinstance(payload, CorruptSample):
+                    self.known_bad.add(clip)
                     continue
-                payload = self._try(index, params, events)
-                if payload is not None:
-                    slots.append(Slot(index, catalog.keys[index], self._label(index), 0, True, params, payload))
-                    break
+                slots.append(Slot(sample, catalog.keys[sample], self._label(sample), 0, True, params, payload, sample))
+                break
             else:
                 raise RuntimeError(f"no loadable sample left for batch {list(request)}: every candidate of "
                                    f"slot {j} is corrupt (see the corruption log)")
         return BatchPlan(slots, events)
 
     def _eval(self, request: Request) -> BatchPlan:
-        """(sample, view) rows, (-1, -1) for padding. Invalid rows copy a valid row of the
-        batch, or the catalog's first loadable sample when there is none; rows of one sample
-        that read the same frames share one payload."""
+        """(clip, view) rows, (-1, -1) for padding; a row's index, key and label are its clip's
+        (a clip stored in chunks is scored once). Invalid rows copy a valid row of the batch, or
+        the first loadable clip when there is none; rows of one clip that read the same frames
+        share one payload."""
         plan: EvalPlan = self.plan
+        clips = plan.catalog.clips
         slots: list[Slot | None] = []
         events: list[CorruptEvent] = []
         loaded: dict[tuple, Any] = {}
-        for index, view in plan.rows[request[0]].tolist():
+        for clip, view in plan.rows[request[0]].tolist():
             slot = None
-            if index >= 0 and index not in self.known_bad:
-                params = plan.params(index, view)
+            if clip >= 0 and clip not in self.known_bad:
+                sample, params = plan.params(clip, view)
                 frames = None if params.frames is None else params.frames.tobytes()
-                if (index, frames) not in loaded:
-                    loaded[index, frames] = self._try(index, params, events)
-                if loaded[index, frames] is not None:
-                    slot = Slot(index, plan.catalog.keys[index], self._label(index), view, True, params,
-                                loaded[index, frames])
+                if (sample, frames) not in loaded:
+                    loaded[sample, frames] = self._try(sample, params, events)
+                if loaded[sample, frames] is None:
+                    self.known_bad.add(clip)
+                else:
+                    slot = Slot(clip, clips.keys[clip], self._label(sample), view, True, params,
+                                loaded[sample, frames], sample)
             slots.append(slot)
         valid = next((s for s in slots if s is not None), None) or self._first_loadable()
         invalid = replace(valid, index=-1, key="", label=-1, view=-1, valid=False)
         return BatchPlan([s if s is not None else invalid for s in slots], events)
 
     def _first_loadable(self) -> Slot:
-        """The first loadable sample (view 0), to fill a batch that has no valid row at all."""
+        """The first loadable clip (view 0), to fill a batch that has no valid row at all."""
         if self._filler is not None:
             return self._filler
         plan: EvalPlan = self.plan
-        for index in range(len(plan.catalog)):
-            if index in self.known_bad:
+        for clip in range(plan.num_clips):
+            if clip in self.known_bad:
                 continue
-            params = plan.params(index, 0)
-            payload = self._try(index, params, [])
+            sample, params = plan.params(clip, 0)
+            payload = self._try(sample, params, [])
             if payload is not None:
-                self._filler = Slot(index, plan.catalog.keys[index], self._label(index), 0, False, params, payload)
+                self._filler = Slot(clip, plan.catalog.clips.keys[clip], self._label(sample), 0, False, params,
+                                    payload, sample)
                 return self._filler
+            self.known_bad.add(clip)
         raise RuntimeError(f"no loadable sample in {plan.catalog.tars[0]} ...")

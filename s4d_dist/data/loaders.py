@@ -23,7 +23,6 @@ row, and rows with valid False (padding, corrupt samples) carry index −1 and m
 from __future__ import annotations
 
 import importlib.util
-import re
 import zlib
 from collections.abc import Iterator
 from dataclasses import replace
@@ -90,7 +89,7 @@ def make_runner(cfg: DictConfig, batches: Plan, backend: Literal["dali", "torch"
 
 def clip_of(key: str) -> str:
     """The clip a sample key belongs to (chunks of one video share it: shards/samples.py)."""
-    return re.sub(r"__c\d{3}$", "", key)
+    return layout.clip_key(key)[0]
 
 
 def held_out(catalog: Catalog, fraction: float, seed: int) -> np.ndarray:
@@ -279,7 +278,8 @@ class EvalLoader:
 
     @property
     def num_samples(self) -> int:
-        return len(self.plan.catalog)
+        """What is scored: clips (a clip stored in chunks is one) or images."""
+        return self.plan.num_clips
 
     def __len__(self) -> int:
         return self.plan.num_batches

@@ -30,7 +30,7 @@ steps, L_i being the batches its loader gives one rank in an epoch, in the order
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -120,7 +120,8 @@ def source_order(counts: Sequence[int], epoch: int) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class Slot:
-    """One row of a batch: which sample fills it, how to transform it, and its payload
+    """One row of a batch: which sample fills it (`index`: in training the sample, in evaluation
+    the clip scored; `sample`: the stored sample read), how to transform it, and its payload
     (what the runner's load returned: encoded bytes for DALI, decoded frames for torch)."""
 
     index: int
@@ -130,6 +131,7 @@ class Slot:
     valid: bool
     params: SampleParams
     payload: Any
+    sample: int = -1
 
 
 @dataclass(frozen=True)
@@ -153,6 +155,43 @@ class BatchPlan:
 def meta_of(row: np.ndarray) -> dict[str, int]:
     """What the recipes read of a sample's metadata, from its (frames, height, width) row."""
     return {"frames": int(row[0]), "height": int(row[1]), "width": int(row[2])}
+
+
+# ---- clips: what the plans draw and score (issue: a clip is one clip, whatever its chunks) -----
+
+def unit_table(catalog: Catalog, clips: np.ndarray) -> np.ndarray:
+    """(frames, height, width) of clips: a chunked clip's frames are all its chunks'."""
+    c = catalog.clips
+    if not c.chunked:
+        return catalog.table(clips)
+    rows = catalog.table(c.members[c.first[clips]]).copy()
+    rows[:, 0] = c.frames[clips]
+    return rows
+
+
+def unit_labels(catalog: Catalog) -> np.ndarray:
+    """Each clip's label (its first chunk's)."""
+    c = catalog.clips
+    return catalog.labels if not c.chunked else catalog.labels[c.members[c.first[:-1]]]
+
+
+def locate(catalog: Catalog, clip: int, params: SampleParams) -> tuple[int, SampleParams]:
+    """The sample that holds a window of `clip`, and the parameters in that sample's frames. A
+    window that crosses a chunk boundary is moved into the chunk that holds its middle frame
+    (by less than a window; chunks are 64-128 frames by default, so few windows move; a window
+    longer than a chunk repeats the chunk's last frame); with no chunks, the clip is the sample."""
+    c = catalog.clips
+    if not c.chunked or params.frames is None:
+        return (int(c.members[c.first[clip]]) if c.chunked else clip), params
+    chunks = c.samples(clip)
+    starts = c.start[chunks]
+    which = int(np.searchsorted(starts, params.frames[len(params.frames) // 2], side="right")) - 1
+    sample = int(chunks[which])
+    length = int(catalog.table(np.array([sample]))[0, 0])
+    frames = params.frames - starts[which]
+    frames = frames - min(int(frames[0]), 0)
+    frames = np.clip(frames - max(int(frames[-1]) - (length - 1), 0), 0, length - 1)
+    return sample, replace(params, frames=frames)
 
 
 @dataclass
@@ -179,16 +218,17 @@ class TrainPlan:
 
     @property
     def batches_per_pass(self) -> int:
-        return train_batches_per_rank(len(self.catalog), self.world, self.batch_size)
+        return train_batches_per_rank(len(self.catalog.clips.keys), self.world, self.batch_size)
 
     def rows(self, epoch: int, cycle: int) -> np.ndarray:
-        """(batches, batch_size) sample indices of this rank's pass `cycle` of `epoch`."""
+        """(batches, batch_size) clip indices of this rank's pass `cycle` of `epoch` (the samples
+        themselves when no clip is stored in chunks): each clip drawn as often as any other."""
         key = (epoch, cycle)
         if key not in self._cache:
             if self.balanced:
-                order = balanced_order(self.catalog.labels, self.seed, epoch, cycle)
+                order = balanced_order(unit_labels(self.catalog), self.seed, epoch, cycle)
             else:
-                order = shuffled_order(len(self.catalog), self.seed, epoch, cycle)
+                order = shuffled_order(len(self.catalog.clips.keys), self.seed, epoch, cycle)
             self._cache = {key: train_batches(order, self.rank, self.world, self.batch_size)}
         return self._cache[key]
 
@@ -198,33 +238,39 @@ class TrainPlan:
         return [(epoch, k // per_pass, k % per_pass) for k in range(start, start + count)]
 
     def candidates(self, request: Request) -> tuple[np.ndarray, np.ndarray]:
-        """The batch's samples and the rank's later ones. Slot j may be filled, in order, by
-        mine[j], the batch's next samples (cyclically), then the later ones — the last resort
-        when no sample of this batch loads; the position in that list is its attempt number."""
+        """The batch's clips and the rank's later ones. Slot j may be filled, in order, by
+        mine[j], the batch's next clips (cyclically), then the later ones — the last resort
+        when no clip of this batch loads; the position in that list is its attempt number."""
         epoch, cycle, position = request
         rows = self.rows(epoch, cycle)
         return rows[position], rows[position + 1:].ravel()
 
-    def first_params(self, request: Request) -> list[SampleParams]:
-        """Every slot's parameters for its first candidate; pre-training draws them as arrays
-        over the batch (recipes.batch_params), fine-tuning one slot at a time."""
+    def first_params(self, request: Request) -> tuple[np.ndarray, list[SampleParams]]:
+        """Every slot's sample and parameters for its first candidate clip (a window drawn over
+        the whole clip, then located in its chunk); pre-training draws them as arrays over the
+        batch (recipes.batch_params), fine-tuning one slot at a time."""
         epoch, cycle, position = request
-        samples = self.rows(epoch, cycle)[position]
-        table = self.catalog.table(samples)
+        clips = self.rows(epoch, cycle)[position]
+        table = unit_table(self.catalog, clips)
         if self.recipe.kind == "pretrain":
-            return self.recipe.batch_params(table, seeds.batch_rng((self.seed, epoch, cycle, self.rank, position)))
-        slot_seeds = self._slot_seeds(request)
-        return [self.recipe.sample_params(meta_of(row), seeds.sample_rng(slot_seeds[j], 0))
-                for j, row in enumerate(table)]
+            drawn = self.recipe.batch_params(table, seeds.batch_rng((self.seed, epoch, cycle, self.rank, position)))
+        else:
+            slot_seeds = self._slot_seeds(request)
+            drawn = [self.recipe.sample_params(meta_of(row), seeds.sample_rng(slot_seeds[j], 0))
+                     for j, row in enumerate(table)]
+        if not self.catalog.clips.chunked:
+            return clips, drawn
+        located = [locate(self.catalog, int(c), p) for c, p in zip(clips, drawn)]
+        return np.array([s for s, _ in located], np.int64), [p for _, p in located]
 
-    def params(self, request: Request, slot: int, attempt: int, sample: int) -> SampleParams:
-        """The parameters of `slot` for its `attempt`-th candidate `sample` (attempt ≥ 1: a
-        substitute for a corrupt sample draws from a stream of its own)."""
+    def params(self, request: Request, slot: int, attempt: int, clip: int) -> tuple[int, SampleParams]:
+        """The sample and parameters of `slot` for its `attempt`-th candidate `clip` (attempt ≥
+        1: a substitute for a corrupt clip draws from a stream of its own)."""
         rng = seeds.sample_rng(self._slot_seeds(request)[slot], attempt)
-        table = self.catalog.table(np.array([sample]))
+        table = unit_table(self.catalog, np.array([clip]))
         if self.recipe.kind == "pretrain":
-            return self.recipe.batch_params(table, rng)[0]
-        return self.recipe.sample_params(meta_of(table[0]), rng)
+            return locate(self.catalog, clip, self.recipe.batch_params(table, rng)[0])
+        return locate(self.catalog, clip, self.recipe.sample_params(meta_of(table[0]), rng))
 
     def _slot_seeds(self, request: Request) -> np.ndarray:
         epoch, cycle, position = request
@@ -243,7 +289,12 @@ class EvalPlan:
     world: int
 
     def __post_init__(self) -> None:
-        self.rows = eval_rows(len(self.catalog), self.recipe.views, self.rank, self.world, self.batch_size)
+        self.rows = eval_rows(self.num_clips, self.recipe.views, self.rank, self.world, self.batch_size)
+
+    @property
+    def num_clips(self) -> int:
+        """What is scored: clips (a clip stored in chunks is one), one score each."""
+        return len(self.catalog.clips.keys)
 
     @property
     def num_batches(self) -> int:
@@ -252,9 +303,11 @@ class EvalPlan:
     def requests(self, start: int = 0) -> list[Request]:
         return [(b,) for b in range(start, self.num_batches)]
 
-    def params(self, sample: int, view: int) -> SampleParams:
-        """View `view` of `sample`."""
-        return self.recipe.view_params(meta_of(self.catalog.table(np.array([sample]))[0]), view)
+    def params(self, clip: int, view: int) -> tuple[int, SampleParams]:
+        """View `view` of `clip` — its temporal views spread over the whole clip, as the
+        official test — and the sample that holds it."""
+        drawn = self.recipe.view_params(meta_of(unit_table(self.catalog, np.array([clip]))[0]), view)
+        return locate(self.catalog, clip, drawn)
 
 
 Plan = TrainPlan | EvalPlan

@@ -3,10 +3,11 @@
 A recipe is the backend-neutral description of a transform chain; `sample_params` /
 `view_params` draw everything random about one sample (frames, boxes, flips, RandAugment ops,
 erasing) in numpy, and `batch_params` draws the pre-training parameters of a whole batch as
-arrays (one generator, no per-sample Python). The DALI graph (dali_backend.py) and the torch fallback (torch_backend.py)
-apply the same chain with those parameters, so for a given seed both backends crop, flip and
-augment the same samples the same way; they differ only in resampling arithmetic, the
-RandAugment pixel kernels and the erasing noise.
+arrays (one generator, no per-sample Python). The DALI graph (dali_backend.py) and pixel_ops.py
+(frame storage on both backends, everything on the torch fallback) apply the same chain with
+those parameters, so for a given seed both backends crop, flip and augment the same samples the
+same way; the DALI graph differs only in resampling arithmetic, the RandAugment pixel kernels
+and the erasing noise.
 
 The chains (docs/method.md §1.8, §2.10, §2.11; "≡" marks where one resampling replaces two
 official steps, which is the same sampling grid without the intermediate rounding):
@@ -293,7 +294,7 @@ def eval_view_indices(n_frames: int, num_frames: int, stride: int, views: int) -
 # Every crop / resize / flip of a recipe becomes one region of interest (ROI) of the decoded
 # frame that is resampled to the output size in a single step: `(y0, x0, y1, x1)` in source
 # pixel coordinates (edges, not centres), mirrored horizontally when x0 > x1 — the convention of
-# DALI's `fn.resize(roi_start, roi_end)`, which the torch fallback (torch_backend.resample) follows.
+# DALI's `fn.resize(roi_start, roi_end)`, which the torch fallback (pixel_ops.resample) follows.
 # Drawing the boxes here, not inside DALI, gives both backends the same random crops for the
 # same seed and makes them a pure function of (seed, epoch, rank, batch), so a resumed epoch
 # repeats them exactly.
@@ -387,12 +388,6 @@ def scaled(roi: Roi, from_hw: tuple[int, int], to_hw: tuple[int, int]) -> Roi:
     sy, sx = to_hw[0] / from_hw[0], to_hw[1] / from_hw[1]
     y0, x0, y1, x1 = roi
     return (y0 * sy, x0 * sx, y1 * sy, x1 * sx)
-
-
-def shifted(roi: Roi, top: float, left: float) -> Roi:
-    """A box within a sub-region, in the coordinates of the whole frame."""
-    y0, x0, y1, x1 = roi
-    return (y0 + top, x0 + left, y1 + top, x1 + left)
 
 
 def random_crop(height: int, width: int, size: int, rng: np.random.Generator) -> Roi:
