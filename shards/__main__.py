@@ -50,6 +50,9 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--chunk-frames", type=int, default=None,
                         help="split longer videos into chunks of at most this many frames; 0: never "
                              f"(default: {DEFAULT_CHUNK_FRAMES} for vp9 / mjpeg, never for frames)")
+    parser.add_argument("--video-crop", default=None, metavar="Y0,X0,Y1,X1",
+                        help="store this cut of every clip frame (VoxCeleb2 for pre-training: "
+                             "0,32,160,192, the preset's data.video_source_crop); default: whole frames")
     parser.add_argument("--jpeg-quality", type=int, default=DEFAULT_JPEG_QUALITY,
                         help="JPEG quality of images and MJPEG frames (default %(default)s)")
     parser.add_argument("--vp9-crf", type=int, default=DEFAULT_VP9_CRF,
@@ -210,10 +213,11 @@ def main(argv: list[str] | None = None) -> int:
     from .sources.base import SourceFormatError
 
     try:
+        crop = tuple(int(v) for v in args.video_crop.split(",")) if args.video_crop else None
         encode = EncodeOptions(args.jpeg_quality, args.video_codec, args.vp9_crf,
-                               args.keyframe_interval, args.chunk_frames)
+                               args.keyframe_interval, args.chunk_frames, crop)
     except ValueError as err:
-        parser.error(str(err))
+        parser.error(f"--video-crop / encoding options: {err}")
     build = BuildOptions(encode, int(args.shard_size * 2**20),
                          **({"workers": args.workers} if args.workers else {}))
     try:

@@ -98,6 +98,9 @@ class EncodeOptions:
     vp9_crf: int = DEFAULT_VP9_CRF
     keyframe_interval: int = DEFAULT_KEYFRAME_INTERVAL
     chunk_frames: int | None = None  # None: DEFAULT_CHUNK_FRAMES for VP9 / MJPEG, whole clips for frames
+    # Clips: the fixed (y0, x0, y1, x1) cut of every frame stored instead of the whole frame — the
+    # pre-training preset's data.video_source_crop for VoxCeleb2, so its loader reads 160 × 160.
+    video_crop: tuple[int, int, int, int] | None = None
 
     def __post_init__(self) -> None:
         if self.video_codec not in VIDEO_CODECS:
@@ -109,6 +112,10 @@ class EncodeOptions:
             raise ValueError(f"vp9_crf must be in 0..63, got {self.vp9_crf}")
         if self.keyframe_interval < 1 or (self.chunk_frames is not None and self.chunk_frames < 0):
             raise ValueError("keyframe_interval must be ≥ 1, chunk_frames ≥ 0 (0: no chunks)")
+        if self.video_crop is not None:
+            y0, x0, y1, x1 = self.video_crop
+            if not (len(self.video_crop) == 4 and 0 <= y0 < y1 and 0 <= x0 < x1):
+                raise ValueError(f"video_crop must be y0,x0,y1,x1 with y0 < y1 and x0 < x1, got {self.video_crop}")
 
     @property
     def chunk_length(self) -> int:

@@ -7,7 +7,8 @@ knows (below); those keys are reserved (build.validate rejects records that use 
 Builder metadata: ``clip`` (the record key), ``path`` (the image / video file or the frame
 folder), ``height``, ``width``; for videos also ``frames`` (in this chunk), ``chunk``,
 ``chunks``, ``frame_start``, ``frame_end`` (the chunk's range in the clip, end exclusive),
-``clip_frames``, ``fps`` (the source's, null for frame folders) and ``resized_frames``.
+``clip_frames``, ``fps`` (the source's, null for frame folders), ``resized_frames`` and, for a
+build with ``video_crop``, ``crop`` (the stored cut of the source frames).
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from .media import (NOMINAL_FPS, EncodeOptions, chunk_bounds, encode_clip, encode_frames,
+from .media import (NOMINAL_FPS, EncodeOptions, MediaError, chunk_bounds, encode_clip, encode_frames,
                     frame_problem, image_file_to_jpeg, load_frames, load_video)
 from .sources.base import SourceRecord
 
@@ -38,7 +39,7 @@ def chunk_key(key: str, chunk: int, chunks: int) -> str:
 
 
 BUILDER_META = frozenset({"clip", "path", "height", "width", "frames", "chunk", "chunks",
-                          "frame_start", "frame_end", "clip_frames", "fps", "resized_frames"})
+                          "frame_start", "frame_end", "clip_frames", "fps", "resized_frames", "crop"})
 
 
 def record_path(record: SourceRecord) -> str:
@@ -61,6 +62,12 @@ def encode_record(record: SourceRecord, options: EncodeOptions) -> list[Sample]:
         fps = None
     else:
         clip, fps, resized = load_video(record.paths[0])
+    if options.video_crop is not None:
+        y0, x0, y1, x1 = options.video_crop
+        if clip.shape[1] < y1 or clip.shape[2] < x1:
+            raise MediaError(f"{record_path(record)}: {clip.shape[1]}×{clip.shape[2]} frames are smaller than "
+                             f"the crop {list(options.video_crop)}")
+        clip = clip[:, y0:y1, x0:x1]
     bounds = chunk_bounds(len(clip), options.chunk_length)
     samples = []
     for chunk, (start, end) in enumerate(bounds):
@@ -69,6 +76,7 @@ def encode_record(record: SourceRecord, options: EncodeOptions) -> list[Sample]:
             "height": clip.shape[1], "width": clip.shape[2],
             "frames": end - start, "chunk": chunk, "chunks": len(bounds), "frame_start": start,
             "frame_end": end, "clip_frames": len(clip), "fps": fps, "resized_frames": resized,
+            **({"crop": list(options.video_crop)} if options.video_crop else {}),
         }
         key = chunk_key(record.key, chunk, len(bounds))
         if options.video_codec == "frames":

@@ -195,3 +195,29 @@ def test_verify_finds_every_problem(paths, tmp_path, capsys):
     assert any("frame index" in p and missing.rsplit("/", 1)[1] in p for p in problems["part1"]), problems["part1"]
     assert shards_main(["verify", str(damaged)]) == 1
     assert "FAILED" in capsys.readouterr().out
+
+
+def test_clips_stored_cut_are_not_cut_again(tmp_path):
+    # VoxCeleb2 for pre-training is stored cut to the preset's source crop (160 × 160 of 224 ×
+    # 224): the loader reads the stored frames as they are; another cut in the config is refused.
+    from s4d_dist.shards.build import BuildOptions, build_dataset
+    from s4d_dist.shards.media import EncodeOptions
+    from s4d_dist.shards.synthetic import read_synthetic
+
+    source = read_synthetic(str(tmp_path / "raw"), modality="video", splits={"train": 1}, size=40, frames=8)
+    build_dataset(source, tmp_path / "cut", BuildOptions(EncodeOptions(video_crop=(4, 6, 36, 38)), 1 << 20, 1),
+                  progress=False)
+    catalog = open_catalog(shard_paths(str(tmp_path / "cut"), "train"))
+    assert catalog.stored_crop == [4, 6, 36, 38] and (catalog.table(np.arange(len(catalog)))[:, 1:] == 32).all()
+    assert catalog.read_meta(0)["crop"] == [4, 6, 36, 38]
+    paths = {"image": tmp_path, "video": tmp_path / "cut"}
+    same = ds.make_cfg(paths, "pretrain", "data.image_shards=", "data.fold=null", "data.video_source_crop=[4,6,36,38]",
+                       "data.video_source_frame=[40,40]")
+    loader = train_loader(same, backend="torch")
+    assert loader.streams[0].recipe.source_crop is None
+    assert next(iter(loader.epoch(0)))["pixels"].shape[-1] == 32
+    loader.close()
+    other = ds.make_cfg(paths, "pretrain", "data.image_shards=", "data.fold=null", "data.video_source_crop=[0,0,32,32]",
+                        "data.video_source_frame=[40,40]")
+    with pytest.raises(ValueError, match=r"stored cut to \[4, 6, 36, 38\]"):
+        train_loader(other)

@@ -127,6 +127,7 @@ class Catalog:
     truncated: dict[str, int] = field(default_factory=dict)  # tar → samples left out (beyond its end)
     bad: dict[int, str] = field(default_factory=dict)  # sample → why it cannot be read (frame index)
     frame_storage: bool = False  # every frame an independent JPEG at its indexed offset
+    stored_crop: list[int] | None = None  # the (y0, x0, y1, x1) cut of the source frames stored (build option)
     _files: dict[int, int] = field(default_factory=dict, repr=False)
     _maps: dict[int, tuple[mmap.mmap, np.ndarray]] = field(default_factory=dict, repr=False)
     _labels: np.ndarray | None = field(default=None, repr=False)
@@ -301,7 +302,8 @@ class Catalog:
         position = {int(old): new for new, old in enumerate(samples)}
         out = Catalog(self.tars, self.dataset, self.modality, self.media_ext, self.class_names,
                       [self.keys[i] for i in samples], self.members.take(samples), self.truncated,
-                      {position[i]: why for i, why in self.bad.items() if i in position}, self.frame_storage)
+                      {position[i]: why for i, why in self.bad.items() if i in position}, self.frame_storage,
+                      self.stored_crop)
         if self._labels is not None:
             out._labels = self._labels[samples]
         return out
@@ -414,5 +416,6 @@ def open_catalog(tars: list[str], skip_truncated: bool = False) -> Catalog:
                        np.concatenate(all_ends))
     if not keys:
         raise ValueError(f"shards {tars[0]} ... hold no samples")
+    crop = first.get("build", {}).get("encode", {}).get("video_crop")
     return Catalog(list(tars), first["dataset"], first["modality"], media_ext, list(first["class_names"]),
-                   keys, members, truncated, bad, frame_storage)
+                   keys, members, truncated, bad, frame_storage, list(crop) if crop else None)

@@ -311,7 +311,12 @@ class DaliRunner:
         process = FeederProcess(plan, self.prefetch) if self.frames and feeder_process else None
         self.feeder = _Feeder(self._prepare, self.prefetch, process, self._columns)
         self.pipe = self._build()
-        self.host_bytes = self.encoded_bytes = 0  # pixel bytes handed to the device stage; bytes read
+        self.host_bytes = self._read = 0  # pixel bytes handed to the device stage; stored bytes read
+
+    @property
+    def encoded_bytes(self) -> int:
+        """Stored bytes read for the batches so far (by this process or its feeder process)."""
+        return self._read + (self.feeder.process.bytes_read if self.feeder.process is not None else 0)
 
     @property
     def known_bad(self) -> set[int]:
@@ -339,17 +344,17 @@ class DaliRunner:
         catalog = self.plan.catalog
         if self.frames:
             window = read_window(catalog, index, params.frames)
-            self.encoded_bytes += sum(len(j) for j in window.jpegs)
+            self._read += sum(len(j) for j in window.jpegs)
             return window
         raw = read_raw(catalog, index)
         self.check(raw)
-        self.encoded_bytes += len(raw.media)
+        self._read += len(raw.media)
         return np.frombuffer(raw.media, np.uint8), (int(raw.meta["height"]), int(raw.meta["width"]))
 
     def _load_many(self, samples: np.ndarray, params: list[SampleParams]) -> list:
         """The frames path's first candidates of a batch at once (decode.read_windows)."""
         windows = read_windows(self.plan.catalog, samples, np.stack([p.frames for p in params]))
-        self.encoded_bytes += sum(len(j) for w in windows if isinstance(w, Window) for j in w.jpegs)
+        self._read += sum(len(j) for w in windows if isinstance(w, Window) for j in w.jpegs)
         return windows
 
     def _prepare(self, request: Request) -> tuple[BatchPlan, list, Any]:

@@ -127,6 +127,7 @@ class FeederProcess:
                   self._halt))
         self._process.start()
         self._generation = 0
+        self.bytes_read = 0  # JPEG bytes of the batches taken
         self._requests: list[Request] = []
         self._taken = 0
         self._running = False
@@ -166,7 +167,8 @@ class FeederProcess:
         if isinstance(planned, Exception):
             self._running = False
             raise planned
-        slot, _ = where
+        slot, used = where
+        self.bytes_read += used
         buffer = np.ndarray((self.slot_bytes,), np.uint8, self._slots[slot].buf)
         views: dict[int, Window] = {}
         for s in planned.slots:

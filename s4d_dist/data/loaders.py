@@ -142,6 +142,18 @@ def eval_catalog(cfg: DictConfig, split: str, modality: str) -> Catalog:
     return open_catalog(shard_paths(location, split, fold), skip_truncated=cfg.data.skip_truncated)
 
 
+def stored_cut(recipe: Recipe, catalog: Catalog) -> Recipe:
+    """The recipe for clips stored already cut (`shards --video-crop`): the same cut as
+    data.video_source_crop is not cut again; another one is a config error naming both."""
+    if catalog.stored_crop is None or recipe.source_crop is None:
+        return recipe
+    if list(recipe.source_crop) != catalog.stored_crop:
+        raise ValueError(f"{catalog.tars[0]} ...: clips are stored cut to {catalog.stored_crop}, but "
+                         f"data.video_source_crop is {list(recipe.source_crop)}; set it to "
+                         f"{catalog.stored_crop} (or [] to use the stored frames as they are)")
+    return replace(recipe, source_crop=None, source_frame=None)
+
+
 class _Stream:
     """One modality's training batches: its plan, recipe and runner."""
 
@@ -157,6 +169,7 @@ class _Stream:
             batch //= cfg.data.video_repeats
         balanced = cfg.task == "finetune" and modality == "image" and cfg.data.balance_images
         catalog = train_catalog(cfg, modality)
+        self.recipe = stored_cut(self.recipe, catalog)
         classes = cfg.model.num_image_classes if modality == "image" else cfg.model.num_video_classes
         if cfg.task == "finetune" and len(catalog.class_names) != classes:
             raise ValueError(f"{catalog.tars[0]} ...: {catalog.dataset} has {len(catalog.class_names)} classes "

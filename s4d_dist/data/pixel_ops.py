@@ -111,7 +111,7 @@ def pretrain_clips(frames: torch.Tensor, region: np.ndarray, pre_size: tuple[int
     cpu = frames.device.type == "cpu"
     y0, x0, y1, x1 = (int(v) for v in region)
     x = frames[:, :, y0:y1, x0:x1].flatten(0, 1).permute(0, 3, 1, 2)  # (V·F, C, h, w), channels last
-    with _one_thread(cpu):
+    with one_thread(cpu):
         x = F.interpolate(x if cpu else x.float(), size=tuple(int(v) for v in pre_size), mode="bilinear",
                           align_corners=False, antialias=False)
         pixels = _batch_buffer((videos, copies, num_frames, size, size, channels), frames.device)
@@ -148,10 +148,10 @@ def _batch_buffer(shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
 
 
 @contextlib.contextmanager
-def _one_thread(cpu: bool) -> Iterator[None]:
+def one_thread(cpu: bool = True) -> Iterator[None]:
     """One intra-op thread for the CPU work of a batch: its ops are many and small (a clip's
-    crop), and waking a thread pool for each costs more than the op when the cores are busy
-    (DALI's decoder threads, the training step)."""
+    crop, a frame's resample), and waking a thread pool for each costs more than the op when
+    the cores are busy (DALI's decoder threads, DataLoader workers, the training step)."""
     if not cpu:
         yield
         return
@@ -170,6 +170,12 @@ def augment(recipe: Recipe, frames: torch.Tensor | list[torch.Tensor], slots: li
     """Decoded uint8 frames of a batch's slots on the device — (B, F, H, W, 3), or a list of
     (F, H, W, 3) — → normalised float (B, copies, 3, [F,] S, S). Pre-training clips of one frame
     size go through `pretrain_clips` as one batch; everything else sample by sample."""
+    with one_thread((frames[0] if isinstance(frames, list) else frames).device.type == "cpu"):
+        return _augment(recipe, frames, slots, generator)
+
+
+def _augment(recipe: Recipe, frames: torch.Tensor | list[torch.Tensor], slots: list,
+             generator: torch.Generator) -> torch.Tensor:
     if isinstance(frames, list) and len({tuple(f.shape) for f in frames}) == 1:
         frames = torch.stack(frames)
     if (recipe.kind, recipe.modality) == ("pretrain", "video") and isinstance(frames, torch.Tensor):

@@ -13,7 +13,6 @@ normalises the batch — the same code DALI's frame-storage path runs after its 
 """
 from __future__ import annotations
 
-import contextlib
 import multiprocessing
 from collections.abc import Iterable, Iterator
 from typing import Any
@@ -25,7 +24,7 @@ from s4d_dist import seeds
 
 from .decode import CorruptSample, decode_window, decoded, read_raw, read_window, read_windows
 from .filler import SlotFiller
-from .pixel_ops import augment
+from .pixel_ops import augment, one_thread
 from .plan import Plan, Request
 from .recipes import SampleParams
 
@@ -58,23 +57,10 @@ class BatchDataset(torch.utils.data.Dataset):
             return err
 
     def __getitem__(self, request: Request) -> dict[str, Any]:
-        with _single_thread():
+        with one_thread():  # as DataLoader workers have (the trainer's process when workers=0)
             batch = self.filler(request)
         return {"request": request, "frames": [slot.payload for slot in batch.slots], "slots": batch.slots,
                 **batch.fields()}
-
-
-@contextlib.contextmanager
-def _single_thread() -> Iterator[None]:
-    """One intra-op thread while building a batch in the trainer's process (workers=0), as
-    DataLoader workers have: the per-sample ops are small, and waking a thread pool for each
-    costs more than the op (measured: a 32-px resample 35 ms with 2 threads, 0.07 ms with 1)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 class _Requests(torch.utils.data.Sampler):
