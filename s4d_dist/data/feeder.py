@@ -18,7 +18,7 @@ import multiprocessing
 import queue
 from collections.abc import Iterable
 from dataclasses import replace
-from multiprocessing import resource_tracker, shared_memory
+from multiprocessing import shared_memory
 from typing import Any
 
 import numpy as np
@@ -46,9 +46,9 @@ def _child_load(plan: Plan):
 
 def _serve(plan: Plan, slot_names: list[str], slot_bytes: int, commands, results, free, halt) -> None:
     """The child: fill batches of the latest `run` command into free slots until told to stop."""
+    # Attaching registers the names again with the resource tracker the forkserver shares with
+    # the trainer's side, which unlinks them (and unregisters them, once) when it closes.
     slots = [shared_memory.SharedMemory(name=name) for name in slot_names]
-    for slot in slots:  # the trainer's side owns (and unlinks) them; attaching must not claim them
-        resource_tracker.unregister(slot._name, "shared_memory")
     filler = SlotFiller(plan, _child_load(plan), _child_load_many(plan))
     try:
         while True:
