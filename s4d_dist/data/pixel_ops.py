@@ -115,15 +115,17 @@ def pretrain_clips(frames: torch.Tensor, region: np.ndarray, pre_size: tuple[int
         x = F.interpolate(x if cpu else x.float(), size=tuple(int(v) for v in pre_size), mode="bilinear",
                           align_corners=False, antialias=False)
         pixels = _batch_buffer((videos, copies, num_frames, size, size, channels), frames.device)
+        scale, shift = _scaled_constants(frames.device)
+        scale, shift = scale.repeat(size), -shift.repeat(size)  # per row of a frame: long rows vectorise
         for v in range(videos):
             clip = x[v * num_frames:(v + 1) * num_frames]
             for r, (top, left, bottom, right) in enumerate(boxes[v].astype(np.int64).tolist()):
                 crop = F.interpolate(clip[:, :, top:bottom, left:right], size=(size, size), mode="bilinear",
                                      align_corners=False, antialias=True)
-                pixels[v, r].copy_(crop.permute(0, 2, 3, 1))
-        scale, shift = _scaled_constants(frames.device)
-        rows = pixels.view(-1, size * channels)  # a long inner dimension: the op vectorises
-        torch.addcmul(-shift.repeat(size), rows, scale.repeat(size), out=rows)
+                out = pixels[v, r]
+                out.copy_(crop.permute(0, 2, 3, 1))
+                rows = out.view(-1, size * channels)  # normalised while the copy is still in cache
+                torch.addcmul(shift, rows, scale, out=rows)
     return pixels.flatten(0, 1).permute(0, 4, 1, 2, 3)
 
 
