@@ -24,7 +24,7 @@ def test_cpu_smoke_runs_every_section(tmp_path):
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
     result = subprocess.run(["bash", str(REPO / "benchmarks/gpu/run.sh"), "--cpu-smoke"],
-                            cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+                            cwd=REPO, env=env, capture_output=True, text=True, timeout=1500)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     report_text = (tmp_path / "out" / "gpu_cpu_smoke.json").read_text()
     report = json.loads(report_text)

@@ -229,7 +229,7 @@ def throughput(ctx) -> dict:
     device = "cpu" if ctx.smoke else "mixed"
     bench = ["--device", device, "--out", str(ctx.out / f"data_{'cpu_smoke' if ctx.smoke else 'gpu'}.json")]
     if ctx.smoke:
-        bench += ["--clips", "14", "--clip-frames", "20", "--videos", "4", "--batches", "2", "--rounds", "1",
+        bench += ["--clips", "14", "--clip-frames", "20", "--videos", "4", "--batches", "1", "--rounds", "1",
                   "--warmup", "1", "--size", "32", "--threads", "2"]
     else:
         bench += ["--clips", "192", "--batches", "20", "--rounds", "2", "--threads", "8"]
@@ -272,7 +272,8 @@ def pretrain_wait(ctx) -> dict:
         if ctx.smoke else ("pretrain_vit_base", ["deepspeed.precision=bf16", "data.workers=8"])
     cmd = [sys.executable, str(REPO / "launch/pretrain.py"), "--config", preset, "run_name=wait",
            f"data.image_shards={data['image'] / 'train'}", f"data.video_shards={data['video'] / 'train'}",
-           f"output_dir={root / 'runs'}", "optim.epochs=2", "logging.log_every=1", "data.backend=dali",
+           f"output_dir={root / 'runs'}", f"optim.epochs={1 if ctx.smoke else 2}", "logging.log_every=1",
+           "data.backend=dali",
            f"data.dali_device={'cpu' if ctx.smoke else 'mixed'}", "data.video_rate=1.0", "data.image_rate=1.0",
            "data.video_source_crop=[]", "data.val_fraction=0", f"model.img_size={size}", *extra]
     env = {"DS_ACCELERATOR": "cpu"} if ctx.smoke else {}
