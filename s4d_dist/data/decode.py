@@ -276,20 +276,18 @@ def read_windows(catalog: Catalog, samples: np.ndarray, frames: np.ndarray) -> l
     wanted = keep & ~beyond[:, None]
     row = np.broadcast_to(np.arange(len(samples))[:, None], frames.shape)[wanted]
     views, ok = catalog.frame_bytes(samples[row], frames[wanted])
+    counts = np.where(beyond, 0, order[:, -1] + 1)
+    firsts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    whole = np.logical_and.reduceat(ok, np.minimum(firsts, max(len(ok) - 1, 0))) if len(ok) else ok
     out: list[Window | CorruptSample] = []
-    position = 0
-    for i in range(len(samples)):
+    for i, (first, n) in enumerate(zip(firsts.tolist(), counts.tolist())):
         if beyond[i]:
             out.append(CorruptSample(f"truncated clip: {int(count[i])} frames, frame {int(frames[i, -1])} wanted"))
-            continue
-        n = int(order[i, -1]) + 1
-        good = ok[position:position + n]
-        if not good.all():
-            frame = int(frames[i][keep[i]][int(np.argmin(good))])
+        elif n and not whole[i]:
+            frame = int(frames[i][keep[i]][int(np.argmin(ok[first:first + n]))])
             out.append(CorruptSample(f"truncated JPEG: frame {frame} lost its start / end marker"))
         else:
-            out.append(Window(views[position:position + n], order[i]))
-        position += n
+            out.append(Window(views[first:first + n], order[i]))
     return out
 
 
