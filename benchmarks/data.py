@@ -1,21 +1,34 @@
-"""Pre-training input pipelines side by side: the official-style loader vs the shard loaders.
+"""Pre-training data throughput at the preset's batch, per storage path, in one run.
 
-On the same synthetic faces at 160 px (clips of `--frames` frames, images), in one run:
-  (a) official-style: per-clip folders of JPEG frames and JPEG image files, decoded with Pillow
-      in DataLoader workers, transforms as the official code applies them (docs/method.md §1.8:
-      the clip as a [0, 1] float tensor, per replica ShortSideScale(192) then
-      RandomResizedCrop(160) on it, normalise; images RandomResizedCrop on the PIL image, flip,
-      ToTensor, normalise);
-  (b) shards + the torch fallback (data.backend=torch), same number of workers;
-  (c) shards + DALI on the CPU (data.backend=dali, data.dali_device=cpu), as many threads;
-  (d) shards + DALI "mixed" (nvJPEG / NVDEC) — only where a GPU exists.
-(b)-(d) read the VP9 shards (the default codec) and, as a variant, MJPEG shards. Each workload
-is the pre-training recipe: 16 frames at stride 4, `--repeats` augmented copies per video
-(§1.6), or one crop + flip per image. Throughput = samples delivered per second of wall time,
-the median of interleaved rounds; the ratios to (a) are the result (a shared 2-core machine
-makes absolute numbers drift between runs), also as the median of per-round ratios.
+The workload is `pretrain_vit_base`'s video loader: 48 videos per batch, each repeated with 4
+augmented crops (192 masked clips), 16 frames at stride 4, 160 px, from synthetic face clips of
+`--clip-frames` frames stored at 160 × 160 (what VoxCeleb2 pre-cut to the preset's source crop
+stores). Each storage path is built from the same rendered clips:
+  vp9     VP9 in WebM, a keyframe every 16 frames (the codec the shards had before frame
+          storage; kept so that every run prints the ratio to it)
+  frames  every frame an independent JPEG at a recorded byte offset (shards/media.py)
+and read with the DALI CPU backend (`--device mixed` on a GPU machine) in three modes:
+  feed    the feeder alone: order, rows, parameter draws, reading the bytes, DALI's inputs
+          (no decoding); its time per video is `feeder_us_per_sample`
+  decode  the decoder alone, over batches the feeder prepared beforehand
+  full    the loader end to end (read, decode, augment, masks, onto the device), as training
+          iterates it
+Every mode runs `--warmup` batches first (every clip touched: first-touch costs excluded), then
+times `--batches` batches, in `--rounds` interleaved rounds (medians: the machine is shared).
 
-    python benchmarks/data.py [--clips 28 --frames 64 --images 224 --seconds 8 --rounds 3]
+Per path, under these keys (any reader can compare two result files):
+  masked_clips_per_s            full mode
+  masked_clips_per_cpu_s        full mode, per second of CPU time (the process, its threads and
+                                its feeder process): the figure the shared machine's load moves least
+  decoded_per_used_frames       frames the decoder decodes / distinct frames the windows use
+  host_bytes_per_masked_clip    pixel bytes the host hands to the device stage per masked clip
+                                (the decoded uint8 frames, or the augmented float32 clips)
+  encoded_bytes_per_masked_clip stored bytes read per masked clip
+  feeder_us_per_sample          feed mode, µs of CPU time per video (of the thread feeding)
+  decode_masked_clips_per_s     decode mode
+and `stored_bytes_per_clip` per path.
+
+    python benchmarks/data.py [--clips 96 --clip-frames 64 --batches 6 --rounds 2 --paths vp9,frames]
 """
 from __future__ import annotations
 
@@ -23,6 +36,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import statistics
 import sys
 import tempfile
@@ -31,120 +45,55 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from PIL import Image
 
 from s4d_dist import config
-from s4d_dist.data import recipes
 from s4d_dist.data.loaders import train_loader
-from s4d_dist.pixels import normalize
 from s4d_dist.shards.build import BuildOptions, build_dataset
-from s4d_dist.shards.media import EncodeOptions
+from s4d_dist.shards.media import VIDEO_CODECS, EncodeOptions
 from s4d_dist.shards.synthetic import read_synthetic
 
 RESULTS = Path(__file__).resolve().parent / "results"
-SIZE, SHORT, NUM_FRAMES, STRIDE = 160, 192, 16, 4
-CODECS = ("vp9", "mjpeg")
+SIZE = 160
+PATHS = tuple(codec for codec in ("vp9", "frames") if codec in VIDEO_CODECS)
 
 
 # ------------------------------------------------------------------------------ the data
-def prepare(root: Path, clips: int, clip_frames: int, images: int, workers: int) -> dict[str, Path]:
-    """Render once; store as shards (both codecs) and as the official layout (JPEG files)."""
-    layout = {}
-    for modality, count in (("video", clips), ("image", images)):
-        raw = root / f"raw-{modality}"
-        source = read_synthetic(str(raw), modality=modality, splits={"train": -(-count // 7)}, size=SIZE,
-                                frames=clip_frames, render_workers=workers)
-        for codec in CODECS if modality == "video" else ("jpeg",):
-            out = root / f"shards-{modality}-{codec}"
-            options = EncodeOptions(video_codec=codec) if modality == "video" else EncodeOptions()
-            build_dataset(source, out, BuildOptions(options, 32 << 20, workers), progress=False)
-            layout[f"{modality}-{codec}"] = out / "train"
-        folder = root / f"official-{modality}"
-        for record in source.splits["train"]:
-            if modality == "image":
-                folder.mkdir(parents=True, exist_ok=True)
-                Image.open(record.paths[0]).save(folder / f"{record.key}.jpg", quality=95)
-            else:
-                (folder / record.key).mkdir(parents=True, exist_ok=True)
-                for i, path in enumerate(record.paths):
-                    Image.open(path).save(folder / record.key / f"img_{i + 1:05d}.jpg", quality=95)
-        layout[f"official-{modality}"] = folder
-    return layout
+def prepare(root: Path, clips: int, clip_frames: int, workers: int, paths: tuple[str, ...],
+            size: int = SIZE) -> dict[str, Path]:
+    """Render the clips once and store them once per storage path, whole (no chunks)."""
+    source = read_synthetic(str(root / "raw"), modality="video", splits={"train": -(-clips // 7)},
+                            size=size, frames=clip_frames, seed=0, render_workers=workers,
+                            framing="aligned")
+    out = {}
+    for codec in paths:
+        options = BuildOptions(EncodeOptions(video_codec=codec, chunk_frames=0), 256 << 20, workers)
+        build_dataset(source, root / codec, options, progress=False)
+        out[codec] = root / codec / "train"
+    return out
 
 
-# ------------------------------------------------------------------ (a) the official style
-class OfficialVideo(torch.utils.data.Dataset):
-    """path_dataset.py + CFG transforms: decode the window's frames with Pillow, a float
-    (C, T, H, W) clip in [0, 1], then per replica ShortSideScale → RandomResizedCrop → normalise."""
-
-    def __init__(self, folder: Path, repeats: int) -> None:
-        self.clips = sorted(p for p in folder.iterdir() if p.is_dir())
-        self.repeats = repeats
-
-    def __len__(self) -> int:
-        return len(self.clips)
-
-    def __getitem__(self, i: int) -> torch.Tensor:
-        rng = np.random.default_rng()
-        paths = sorted(self.clips[i].glob("*.jpg"))
-        index = recipes.pretrain_indices(len(paths), NUM_FRAMES, STRIDE, rng)
-        clip = torch.stack([torch.from_numpy(np.array(Image.open(paths[j]).convert("RGB"))) for j in index])
-        clip = clip.permute(3, 0, 1, 2).float().div(255)  # (C, T, H, W)
-        height, width = recipes.short_side_size(clip.shape[2], clip.shape[3], SHORT)
-        scaled = F.interpolate(clip, size=(height, width), mode="bilinear", align_corners=False)
-        out = []
-        for _ in range(self.repeats):
-            y0, x0, y1, x1 = (int(v) for v in recipes.random_resized_crop(height, width, (0.08, 1.0), rng))
-            crop = F.interpolate(scaled[:, :, y0:y1, x0:x1], size=(SIZE, SIZE), mode="bilinear",
-                                 align_corners=False, antialias=True)
-            out.append(normalize(crop.transpose(0, 1)).transpose(0, 1))
-        return torch.stack(out)
+def make_cfg(shards: Path, videos: int, repeats: int, threads: int, device: str,
+             backend: str = "dali", task: str = "pretrain", modality: str = "video",
+             size: int = SIZE, extra: tuple[str, ...] = ()):
+    """The paper preset's loader for one modality, at `videos` × `repeats` per batch."""
+    other = "image" if modality == "video" else "video"
+    preset = "pretrain_vit_base" if task == "pretrain" else "finetune_dfew"
+    batch = videos * repeats if task == "pretrain" and modality == "video" else videos
+    return config.load(preset, [
+        f"task={task}", f"data.{modality}_shards={shards}", f"data.{other}_shards=''",
+        f"data.video_batch_size={batch}", f"data.image_batch_size={batch}",
+        f"data.video_repeats={repeats}", f"data.workers={threads}", f"data.backend={backend}",
+        f"data.dali_device={device}", "data.video_rate=1.0", "data.image_rate=1.0",
+        "data.fold=null", "data.val_fraction=0", "data.video_source_crop=[]",
+        f"model.img_size={size}", *extra])
 
 
-class OfficialImage(torch.utils.data.Dataset):
-    """CFG image transforms on PIL: RandomResizedCrop(160, .2–1, bicubic), flip, ToTensor, normalise."""
-
-    def __init__(self, folder: Path) -> None:
-        self.files = sorted(folder.glob("*.jpg"))
-
-    def __len__(self) -> int:
-        return len(self.files)
-
-    def __getitem__(self, i: int) -> torch.Tensor:
-        rng = np.random.default_rng()
-        image = Image.open(self.files[i]).convert("RGB")
-        y0, x0, y1, x1 = (int(v) for v in recipes.random_resized_crop(image.height, image.width, (0.2, 1.0), rng))
-        image = image.crop((x0, y0, x1, y1)).resize((SIZE, SIZE), Image.BICUBIC)
-        if rng.random() < 0.5:
-            image = image.transpose(Image.FLIP_LEFT_RIGHT)
-        x = torch.from_numpy(np.array(image)).permute(2, 0, 1).float().div(255)
-        return normalize(x[None])[0]
-
-
-def official_batches(dataset: torch.utils.data.Dataset, batch: int, workers: int):
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch, shuffle=True, num_workers=workers,
-                                         drop_last=True, persistent_workers=True)
-    while True:
-        yield from loader
-
-
-# -------------------------------------------------------------------------- (b)-(d) shards
 def shard_batches(modality: str, shards: Path, batch: int, repeats: int, workers: int, backend: str,
                   device: str = "cpu", task: str = "pretrain", size: int = SIZE):
-    """Endless batches of one modality from shards, with the paper preset's recipe for `task`
-    (pre-training: masked clips, `repeats` copies per video; fine-tuning: augmented clips)."""
-    other = "video" if modality == "image" else "image"
-    preset = "pretrain_vit_base" if task == "pretrain" else "finetune_dfew"
-    cfg = config.load(preset, [
-        f"task={task}", f"data.{modality}_shards={shards}", f"data.{other}_shards=''",
-        f"data.workers={workers}", f"data.image_batch_size={batch}",
-        f"data.video_batch_size={batch * repeats if task == 'pretrain' else batch}",
-        f"data.video_repeats={repeats}", "data.video_rate=1.0", "data.image_rate=1.0",
-        "data.fold=null", "data.val_fraction=0", f"data.dali_device={device}",
-        "data.video_source_crop=[]",  # synthetic clips are not VoxCeleb2's 224×224 frames
-        f"model.img_size={size}"])
-    loader = train_loader(cfg, backend=backend)
+    """Endless batches of one modality from shards with the paper preset's recipe for `task`
+    (`batch` videos or images; pre-training videos are repeated `repeats` times)."""
+    cfg = make_cfg(shards, batch, repeats, workers, device, backend, task, modality, size)
+    loader = train_loader(cfg)
     epoch = 0
     while True:
         yield from loader.epoch(epoch)
@@ -156,95 +105,178 @@ def samples_per_second(batches, seconds: float) -> float:
     next(batches)
     count, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds:
-        batch = next(batches)
-        count += len(batch["pixels"] if isinstance(batch, dict) else batch)
+        count += len(next(batches)["pixels"])
     return count / (time.perf_counter() - start)
+
+
+def _cpu_seconds(runner=None) -> float:
+    """CPU time of this process (all its threads), its finished children and the runner's
+    feeder process, if it has one."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    total = own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+    feeder = getattr(getattr(runner, "feeder", None), "process", None)
+    if feeder is not None:
+        import psutil  # DeepSpeed's dependency, present wherever the project runs
+
+        times = psutil.Process(feeder._process.pid).cpu_times()
+        total += times.user + times.system
+    return total
+
+
+# ------------------------------------------------------------------------------ the modes
+class PathBench:
+    """One storage path's loader, and its three modes."""
+
+    def __init__(self, codec: str, shards: Path, args) -> None:
+        self.codec = codec
+        self.cfg = make_cfg(shards, args.videos, args.repeats, args.threads, args.device, size=args.size)
+        self.loader = train_loader(self.cfg)
+        self.stream = self.loader.streams[0]
+        self.runner = self.stream.runner
+        self.plan = self.stream.plan
+        self.epoch, self.batches = 0, self._epoch_batches()
+        self.stored = int(sum(os.path.getsize(t) for t in self.plan.catalog.tars))
+        self.clips = len(self.plan.catalog)
+        self.prepared: list = []
+
+    def _epoch_batches(self):
+        while True:
+            yield from self.loader.epoch(self.epoch)
+            self.epoch += 1
+
+    def requests(self, count: int):
+        per_pass = self.plan.batches_per_pass
+        return [(e, 0, k) for e in range(1000) for k in range(per_pass)][:count]
+
+    def feed(self, warmup: int, count: int) -> dict:
+        """The feeder alone: `count` batches after `warmup` — µs of CPU time of the thread
+        running it per video (what it costs whatever else the shared machine runs), and of wall
+        time."""
+        requests = self.requests(warmup + count)
+        for request in requests[:warmup]:
+            self.prepared.append(self.runner.feed(request))
+        start, cpu = time.perf_counter(), time.thread_time()
+        for request in requests[warmup:]:
+            self.prepared.append(self.runner.feed(request))
+        seconds, cpu = time.perf_counter() - start, time.thread_time() - cpu
+        self.prepared = self.prepared[-8:]
+        videos = count * self.plan.batch_size
+        return {"feeder_us_per_sample": 1e6 * cpu / videos, "feeder_wall_us_per_sample": 1e6 * seconds / videos}
+
+    def decode(self, count: int) -> dict:
+        """The decoder alone over the batches `feed` prepared."""
+        frames_per_s = self.runner.decode_only(self.prepared, count)
+        used = self.cfg.model.num_frames * self.plan.batch_size
+        return {"decode_masked_clips_per_s": frames_per_s["batches_per_s"] * self.plan.batch_size
+                * self.cfg.data.video_repeats, "decode_frames_per_s": frames_per_s["frames_per_s"],
+                "decoded_per_used_frames": frames_per_s["decoded_frames"] / (used * frames_per_s["batches"])}
+
+    def full(self, warmup: int, count: int) -> dict:
+        for _ in range(warmup):
+            next(self.batches)
+        host_before = self.runner.host_bytes
+        encoded_before = self.runner.encoded_bytes
+        cpu, start, rows = _cpu_seconds(self.runner), time.perf_counter(), 0
+        for _ in range(count):
+            batch = next(self.batches)
+            rows += len(batch["pixels"])
+        seconds, cpu = time.perf_counter() - start, _cpu_seconds(self.runner) - cpu
+        return {"masked_clips_per_s": rows / seconds, "masked_clips_per_cpu_s": rows / cpu,
+                "host_bytes_per_masked_clip": (self.runner.host_bytes - host_before) / rows,
+                "encoded_bytes_per_masked_clip": (self.runner.encoded_bytes - encoded_before) / rows,
+                "pixels": f"{list(batch['pixels'].shape)} {batch['pixels'].dtype} on {batch['pixels'].device}"}
+
+    def close(self) -> None:
+        self.batches.close()
+        self.loader.close()
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--clips", type=int, default=28)
-    parser.add_argument("--frames", type=int, default=64)
-    parser.add_argument("--images", type=int, default=224)
-    parser.add_argument("--video-batch", type=int, default=4, help="videos per batch")
-    parser.add_argument("--image-batch", type=int, default=32)
+    parser.add_argument("--clips", type=int, default=96, help="clips stored (a few batches' worth)")
+    parser.add_argument("--clip-frames", type=int, default=64)
+    parser.add_argument("--videos", type=int, default=48, help="videos per batch (the preset's 192 / 4)")
     parser.add_argument("--repeats", type=int, default=4)
-    parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--seconds", type=float, default=8.0)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2, help="DALI threads (data.workers)")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "mixed"))
+    parser.add_argument("--size", type=int, default=SIZE, help="stored and model frame size")
+    parser.add_argument("--build-workers", type=int, default=min(os.cpu_count() or 2, 8))
+    parser.add_argument("--warmup", type=int, default=3, help="batches before timing (every clip read)")
+    parser.add_argument("--batches", type=int, default=6, help="batches timed per mode and round")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--paths", default=",".join(PATHS))
+    parser.add_argument("--modes", default="feed,decode,full")
     parser.add_argument("--out", type=Path, help="default benchmarks/results/data_<device>.json")
     args = parser.parse_args(argv)
-    if args.clips < args.video_batch or args.images < args.image_batch:
-        parser.error("need at least one full batch of clips and of images")
-    torch.set_num_threads(1)
+    paths = tuple(args.paths.split(","))
+    modes = args.modes.split(",")
+    unknown = set(paths) - set(PATHS)
+    if unknown:
+        parser.error(f"unknown paths {sorted(unknown)}; this code stores {list(PATHS)}")
 
     with tempfile.TemporaryDirectory() as tmp:
         started = time.perf_counter()
-        data = prepare(Path(tmp), args.clips, args.frames, args.images, args.workers)
+        data = prepare(Path(tmp), args.clips, args.clip_frames, args.build_workers, paths, args.size)
         print(f"data ready in {time.perf_counter() - started:.0f}s", flush=True)
-        w, vb, ib, r = args.workers, args.video_batch, args.image_batch, args.repeats
-        pipelines = {
-            "video": {"official": official_batches(OfficialVideo(data["official-video"], r), vb, w)},
-            "image": {"official": official_batches(OfficialImage(data["official-image"]), ib, w),
-                      "shards_torch": shard_batches("image", data["image-jpeg"], ib, r, w, "torch"),
-                      "dali_cpu": shard_batches("image", data["image-jpeg"], ib, r, w, "dali")},
-        }
-        for codec in CODECS:
-            pipelines["video"][f"shards_torch_{codec}"] = shard_batches("video", data[f"video-{codec}"], vb, r, w, "torch")
-            pipelines["video"][f"dali_cpu_{codec}"] = shard_batches("video", data[f"video-{codec}"], vb, r, w, "dali")
-        gpu = torch.cuda.is_available()
-        if gpu:
-            pipelines["image"]["dali_mixed"] = shard_batches("image", data["image-jpeg"], ib, r, w, "dali", "mixed")
-            for codec in CODECS:
-                pipelines["video"][f"dali_mixed_{codec}"] = shard_batches("video", data[f"video-{codec}"], vb, r, w,
-                                                                          "dali", "mixed")
-        # DataLoader workers fork: start every forking pipeline before any DALI pipeline runs
-        # threads (forking a process with live DALI threads is unsafe).
-        flat = [(name, batches) for named in pipelines.values() for name, batches in named.items()]
-        for _name, batches in sorted(flat, key=lambda item: item[0].startswith("dali")):
-            next(batches)
-        rates: dict[str, dict[str, list[float]]] = {m: {k: [] for k in p} for m, p in pipelines.items()}
+        benches = {codec: PathBench(codec, data[codec], args) for codec in paths}
+        figures: dict[str, dict[str, list]] = {codec: {} for codec in paths}
         for round_ in range(args.rounds):
-            for modality, named in pipelines.items():
-                for name, batches in named.items():
-                    rates[modality][name].append(samples_per_second(batches, args.seconds))
-                    print(f"round {round_}: {modality:5s} {name:18s} {rates[modality][name][-1]:8.1f}/s", flush=True)
+            for codec, bench in benches.items():
+                found = {}
+                if "feed" in modes:
+                    found |= bench.feed(args.warmup if round_ == 0 else 0, args.batches)
+                if "decode" in modes:
+                    found |= bench.decode(args.batches)
+                if "full" in modes:
+                    found |= bench.full(args.warmup if round_ == 0 else 1, args.batches)
+                for key, value in found.items():
+                    figures[codec].setdefault(key, []).append(value)
+                print(f"round {round_} {codec:7s} " + "  ".join(
+                    f"{k} {v:.4g}" for k, v in found.items() if isinstance(v, float)), flush=True)
+        for bench in benches.values():
+            figures[bench.codec]["stored_bytes_per_clip"] = [bench.stored / bench.clips]
+            bench.close()
 
-    results = {}
-    for modality, named in rates.items():
-        unit = "clips_per_s" if modality == "video" else "images_per_s"
-        base = statistics.median(named["official"])
-        results[modality] = {name: {unit: round(statistics.median(v), 2),
-                                    "ratio_vs_official": round(statistics.median(v) / base, 2),
-                                    # the same round's official rate: cancels load drift between rounds
-                                    "ratio_per_round_median": round(statistics.median(
-                                        x / o for x, o in zip(v, named["official"])), 2),
-                                    "rounds": [round(x, 2) for x in v]} for name, v in named.items()}
-        if modality == "video":
-            for entry in results[modality].values():
-                entry["videos_per_s"] = round(entry[unit] / args.repeats, 2)
-        if not gpu:
-            results[modality]["dali_mixed"] = "skipped: no GPU on this machine (needs nvJPEG / NVDEC)"
+    results = {codec: {k: (round(statistics.median(v), 4) if isinstance(v[0], float | int) else v[0])
+                       for k, v in named.items()} for codec, named in figures.items()}
+    base = "vp9" if "vp9" in results else None
+    ratios = {}
+    if base:
+        for codec in results:
+            if codec == base:
+                continue
+            ratio = {}
+            for key in ("masked_clips_per_s", "masked_clips_per_cpu_s", "decode_masked_clips_per_s"):
+                if key in results[codec] and key in results[base]:
+                    ratio[key] = round(results[codec][key] / results[base][key], 2)
+            for key in ("host_bytes_per_masked_clip", "feeder_us_per_sample", "decoded_per_used_frames",
+                        "stored_bytes_per_clip"):
+                if key in results[codec] and key in results[base]:
+                    ratio[key] = round(results[codec][key] / results[base][key], 3)
+            ratios[f"{codec}_vs_{base}"] = ratio
+    gpu = args.device == "mixed"
+    device = torch.cuda.get_device_name() if gpu else "cpu"
     report = {
-        "benchmark": "benchmarks/data.py", "machine": platform.platform(), "cpus": os.cpu_count(),
-        "device": torch.cuda.get_device_name() if gpu else "cpu",
+        "benchmark": "benchmarks/data.py", "device": device, "dali_device": args.device,
+        "machine": platform.platform(), "cpus": os.cpu_count(), "shared_machine": True,
         "python": sys.version.split()[0], "torch": torch.__version__,
         "settings": {k: v for k, v in vars(args).items() if k != "out"},
-        "workload": f"pre-training recipe at {SIZE}px: clips {NUM_FRAMES} frames stride {STRIDE} from "
-                    f"{args.frames}-frame clips, {args.repeats} augmented copies per video; images one crop + flip",
-        "results": results,
+        "workload": f"pre-training video loader: {args.videos} videos x {args.repeats} repeats per batch, "
+                    f"16 frames at stride 4, {args.size} px, from {args.clip_frames}-frame clips stored at "
+                    f"{args.size} px",
+        "results": results, "ratios": ratios,
     }
-    tag = "cpu" if not gpu else "".join(c if c.isalnum() else "_" for c in torch.cuda.get_device_name().lower())
-    args.out = args.out or RESULTS / f"data_{tag}.json"
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=1) + "\n")
-    for modality, named in results.items():
-        for name, entry in named.items():
-            if isinstance(entry, dict):
-                unit = "clips_per_s" if modality == "video" else "images_per_s"
-                print(f"{modality:5s} {name:18s} {entry[unit]:8.1f} {unit}  ×{entry['ratio_vs_official']:.2f}")
-    print(f"wrote {args.out}")
+    tag = "cpu" if not gpu else "".join(c if c.isalnum() else "_" for c in device.lower())
+    out = args.out or RESULTS / f"data_{tag}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=1) + "\n")
+    for codec, entry in results.items():
+        print(codec, json.dumps(entry))
+    for name, ratio in ratios.items():
+        print(name, json.dumps(ratio))
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":
+    np.set_printoptions(precision=3)
     main()

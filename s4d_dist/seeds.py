@@ -10,6 +10,8 @@ of their key.
     source_order       which source each step of a mixed epoch reads (seeded by the epoch)
     slot_seeds         one seed per batch slot: the sample's augmentation parameters
     sample_rng         a slot's parameter draws, for each attempt at a loadable sample
+    batch_rng          a pre-training batch's parameter draws, as arrays over its slots (first
+                       attempts; a substitute draws from sample_rng)  (namespace 13)
     erase_noise        the torch backend's random-erasing noise of a batch   (namespace 7)
     mae_masks          a pre-training batch's token masks                    (namespace 11)
     step_rng           per-step randomness of the loss (mixup / cutmix)
@@ -26,6 +28,7 @@ import torch
 
 ERASE_NOISE = 7
 MAE_MASKS = 11
+BATCH_PARAMS = 13
 
 
 def seed_state(key: Sequence[int], count: int) -> np.ndarray:
@@ -65,6 +68,11 @@ def slot_seeds(batch_key: Sequence[int], count: int) -> np.ndarray:
 def sample_rng(slot_seed: int, attempt: int) -> np.random.Generator:
     """The parameter draws of a slot for its `attempt`-th candidate sample."""
     return np.random.default_rng([int(slot_seed), attempt])
+
+
+def batch_rng(batch_key: Sequence[int]) -> np.random.Generator:
+    """The parameter draws of a whole batch's first candidates, from the batch's identity."""
+    return np.random.default_rng(np.random.SeedSequence([BATCH_PARAMS, *(int(k) for k in batch_key)]))
 
 
 def erase_noise(request: Sequence[int], rank: int) -> torch.Generator:

@@ -47,9 +47,12 @@ def make_parser() -> argparse.ArgumentParser:
                         help="target shard size (default %(default)s)")
     parser.add_argument("--video-codec", choices=sorted(VIDEO_CODECS), default=DEFAULT_VIDEO_CODEC,
                         help="video encoding (default %(default)s; shards/media.py says why)")
-    parser.add_argument("--chunk-frames", type=int, default=DEFAULT_CHUNK_FRAMES,
-                        help="split longer videos into chunks of at most this many frames; "
-                             "0: never (default %(default)s)")
+    parser.add_argument("--chunk-frames", type=int, default=None,
+                        help="split longer videos into chunks of at most this many frames; 0: never "
+                             f"(default: {DEFAULT_CHUNK_FRAMES} for vp9 / mjpeg, never for frames)")
+    parser.add_argument("--video-crop", default=None, metavar="Y0,X0,Y1,X1",
+                        help="store this cut of every clip frame (VoxCeleb2 for pre-training: "
+                             "0,32,160,192, the preset's data.video_source_crop); default: whole frames")
     parser.add_argument("--jpeg-quality", type=int, default=DEFAULT_JPEG_QUALITY,
                         help="JPEG quality of images and MJPEG frames (default %(default)s)")
     parser.add_argument("--vp9-crf", type=int, default=DEFAULT_VP9_CRF,
@@ -131,7 +134,7 @@ def _error(message: str, status: int = 1) -> int:
 
 
 def tools_main(argv: list[str]) -> int:
-    """``inspect OUT`` and ``verify OUT`` (s4d_dist/data/dataset_tools.py)."""
+    """``inspect OUT`` and ``verify OUT`` (tools.py)."""
     import json
 
     parser = argparse.ArgumentParser(prog=f"{PROG} {argv[0]}")
@@ -145,7 +148,7 @@ def tools_main(argv: list[str]) -> int:
                               "exit 1 when anything differs from the build.")
         parser.add_argument("--no-decode", action="store_true", help="checksums and indexes only")
     args = parser.parse_args(argv[1:])
-    from s4d_dist.data import dataset_tools
+    from . import tools as dataset_tools
 
     try:
         if argv[0] == "verify":
@@ -217,10 +220,11 @@ def main(argv: list[str] | None = None) -> int:
     from .sources.base import SourceFormatError
 
     try:
+        crop = tuple(int(v) for v in args.video_crop.split(",")) if args.video_crop else None
         encode = EncodeOptions(args.jpeg_quality, args.video_codec, args.vp9_crf,
-                               args.keyframe_interval, args.chunk_frames, args.face_crop)
+                               args.keyframe_interval, args.chunk_frames, crop, args.face_crop)
     except ValueError as err:
-        parser.error(str(err))
+        parser.error(f"--video-crop / encoding options: {err}")
     if args.face_crop:
         from .faces import detector
 

@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .layout import (FORMAT_VERSION, MANIFEST_JSON, BuildError, index_path, read_manifest,
-                     write_json_atomic)
+from .layout import (FORMAT_VERSION, MANIFEST_JSON, BuildError, frame_index_path, index_path,
+                     read_manifest, write_json_atomic)
 from .writer import ShardInfo
 
 
@@ -87,15 +87,16 @@ class SplitManifest:
             for shard in old["shards"]:
                 tar = folder / shard["name"]
                 if not (tar.is_file() and tar.stat().st_size == shard["bytes"]
-                        and os.path.isfile(index_path(str(tar)))):
+                        and os.path.isfile(index_path(str(tar)))
+                        and os.path.isfile(frame_index_path(str(tar)))):
                     break
                 manifest.shards.append(shard)
             manifest.skipped = [s for s in old["skipped"] if s["record"] < manifest.next_record]
             manifest.complete = old["complete"] and len(manifest.shards) == len(old["shards"])
         keep = {MANIFEST_JSON} | {name for s in manifest.shards
-                                  for name in (s["name"], index_path(s["name"]))}
+                                  for name in (s["name"], index_path(s["name"]), frame_index_path(s["name"]))}
         for path in folder.iterdir():
-            ours = path.name.endswith(".tmp") or re.fullmatch(r"shard-\d{6}\.(tar|idx)", path.name)
+            ours = path.name.endswith(".tmp") or re.fullmatch(r"shard-\d{6}\.(tar|idx|fidx)", path.name)
             if ours and path.name not in keep and path.is_file():
                 os.remove(path)
         return manifest

@@ -4,21 +4,32 @@ Images are stored as JPEG (``jpg``). A source that already is an RGB JPEG is sto
 decodes fully (checked), and re-encoding it would only lose quality and time.
 
 Videos (a clip: ``(T, H, W, 3)`` uint8, every frame at face-crop resolution) are stored in
-one of two encodings, both decoded by DALI on the GPU and on the CPU (docs/design.md, "Stack
-behaviour on CPU"):
+one of three encodings:
 
-``vp9`` (default, ``.webm``)
+``frames`` (default, ``.jpgs``)
+    Every frame an independent baseline JPEG (the images' encoder and quality), the frames
+    concatenated in order; the builder records each frame's end offset in the shard's frame
+    index (``shard-%06d.fidx``, layout.py), after checking each frame's markers. A sample reads
+    and decodes exactly the frames its window uses, with no container to demux, and a batch's
+    frames decode in one batched JPEG decode (nvJPEG on a GPU).
+``vp9`` (option, ``.webm``)
     libvpx VP9, constant quality (``crf``, default 30), a keyframe every ``keyframe_interval``
     frames (default 16), no alt-ref / look-ahead, so packets and frames correspond one to one
     and a window needs only the frames back to the keyframe before it.
 ``mjpeg`` (option, ``.mkv``)
-    Every frame a JPEG (the same encoder and quality as the images) muxed as an MJPEG stream in
-    Matroska; every frame is a keyframe, so a window decodes exactly its frames.
+    Every frame a JPEG muxed as an MJPEG stream in Matroska (DALI's GPU video decoder does not
+    take it; its CPU decoder does).
 
-Why VP9 is the default — benchmarks/codec.py, one run on this shared 2-core CPU machine
-(benchmarks/results/codec_cpu.json; 4 synthetic face clips of 96 frames; a 16-frame window at
-stride 4; CPU ms per clip, median of 9 interleaved rounds; GPU decoders not measured, there
-is no GPU here):
+Why ``frames`` is the default: a stride-4 window of 16 frames decodes 16 frames instead of the
+~68 a VP9 window costs (back to the keyframe, every frame between), the decode is one batched
+image decode rather than a decoder object per clip, and training needs no demux or structural
+check (benchmarks/results/data_cpu.json: throughput, decoded/used frames, bytes per clip). The
+price is storage: JPEG frames take many times VP9's bytes (the same file states how many);
+build with ``--video-codec vp9`` where storage matters more than decoding.
+
+VP9 and MJPEG, measured against each other by benchmarks/codec.py, one run on this shared
+2-core CPU machine (benchmarks/results/codec_cpu.json; 4 synthetic face clips of 96 frames; a
+16-frame window at stride 4; CPU ms per clip, median of 9 interleaved rounds):
 
     224×224         KB/clip  encode ms  PSNR dB*  DALI-CPU window ms  PyAV window ms
     vp9 crf30 g16       40       111      41.4          17.3                19.7
@@ -26,22 +37,14 @@ is no GPU here):
     160×160: 26 vs 631 KB; encode 85 vs 35 ms; DALI window 15.6 vs 15.5; PyAV 15.2 vs 8.6
     (* against the noise-free source)
 
-- size: MJPEG takes 24-27× the bytes (synthetic clips have a static background, which
-  flatters VP9; real faces will narrow the gap, not close it). A million VoxCeleb2 clips in
-  MJPEG are a storage and network problem that every epoch pays again;
-- decoding a window on DALI's CPU backend is no slower with VP9 (equal at 160², 1.3× faster
-  at 224²), and on the GPU NVDEC decodes VP9 in hardware (not measured here); only PyAV, the
-  no-DALI fallback, decodes MJPEG windows faster (1.8×);
-- the price is encode time (2.4-3.2× MJPEG's, paid once per build) and 1.6-1.9 dB PSNR at
-  crf 30; ``--vp9-crf 20`` buys 0.7-0.9 dB for 2× the bytes.
-Build with ``--video-codec mjpeg`` where decode CPU matters more than bytes (a small dataset on
-local disk read by the PyAV fallback). Keyframe interval: in these clips 32 or 64 frames
-decoded no slower (within noise) and were 22-34% smaller than 16; 16 is kept because it
-bounds the frames decoded before a window's first frame (≤ 15), which matters for short
-windows (FERV39K reads 16 consecutive frames).
+VP9's keyframe interval: in these clips 32 or 64 frames decoded no slower (within noise) and
+were 22-34% smaller than 16; 16 is kept because it bounds the frames decoded before a window's
+first frame (≤ 15), which matters for short windows (FERV39K reads 16 consecutive frames).
 
-A long video is split into chunks (``chunk_bounds``): the webdataset readers load a sample
-whole, so a long video as one sample would cost memory and I/O for one window's frames.
+A long VP9 / MJPEG video is split into chunks (``chunk_bounds``; a sample is read whole, so a
+long video as one sample would cost memory and I/O for one window's frames). Frame storage
+reads only a window's frames, so its clips are stored whole unless ``chunk_frames`` says
+otherwise.
 """
 from __future__ import annotations
 
@@ -56,10 +59,10 @@ from PIL import Image
 
 IMAGE_EXT = "jpg"
 DEFAULT_JPEG_QUALITY = 95
-DEFAULT_VIDEO_CODEC = "vp9"
+DEFAULT_VIDEO_CODEC = "frames"
 DEFAULT_VP9_CRF = 30
 DEFAULT_KEYFRAME_INTERVAL = 16
-DEFAULT_CHUNK_FRAMES = 128
+DEFAULT_CHUNK_FRAMES = 128  # VP9 / MJPEG; frame storage: no chunks unless asked
 NOMINAL_FPS = 30.0  # container frame rate when the source (a frame folder) has none
 
 
@@ -80,6 +83,7 @@ class VideoCodec:
 
 
 VIDEO_CODECS: dict[str, VideoCodec] = {
+    "frames": VideoCodec("frames", "jpgs"),
     "mjpeg": VideoCodec("mjpeg", "mkv"),
     "vp9": VideoCodec("vp9", "webm"),
 }
@@ -93,7 +97,10 @@ class EncodeOptions:
     video_codec: str = DEFAULT_VIDEO_CODEC
     vp9_crf: int = DEFAULT_VP9_CRF
     keyframe_interval: int = DEFAULT_KEYFRAME_INTERVAL
-    chunk_frames: int = DEFAULT_CHUNK_FRAMES
+    chunk_frames: int | None = None  # None: DEFAULT_CHUNK_FRAMES for VP9 / MJPEG, whole clips for frames
+    # Clips: the fixed (y0, x0, y1, x1) cut of every frame stored instead of the whole frame — the
+    # pre-training preset's data.video_source_crop for VoxCeleb2, so its loader reads 160 × 160.
+    video_crop: tuple[int, int, int, int] | None = None
     face_crop: bool = False  # store the square around the face found (faces.py), not the input
 
     def __post_init__(self) -> None:
@@ -104,8 +111,21 @@ class EncodeOptions:
             raise ValueError(f"jpeg_quality must be in 1..100, got {self.jpeg_quality}")
         if not 0 <= self.vp9_crf <= 63:
             raise ValueError(f"vp9_crf must be in 0..63, got {self.vp9_crf}")
-        if self.keyframe_interval < 1 or self.chunk_frames < 0:
+        if self.keyframe_interval < 1 or (self.chunk_frames is not None and self.chunk_frames < 0):
             raise ValueError("keyframe_interval must be ≥ 1, chunk_frames ≥ 0 (0: no chunks)")
+        if self.video_crop is not None:
+            y0, x0, y1, x1 = self.video_crop
+            if not (len(self.video_crop) == 4 and 0 <= y0 < y1 and 0 <= x0 < x1):
+                raise ValueError(f"video_crop must be y0,x0,y1,x1 with y0 < y1 and x0 < x1, got {self.video_crop}")
+            if self.face_crop:
+                raise ValueError("video_crop and face_crop each choose the stored cut: give one")
+
+    @property
+    def chunk_length(self) -> int:
+        """Frames per chunk (0: none): `chunk_frames`, or the codec's default when unset."""
+        if self.chunk_frames is not None:
+            return self.chunk_frames
+        return 0 if self.video_codec == "frames" else DEFAULT_CHUNK_FRAMES
 
 
 # --------------------------------------------------------------------------------------- images
@@ -269,6 +289,32 @@ def _encode_vp9(container: av.container.OutputContainer, clip: np.ndarray, rate:
         container.mux(packet)
 
 
+JPEG_SOI, JPEG_EOI = b"\xff\xd8", b"\xff\xd9"
+
+
+def encode_frames(clip: np.ndarray, quality: int = DEFAULT_JPEG_QUALITY) -> tuple[bytes, list[int]]:
+    """``(T, H, W, 3)`` uint8 → the frames as concatenated JPEGs, and each frame's end offset."""
+    frames = [encode_jpeg(frame, quality) for frame in clip]
+    return b"".join(frames), np.cumsum([len(f) for f in frames]).tolist()
+
+
+def frame_problem(data: bytes, ends: Sequence[int], frames: int) -> str | None:
+    """What is wrong with stored frames (`data`, frame end offsets `ends`, `frames` expected),
+    or None: the frame count, the offsets within the data, each frame's JPEG markers."""
+    if len(ends) != frames:
+        return f"{len(ends)} frames indexed, {frames} expected"
+    start = 0
+    for i, end in enumerate(ends):
+        if not start < end <= len(data):
+            return f"frame {i} at bytes {start}..{end} outside the {len(data)} stored"
+        if data[start:start + 2] != JPEG_SOI or data[end - 2:end] != JPEG_EOI:
+            return f"frame {i}: no JPEG start / end marker"
+        start = end
+    if start != len(data):
+        return f"{len(data) - start} bytes after the last frame"
+    return None
+
+
 def encode_clip(clip: np.ndarray, fps: float, options: EncodeOptions = EncodeOptions()) -> bytes:
     """``(T, H, W, 3)`` uint8 → bytes of the container of ``options.video_codec``.
 
@@ -279,6 +325,8 @@ def encode_clip(clip: np.ndarray, fps: float, options: EncodeOptions = EncodeOpt
         raise ValueError(f"expected a non-empty (T, H, W, 3) uint8 clip, got {clip.dtype} "
                          f"{clip.shape}")
     codec = VIDEO_CODECS[options.video_codec]
+    if codec.name == "frames":
+        return encode_frames(clip, options.jpeg_quality)[0]
     out = io.BytesIO()
     with av.open(out, "w", format="matroska" if codec.ext == "mkv" else "webm",
                  container_options={"fflags": "+bitexact"}) as container:
@@ -287,3 +335,23 @@ def encode_clip(clip: np.ndarray, fps: float, options: EncodeOptions = EncodeOpt
         else:
             _encode_vp9(container, clip, _frame_rate(fps), options)
     return out.getvalue()
+
+
+def decode_stored(data: bytes, codec: str, frame_ends: Sequence[int] | None = None) -> np.ndarray:
+    """Stored media bytes → every frame, ``(T, H, W, 3)`` uint8 (T = 1 for an image), decoded
+    in full; MediaError saying what fails. `codec` is the manifest's (``jpeg`` for images);
+    frame storage needs its frame end offsets."""
+    if codec == "jpeg":
+        return np.asarray(_open_rgb(data).convert("RGB"))[None]
+    if codec == "frames":
+        starts = [0, *frame_ends[:-1]]
+        return np.stack([np.asarray(_open_rgb(data[a:b]).convert("RGB")) for a, b in zip(starts, frame_ends)])
+    try:
+        with av.open(io.BytesIO(data)) as container:
+            stream = container.streams.video[0]
+            frames = [frame.to_ndarray(format="rgb24") for frame in container.decode(stream)]
+    except (av.FFmpegError, IndexError, ValueError) as err:
+        raise MediaError(f"undecodable clip: {err}") from err
+    if not frames:
+        raise MediaError("undecodable clip: no frame decodes")
+    return np.stack(frames)

@@ -24,7 +24,7 @@ from PIL import Image
 
 from .build import BuildOptions, SplitSummary, build_dataset
 from .synthetic_faces import AFFECTNET7, SyntheticSpec, render_sample
-from .media import DEFAULT_CHUNK_FRAMES, DEFAULT_VIDEO_CODEC, EncodeOptions
+from .media import DEFAULT_VIDEO_CODEC, EncodeOptions
 from .sources.base import DatasetSource, SourceRecord
 from .sources.options import as_choice, as_int
 
@@ -109,7 +109,7 @@ def read_synthetic(root: str, *, modality: str = "image", splits: str | dict[str
 
 def build_synthetic(out: str | os.PathLike, modality: str, splits: dict[str, int] | None = None, size: int = 64,
                     frames: int = 16, seed: int = 0, workers: int = 1, folds: bool = False,
-                    video_codec: str = DEFAULT_VIDEO_CODEC, chunk_frames: int = DEFAULT_CHUNK_FRAMES,
+                    video_codec: str = DEFAULT_VIDEO_CODEC, chunk_frames: int | None = None,
                     shard_bytes: int = 1 << 20, framing: str = "scene") -> list[SplitSummary]:
     """Render and build a synthetic dataset into `out` (dataset.json, one folder per split).
 

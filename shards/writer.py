@@ -3,8 +3,8 @@
 Shards are reproducible: the same samples in the same order give byte-identical tars (fixed
 mtime, owner, mode; USTAR headers; member order media, label, json), so a rebuild or a resumed
 build can be checked by hash. A shard appears only complete: it is written as ``.tar.tmp``,
-its index as ``.idx.tmp``, and both are renamed (index first) once the tar is closed, so a
-crash leaves at most ``.tmp`` files, which nothing reads.
+its indexes as ``.idx.tmp`` / ``.fidx.tmp``, and all are renamed (indexes first) once the tar is
+closed, so a crash leaves at most ``.tmp`` files, which nothing reads.
 
 Per sample the members are ``<key>.<media_ext>``, ``<key>.label`` (int32 little-endian, what
 DALI's ``fn.readers.webdataset(..., dtypes=[..., types.INT32])`` reads without Python; left out
@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .layout import (INDEX_VERSION, LABEL_MEMBER, LABEL_STRUCT, META_MEMBER, SHARD_PATTERN,
-                     index_path, member_exts)
+                     encode_frame_index, frame_index_path, index_path, member_exts)
 from .samples import Sample
 
 _BLOCK = tarfile.BLOCKSIZE
@@ -85,6 +85,7 @@ class ShardWriter:
         self._tar: tarfile.TarFile | None = None
         self._name = ""
         self._index_lines: list[str] = []
+        self._frames: list[tuple[int, int, int, list[int]]] = []  # the frame index's rows
         self._labels: Counter[int] = Counter()
 
     def __enter__(self) -> ShardWriter:
@@ -123,6 +124,9 @@ class ShardWriter:
                 data_offset = self._tar.offset - (_tar_bytes(len(data)) - _BLOCK)
                 line.append(f"{ext} {data_offset} {len(data)} {name}")
             self._index_lines.append(" ".join(line))
+            ends = list(sample.frame_ends) if sample.frame_ends is not None else [len(sample.media)]
+            meta = sample.meta
+            self._frames.append((int(meta.get("frames", 1)), int(meta.get("height", 0)), int(meta.get("width", 0)), ends))
             if sample.label is not None:
                 self._labels[sample.label] += 1
 
@@ -136,7 +140,7 @@ class ShardWriter:
         self.next_shard += 1
         self._tar = tarfile.open(self.folder / f"{self._name}.tmp", "w",
                                  format=tarfile.USTAR_FORMAT)
-        self._index_lines, self._labels = [], Counter()
+        self._index_lines, self._frames, self._labels = [], [], Counter()
 
     def _finish(self) -> None:
         assert self._tar is not None
@@ -147,6 +151,10 @@ class ShardWriter:
         idx_tmp = idx_path.with_name(idx_path.name + ".tmp")
         lines = [f"{INDEX_VERSION} {len(self._index_lines)}", *self._index_lines]
         idx_tmp.write_text("\n".join(lines) + "\n")
+        fidx_path = Path(frame_index_path(str(tar_path)))
+        fidx_tmp = fidx_path.with_name(fidx_path.name + ".tmp")
+        fidx_tmp.write_bytes(encode_frame_index(self._frames))
+        os.replace(fidx_tmp, fidx_path)
         os.replace(idx_tmp, idx_path)
         tar_tmp = tar_path.with_name(tar_path.name + ".tmp")
         info = ShardInfo(self._name, len(self._index_lines), tar_tmp.stat().st_size,

@@ -2,8 +2,9 @@
 
 Images 32 px (21 train / 7 test); clips 32 px × 8 frames in a 3-part k-fold dataset (14 / 14 / 7
 clips, MJPEG: DALI and Pillow both decode it with libjpeg, so the backends can be compared
-pixel for pixel); clips of 12 frames stored in chunks of 6 (VP9, the default codec, whose
-YUV→RGB conversion differs by a few levels between DALI and PyAV). Small shard sizes, so every
+pixel for pixel); clips of 12 frames stored in chunks of 6 (VP9, whose YUV→RGB conversion
+differs by a few levels between DALI and PyAV); the k-fold clips again in frame storage (the
+default), which both backends decode and augment with the same code. Small shard sizes, so every
 split spans several tars, as real datasets do.
 """
 from __future__ import annotations
@@ -19,11 +20,13 @@ from s4d_dist.shards.synthetic import build_synthetic
 
 
 def build_all(root: Path) -> dict[str, Path]:
-    paths = {"image": root / "image", "video": root / "video", "chunked": root / "chunked"}
+    paths = {"image": root / "image", "video": root / "video", "chunked": root / "chunked", "frames": root / "frames"}
     build_synthetic(paths["image"], "image", {"train": 3, "test": 1}, size=32, shard_bytes=24_000)
     build_synthetic(paths["video"], "video", {"part1": 2, "part2": 2, "part3": 1}, size=32, frames=8,
                     folds=True, shard_bytes=60_000, video_codec="mjpeg")
-    build_synthetic(paths["chunked"], "video", {"train": 1}, size=32, frames=12, chunk_frames=6)  # VP9
+    build_synthetic(paths["chunked"], "video", {"train": 1}, size=32, frames=12, chunk_frames=6, video_codec="vp9")
+    build_synthetic(paths["frames"], "video", {"part1": 2, "part2": 2, "part3": 1}, size=32, frames=8,
+                    folds=True, shard_bytes=60_000)
     return paths
 
 

@@ -117,18 +117,15 @@ def test_dali_prefetch_depth_does_not_change_batches(paths):
             assert torch.equal(a[key], b[key]), key
 
 
-def test_dali_device_must_be_the_rank_device(monkeypatch):
-    # No GPU here: patched torch.cuda answers stand in for rank 3 of a node whose current
-    # device was never set (still GPU 0).
-    from s4d_dist.data.dali_backend import dali_device_id
-
-    monkeypatch.setenv("LOCAL_RANK", "3")
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
-    with pytest.raises(RuntimeError, match=r"GPU 0, but this rank's device is cuda:3"):
-        dali_device_id()
-    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
-    assert dali_device_id() == 3
+def test_the_runner_decodes_for_the_device_it_is_given(paths):
+    # The trainer passes its rank's device (train.distributed.device()); DALI's device_id and
+    # the pixels' device come from it, not from whatever device is current.
+    cfg = ds.make_cfg(paths, "pretrain", f"data.video_shards={paths['frames']}")
+    loader = train_loader(cfg, backend="dali", device=torch.device("cpu"))
+    assert all(stream.runner.device == torch.device("cpu") for stream in loader.streams)
+    batch = next(iter(loader.epoch(0)))
+    loader.close()
+    assert batch["pixels"].device == torch.device("cpu")
 
 
 def test_dali_skips_and_counts_corrupt_samples(paths, tmp_path):
@@ -200,7 +197,7 @@ def test_every_rand_augment_op_in_dali_matches_the_torch_op():
 
     from s4d_dist.data import randaug
     from s4d_dist.data.dali_backend import _rand_augment
-    from s4d_dist.data.torch_backend import rand_augment
+    from s4d_dist.data.pixel_ops import rand_augment
 
     rng = np.random.default_rng(0)
     y, x = np.mgrid[0:32, 0:40]

@@ -220,6 +220,7 @@ def test_pretrain_source_crop_keeps_boxes_inside():
     recipe = Recipe("pretrain", "video", 160, num_frames=16, stride=4, repeats=4, source_crop=(0, 32, 160, 192))
     rng = np.random.default_rng(0)
     for _ in range(50):
-        rois = recipe.sample_params({"height": 224, "width": 224, "frames": 80}, rng).rois
-        assert (rois[:, 0] >= 0).all() and (rois[:, 2] <= 160 + 1e-4).all()
-        assert (rois[:, 1] >= 32).all() and (rois[:, 3] <= 192 + 1e-4).all()
+        params = recipe.sample_params({"height": 224, "width": 224, "frames": 80}, rng)
+        assert params.region.tolist() == [0, 32, 160, 192] and params.pre_size.tolist() == [192, 192]
+        rois = params.rois  # whole pixels of the 192 × 192 resized crop
+        assert (rois >= 0).all() and (rois[:, 2:] <= 192).all() and (rois == np.round(rois)).all()

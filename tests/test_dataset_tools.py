@@ -8,7 +8,7 @@ import shutil
 from PIL import Image, ImageFont
 
 import data_shards as ds
-from s4d_dist.data.dataset_tools import inspect_dataset, preview, verify_dataset
+from s4d_dist.shards.tools import inspect_dataset, preview, verify_dataset
 from s4d_dist.shards.__main__ import main
 
 

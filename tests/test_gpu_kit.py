@@ -24,7 +24,7 @@ def test_cpu_smoke_runs_every_section(tmp_path):
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
     result = subprocess.run(["bash", str(REPO / "benchmarks/gpu/run.sh"), "--cpu-smoke"],
-                            cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+                            cwd=REPO, env=env, capture_output=True, text=True, timeout=1500)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     report_text = (tmp_path / "out" / "gpu_cpu_smoke.json").read_text()
     report = json.loads(report_text)
@@ -36,7 +36,9 @@ def test_cpu_smoke_runs_every_section(tmp_path):
     assert stress["cases"] == 12 and not stress["failures"]
     assert report["sections"]["B_triton_moae"]["tiles"]["candidates"]["default"]["ok"]
     recipes = report["sections"]["E_dali_mixed_vs_cpu"]["recipes"]
-    assert len(recipes) == 9 and all(r["batches"] > 0 for r in recipes.values())
+    assert len(recipes) == 12 and all(r["batches"] > 0 for r in recipes.values())  # 3 clip storages
+    data_plane = report["sections"]["F_data_throughput"]
+    assert set(data_plane["data_benchmark"]) == {"frames", "vp9"} and data_plane["run"]["steps_logged"] > 0
     for path in (str(REPO), str(tmp_path), str(Path.home())):
         assert path not in report_text
     assert (tmp_path / "out" / "logs.tgz").stat().st_size > 0

@@ -219,11 +219,15 @@ def test_predict_equals_evaluation_for_the_same_clip_and_views(run, tmp_path):
     loader = eval_loader(config.load(str(run / "config.yaml")), "test", "video")
     try:
         rows = evaluation_rows(model.network, loader, torch.float32)
-        stored = loader.plan.catalog.read(0)
+        catalog = loader.plan.catalog
+        frames = catalog.read_frames(0, np.arange(int(catalog.table(np.array([0]))[0, 0])))
     finally:
         loader.close()
-    (tmp_path / "clip.webm").write_bytes(stored.media)  # the test clip exactly as evaluated
-    clip = Input(str(tmp_path / "clip.webm"), "video")
+    folder = tmp_path / "clip"  # the test clip exactly as evaluated: its stored JPEG frames
+    folder.mkdir()
+    for i, jpeg in enumerate(frames):
+        (folder / f"{i:05d}.jpg").write_bytes(jpeg)
+    clip = Input(str(folder), "frames")
     predicted = next(Predictor(model, torch.device("cpu"))([clip]))
     evaluated = rows["probs"][rows["index"] == 0]
     assert predicted.views == len(evaluated) == 4

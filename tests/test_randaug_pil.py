@@ -13,7 +13,7 @@ import torch
 from PIL import Image, ImageEnhance, ImageOps
 
 from s4d_dist.data import randaug
-from s4d_dist.data.torch_backend import rand_augment
+from s4d_dist.data.pixel_ops import rand_augment
 
 BIN = 70  # magnitude 7 of 10 (rand-m7), timm level 7
 

@@ -239,7 +239,7 @@ def test_cli_builds_dfew_folds(tmp_path, capsys) -> None:
         assert keys == sorted(facts["splits"][f"part{k}"])
     train_1 = read_samples(fold_shards(out, 1, "train"))
     assert len(train_1) == sum(len(facts["splits"][f"part{k}"]) for k in range(2, 6))
-    assert read_manifest(out, "part1")["extensions"] == ["webm", "label", "json"]
+    assert read_manifest(out, "part1")["extensions"] == ["jpgs", "label", "json"]  # frame storage, the default
 
 
 def test_cli_reports_source_format_error_with_file_and_line(tmp_path, capsys) -> None:

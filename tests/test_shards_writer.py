@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from s4d_dist.data.decode import decode_clip, decode_image
-from s4d_dist.shards.layout import index_path
+from s4d_dist.shards.layout import frame_index_path, index_path
 from s4d_dist.shards.media import (EncodeOptions, MediaError, chunk_bounds, encode_clip, encode_jpeg,
                                    image_file_to_jpeg, load_frames, load_image, load_video)
 from s4d_dist.shards.samples import Sample
@@ -116,8 +116,8 @@ def test_shards_roll_over_by_size_and_are_atomic(tmp_path) -> None:
     closed = write(tmp_path, samples, "jpg", max_bytes=3 * 2048 + 512)
     assert [c.name for c in closed] == [f"shard-{i:06d}.tar" for i in range(len(closed))]
     assert len(closed) > 1 and sum(c.samples for c in closed) == 5
-    assert sorted(os.listdir(tmp_path)) == sorted([c.name for c in closed]
-                                                  + [index_path(c.name) for c in closed])
+    assert sorted(os.listdir(tmp_path)) == sorted([c.name for c in closed] + [index_path(c.name) for c in closed]
+                                                  + [frame_index_path(c.name) for c in closed])
     assert sum(sum(c.labels.values()) for c in closed) == 5
 
     with pytest.raises(RuntimeError):  # a crash mid-shard leaves only .tmp files behind

@@ -69,6 +69,6 @@ for i in $(seq 1 "$last"); do
   if (( i < last )); then
     echo "  $((i + 1)). carry ${pieces[$i]}   command: bash benchmarks/gpu/run.sh --stage-only"
   else
-    echo "  $((i + 1)). carry ${pieces[$i]}   command: bash benchmarks/gpu/run.sh --sections E,F,G"
+    echo "  $((i + 1)). carry ${pieces[$i]}   command: bash benchmarks/gpu/run.sh --sections F,E,G"
   fi
 done

@@ -38,6 +38,7 @@ import logging
 import math
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -46,15 +47,19 @@ from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.auto_aug.core import select
 from nvidia.dali.tensors import TensorListGPU
 
+from s4d_dist import seeds
 from s4d_dist.pixels import IMAGENET_MEAN, IMAGENET_STD
-from s4d_dist.train import distributed
+from s4d_dist.shards import layout
 
 from . import randaug
-from .catalog import RawSample
-from .decode import CorruptEvent, CorruptSample, MediaCheck, decode_frames, decode_image
+from .decode import (CorruptEvent, CorruptSample, MediaCheck, Window, decode_frames, decode_image,
+                     decode_window, read_raw, read_window, read_windows)
+from .feeder import FeederProcess
+from .filler import SlotFiller
+from .pixel_ops import augment
+from .plan import BatchPlan, Plan, Request
 from .prefetch import Prefetcher
 from .recipes import Recipe, SampleParams
-from .plan import BatchPlan, Plan, Request
 
 log = logging.getLogger(__name__)
 # How DALI words NVDEC's refusal of a frame size below the decoder's minimum.
@@ -136,6 +141,8 @@ def input_names(recipe: Recipe) -> list[str]:
     names = ["media"]
     if recipe.modality == "video":
         names.append("frames")
+        if recipe.kind == "pretrain":
+            names += ["region_start", "region_end", "pre_size"]
     else:
         names += ["slice_start", "slice_end"]
     for r in range(recipe.copies):
@@ -186,6 +193,8 @@ def sample_inputs(recipe: Recipe, payload: tuple[np.ndarray, tuple[int, int]],
         values["erase_shape"] = params.erase[2:].astype(np.float32)
     if params.pre_size is not None:
         values["pre_size"] = params.pre_size.astype(np.float32)
+    if params.region is not None:
+        values["region_start"], values["region_end"] = params.region[:2], params.region[2:]
     return [values[name] for name in input_names(recipe)]
 
 
@@ -220,6 +229,15 @@ def define_graph(recipe: Recipe, feeder, decode_device: str) -> list:
                          interp_type=_INTERP[interp], antialias=True)
 
     if recipe.kind != "finetune":
+        if recipe.kind == "pretrain" and video:  # the official ShortSideScale, then crops of it (pixel_ops)
+            region = fn.slice(frames, values["region_start"], values["region_end"] - values["region_start"],
+                              axis_names="HW", normalized_anchor=False, normalized_shape=False)
+            frames = fn.resize(region, size=values["pre_size"], interp_type=types.INTERP_LINEAR, antialias=False)
+            return [_normalize(fn.resize(fn.slice(frames, values[f"roi_start{r}"], values[f"roi_end{r}"] -
+                                                  values[f"roi_start{r}"], axis_names="HW",
+                                                  normalized_anchor=False, normalized_shape=False),
+                                         size=size, interp_type=types.INTERP_LINEAR, antialias=True), video)
+                    for r in range(recipe.copies)]
         return [_normalize(crop(frames, r, recipe.interp), video) for r in range(recipe.copies)]
     num_ops = recipe.rand_augment.num_ops
     ra = (values.get("ra_op"), values.get("ra_value"), values.get("ra_matrix"), num_ops)
@@ -234,85 +252,197 @@ def define_graph(recipe: Recipe, feeder, decode_device: str) -> list:
     return [x * keep + fn.random.normal(x) * (1.0 - keep)]
 
 
+def define_frames_graph(feeder, decode_device: str) -> list:
+    """Frame storage: every frame of a batch — the distinct frames of all its windows — through
+    one batched JPEG decode (nvJPEG on "mixed"), uint8 out; the recipe runs on the device
+    afterwards (pixel_ops.augment)."""
+    jpegs = fn.external_source(source=feeder, batch=True, dtype=types.UINT8)
+    return [fn.decoders.image(jpegs, device=decode_device, output_type=types.RGB)]
+
+
 class _Feeder:
-    """DALI's external source. The batches are built by a Prefetcher thread ahead of DALI's
-    asking (prefetch.py), so that Python work overlaps the training step; each batch handed
-    over is remembered until its output comes back (DALI returns batches in the order it asked
-    for them)."""
+    """DALI's external source. The batches are built ahead of DALI's asking — by a Prefetcher
+    thread (prefetch.py), or for frame storage by a FeederProcess (feeder.py) — so that their
+    building overlaps the training step; each batch handed over is remembered until its output
+    comes back (DALI returns batches in the order it asked for them), with what the frames
+    path needs to put decoded frames back into slots."""
 
-    def __init__(self, build: Callable[[Request], tuple[BatchPlan, list[list[np.ndarray]]]],
-                 depth: int) -> None:
-        self.ahead: Prefetcher[tuple[BatchPlan, list[list[np.ndarray]]]] = Prefetcher(build, depth)
-        self.inflight: deque[tuple[Request, BatchPlan]] = deque()
+    def __init__(self, build: Callable[[Request], tuple[BatchPlan, list, Any]], depth: int,
+                 process: FeederProcess | None = None,
+                 columns: Callable[[BatchPlan], tuple[list, Any]] | None = None) -> None:
+        self.ahead = process or Prefetcher(build, depth)
+        self.process, self.columns = process, columns
+        self.inflight: deque[tuple[Request, BatchPlan, Any]] = deque()
+        self._held: int | None = None  # the feeder-process slot DALI copied last
 
-    def __call__(self) -> list[list[np.ndarray]]:
-        request, (planned, columns) = self.ahead.next()
-        self.inflight.append((request, planned))
+    def __call__(self):
+        request, built = self.ahead.next()
+        if self.process is None:
+            planned, columns, layout = built
+        else:
+            planned, slot = built
+            columns, layout = self.columns(planned)
+            self.let_go()  # DALI copied the previous batch's inputs when it took them
+            self._held = slot
+        self.inflight.append((request, planned, layout))
         return columns
 
-
-def dali_device_id() -> int:
-    """The GPU DALI decodes on: the current device, which must be this rank's. Every rank's
-    pipeline would land on GPU 0 if the loader were built before the device is set
-    (distributed.init sets it)."""
-    current, expected = torch.cuda.current_device(), distributed.device().index
-    if current != expected:
-        raise RuntimeError(f"DALI would decode on GPU {current}, but this rank's device is cuda:{expected} "
-                           "(LOCAL_RANK): call s4d_dist.train.distributed.init() before building loaders")
-    return current
+    def let_go(self) -> None:
+        if self._held is not None:
+            self.process.release(self._held)
+            self._held = None
 
 
 class DaliRunner:
-    """Runs batch requests through a DALI pipeline built for one recipe."""
+    """Runs batch requests through a DALI pipeline built for one recipe, onto `device`.
 
-    def __init__(self, plan: Plan, decode_device: str, threads: int, prefetch: int, seed: int) -> None:
+    Clips in frame storage take the frames path (a batched JPEG decode, then the recipe on the
+    device); images and VP9 / MJPEG clips take the graph of `define_graph`."""
+
+    def __init__(self, plan: Plan, decode_device: str, threads: int, prefetch: int, seed: int,
+                 device: torch.device, feeder_process: bool = True) -> None:
         self.plan = plan
         self.recipe = plan.recipe
-        self.decode_device = decode_device
+        self.decode_device, self.device = decode_device, device
         self.threads, self.prefetch, self.seed = max(threads, 1), max(prefetch, 1), seed
-        self.known_bad: set[int] = set()
+        self.frames = plan.catalog.frame_storage and self.recipe.modality == "video"
+        self.filler = SlotFiller(plan, self._load, self._load_many if self.frames else None)
         self.check = MediaCheck(self.recipe.modality)
-        self.feeder = _Feeder(self._prepare, self.prefetch)
+        process = FeederProcess(plan, self.prefetch) if self.frames and feeder_process else None
+        self.feeder = _Feeder(self._prepare, self.prefetch, process, self._columns)
         self.pipe = self._build()
+        self.host_bytes = self._read = 0  # pixel bytes handed to the device stage; stored bytes read
+
+    @property
+    def encoded_bytes(self) -> int:
+        """Stored bytes read for the batches so far (by this process or its feeder process)."""
+        return self._read + (self.feeder.process.bytes_read if self.feeder.process is not None else 0)
+
+    @property
+    def known_bad(self) -> set[int]:
+        return self.filler.known_bad
 
     def _build(self):
         gpu = self.decode_device == "mixed"
+        batch = self.plan.batch_size * (self.recipe.num_frames if self.frames else 1)
 
-        @pipeline_def(batch_size=self.plan.batch_size, num_threads=self.threads,
-                      device_id=dali_device_id() if gpu else None, prefetch_queue_depth=self.prefetch,
-                      seed=self.seed, enable_conditionals=self.recipe.kind == "finetune")
+        @pipeline_def(batch_size=batch, num_threads=self.threads, device_id=self.device.index if gpu else None,
+                      prefetch_queue_depth=self.prefetch, seed=self.seed,
+                      enable_conditionals=self.recipe.kind == "finetune" and not self.frames)
         def pipeline():
+            if self.frames:
+                return tuple(define_frames_graph(self.feeder, self.decode_device))
             return tuple(define_graph(self.recipe, self.feeder, self.decode_device))
 
         pipe = pipeline()
         pipe.build()
         return pipe
 
-    def _prepare(self, request: Request) -> tuple[BatchPlan, list[list[np.ndarray]]]:
-        """A request's batch and DALI's input columns for it (on the prefetch thread)."""
-        planned = self.plan.batch(request, self.load_checked, self.known_bad)
-        columns = zip(*(sample_inputs(self.recipe, s.payload, s.params) for s in planned.slots))
-        return planned, [list(column) for column in columns]
-
-    def load_checked(self, raw: RawSample, params: SampleParams) -> tuple[np.ndarray, tuple[int, int]]:
-        """Structural check (decode.py), then the bytes as DALI's input, with the frame size."""
+    def _load(self, index: int, params: SampleParams):
+        """The frames path: the window's JPEG frames (decode.read_window). The graph path:
+        structural check (decode.py), then the bytes as DALI's input, with the frame size."""
+        catalog = self.plan.catalog
+        if self.frames:
+            window = read_window(catalog, index, params.frames)
+            self._read += sum(len(j) for j in window.jpegs)
+            return window
+        raw = read_raw(catalog, index)
         self.check(raw)
+        self._read += len(raw.media)
         return np.frombuffer(raw.media, np.uint8), (int(raw.meta["height"]), int(raw.meta["width"]))
+
+    def _load_many(self, samples: np.ndarray, params: list[SampleParams]) -> list:
+        """The frames path's first candidates of a batch at once (decode.read_windows)."""
+        windows = read_windows(self.plan.catalog, samples, np.stack([p.frames for p in params]))
+        self._read += sum(len(j) for w in windows if isinstance(w, Window) for j in w.jpegs)
+        return windows
+
+    def _prepare(self, request: Request) -> tuple[BatchPlan, list, Any]:
+        """A request's batch and DALI's input columns for it (on the prefetch thread); for the
+        frames path also, per slot, the rows of the decoded batch that are its window."""
+        planned = self.filler(request)
+        if not self.frames:
+            columns = zip(*(sample_inputs(self.recipe, s.payload, s.params) for s in planned.slots))
+            return planned, [list(column) for column in columns], None
+        return (planned, *self._columns(planned))
+
+    def _columns(self, planned: BatchPlan) -> tuple[list, np.ndarray]:
+        """The frames path's DALI input (every distinct frame of the batch's windows once) and,
+        per slot, the rows of the decoded batch that are its window."""
+        jpegs, first_row, layout = [], {}, []
+        for slot in planned.slots:  # rows sharing a window (test crops, padding) decode it once
+            window = slot.payload
+            if id(window) not in first_row:
+                first_row[id(window)] = len(jpegs)
+                jpegs += window.jpegs if isinstance(window.jpegs[0], np.ndarray) else \
+                    [np.frombuffer(j, np.uint8) for j in window.jpegs]
+            layout.append(first_row[id(window)] + window.order)
+        return jpegs, np.stack(layout)
+
+    feed = _prepare  # the feeder's work for one batch (benchmarks/data.py times it alone)
+
+    def decode_only(self, prepared: list, count: int) -> dict:
+        """Decode `count` of the `prepared` batches with the decoder alone: batches and frames
+        per second, and frames decoded (a VP9 window decodes from the keyframe before it)."""
+        import time
+
+        batches = [prepared[i % len(prepared)] for i in range(count)]
+        if self.frames:
+            decoded = sum(len(columns) for _, columns, _ in batches)
+        else:
+            manifest = layout.read_manifest(Path(self.plan.catalog.tars[0]).parent.parent,
+                                            Path(self.plan.catalog.tars[0]).parent.name)
+            vp9 = manifest["media"]["codec"] == "vp9"
+            interval = manifest["build"]["encode"]["keyframe_interval"] if vp9 else 1
+            decoded = 0
+            for _, columns, _ in batches:
+                for frames in columns[1]:
+                    first, last = int(frames.min()), int(frames.max())
+                    decoded += (last - first // interval * interval + 1) if vp9 else len(np.unique(frames))
+        feed = iter(batches)
+        device = self.decode_device
+
+        @pipeline_def(batch_size=self.plan.batch_size * self.recipe.num_frames, num_threads=self.threads,
+                      device_id=self.device.index if device == "mixed" else None, prefetch_queue_depth=1,
+                      seed=self.seed)
+        def pipeline():
+            if self.frames:
+                jpegs = fn.external_source(source=lambda: next(feed)[1], batch=True, dtype=types.UINT8)
+                return fn.decoders.image(jpegs, device=device, output_type=types.RGB)
+            media, frames = fn.external_source(source=lambda: next(feed)[1][:2], num_outputs=2, batch=True,
+                                               dtype=[types.UINT8, types.INT32])
+            return fn.decoders.video(media, device=device, frames=frames)
+
+        pipe = pipeline()
+        pipe.build()
+        start = time.perf_counter()
+        for _ in range(count):
+            pipe.run()
+        seconds = time.perf_counter() - start
+        del pipe
+        frames = self.recipe.num_frames * self.plan.batch_size * count
+        return {"batches_per_s": count / seconds, "frames_per_s": frames / seconds,
+                "decoded_frames": decoded, "batches": count}
 
     def _find_culprits(self) -> list[CorruptEvent]:
         """Decode every sample of the batches in flight in Python; the ones that fail."""
         events = []
         catalog = self.plan.catalog
-        for _, planned in self.feeder.inflight:
+        for _, planned, _ in self.feeder.inflight:
             for slot in planned.slots:
-                if slot.index < 0 or slot.index in self.known_bad:
+                clip = int(catalog.clips.of_sample[slot.sample])
+                if not slot.valid or clip in self.known_bad:
                     continue
-                raw = catalog.read(slot.index)
                 try:
-                    decode_image(raw.media) if slot.params.frames is None else decode_frames(raw.media, slot.params.frames)
+                    if self.frames:  # read again: a feeder process's slot may hold another batch now
+                        decode_window(read_window(catalog, slot.sample, slot.params.frames))
+                    elif slot.params.frames is None:
+                        decode_image(catalog.read(slot.sample).media)
+                    else:
+                        decode_frames(catalog.read(slot.sample).media, slot.params.frames)
                 except CorruptSample as err:
-                    self.known_bad.add(slot.index)
-                    events.append(CorruptEvent(slot.index, catalog.where(slot.index), str(err)))
+                    self.known_bad.add(clip)
+                    events.append(CorruptEvent(slot.sample, catalog.where(slot.sample), str(err)))
         return events
 
     def _nvdec_cannot_decode(self, error: Exception) -> bool:
@@ -337,14 +467,45 @@ class DaliRunner:
         events = [] if switched else self._find_culprits()
         if not events and not switched:
             raise error
-        discarded = [planned for _, planned in feeder.inflight] + [planned for planned, _ in built]
+        built = [item if feeder.process is not None else item[0] for item in built]
+        discarded = [planned for _, planned, _ in feeder.inflight] + built
         events += [event for planned in discarded for event in planned.corrupt]
-        requests = [request for request, _ in feeder.inflight] + untaken
+        requests = [request for request, _, _ in feeder.inflight] + untaken
         feeder.inflight.clear()
+        if feeder.process is not None:
+            feeder.let_go()
+            feeder.process.mark_bad(self.known_bad)
         del self.pipe
         self.pipe = self._build()
         feeder.ahead.start(requests)
         return events
+
+    def _pixels(self, outputs, request: Request, planned: BatchPlan, rows) -> torch.Tensor:
+        """(B, copies, 3, [F,] S, S) float on the device from one pipeline output."""
+        if not self.frames:
+            copies = [_to_torch(out, torch.float32) for out in outputs]
+            self.host_bytes += sum(c.nbytes for c in copies if not c.is_cuda)
+            return copies[0][:, None] if len(copies) == 1 else torch.stack(copies, dim=1)
+        decoded = outputs[0]
+        if decoded.is_dense_tensor():
+            if isinstance(decoded, TensorListGPU):
+                frames = _to_torch(decoded, torch.uint8)
+            else:  # a view of DALI's buffer: gathered below, before the next run reuses it
+                frames = torch.from_numpy(np.asarray(decoded.as_tensor()))
+                self.host_bytes += frames.nbytes
+                frames = frames.to(self.device, non_blocking=True)
+            if np.array_equal(rows.ravel(), np.arange(rows.size)) and len(frames) == rows.size:
+                per_slot = frames.view(*rows.shape, *frames.shape[1:])  # every window in order: no gather
+            else:
+                index = torch.from_numpy(rows)
+                if frames.is_cuda:  # from pinned memory: the copy does not wait for the queued step
+                    index = index.pin_memory().to(frames.device, non_blocking=True)
+                per_slot = frames[index]
+        else:  # frames of several sizes
+            per_slot = [torch.stack([_frame(decoded, int(r)) for r in slot_rows]).to(self.device)
+                        for slot_rows in rows]
+        generator = seeds.erase_noise(request, self.plan.rank)
+        return augment(self.recipe, per_slot, planned.slots, generator)
 
     def run(self, requests: Iterable[Request]) -> Iterator[dict[str, Any]]:
         feeder = self.feeder
@@ -361,9 +522,8 @@ class DaliRunner:
                 except RuntimeError as error:
                     found += self._recover(error)
                     continue
-                _, planned = feeder.inflight.popleft()
-                copies = [_to_torch(out) for out in outputs]
-                pixels = copies[0][:, None] if len(copies) == 1 else torch.stack(copies, dim=1)
+                request, planned, rows = feeder.inflight.popleft()
+                pixels = self._pixels(outputs, request, planned, rows)
                 fields = planned.fields()
                 fields["corrupt"] = found + fields["corrupt"]
                 found = []
@@ -375,6 +535,8 @@ class DaliRunner:
             else:  # abandoned mid-way: drop what DALI already prefetched
                 self._drain()
             feeder.inflight.clear()
+            if feeder.process is not None:
+                feeder.let_go()
 
     def _drain(self) -> None:
         """Run out the batches in flight so the next run starts clean (a failure among them
@@ -390,14 +552,22 @@ class DaliRunner:
 
     def close(self) -> None:
         del self.pipe
+        if self.feeder.process is not None:
+            self.feeder.process.close()
 
 
-def _to_torch(output) -> torch.Tensor:
+def _frame(output, row: int) -> torch.Tensor:
+    """One sample of a CPU or GPU output batch as a CPU uint8 tensor (frames of mixed sizes)."""
+    sample = output.as_cpu().at(row) if isinstance(output, TensorListGPU) else output.at(row)
+    return torch.from_numpy(np.array(sample))
+
+
+def _to_torch(output, dtype: torch.dtype) -> torch.Tensor:
     """A DALI output batch as a torch tensor that owns its memory (DALI reuses its buffers)."""
     tensor = output.as_tensor()
     if isinstance(output, TensorListGPU):
         from nvidia.dali.plugin.pytorch import feed_ndarray  # imports torch's CUDA side: GPU runs only
-        out = torch.empty(tensor.shape(), dtype=torch.float32, device=torch.device("cuda", torch.cuda.current_device()))
+        out = torch.empty(tensor.shape(), dtype=dtype, device=torch.device("cuda", torch.cuda.current_device()))
         feed_ndarray(tensor, out, cuda_stream=torch.cuda.current_stream())
         return out
     return torch.from_numpy(np.array(tensor))

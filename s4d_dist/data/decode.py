@@ -3,7 +3,9 @@
 The torch fallback decodes here; DALI decodes in its own graph but uses this module for the
 structural check it needs before it sees any bytes, and to find the culprit when a batch fails
 inside DALI anyway (dali_backend.py). Decoding here is the ground truth that tells a corrupt
-sample from a bug.
+sample from a bug. Frame storage (shards/media.py) is read here too: a window's frames alone
+(`read_window`), whose structure the builder checked and the frame index records, so only
+their JPEG markers are looked at again.
 
 Corrupt samples: the builder only stores media that decoded, but bytes can still rot afterwards
 (a truncated copy, a bad disk block). Such a sample is never allowed to stop or hang training:
@@ -37,7 +39,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .catalog import RawSample
+from .catalog import Catalog, RawSample
 from .recipes import SampleParams
 
 MAX_EXAMPLES = 20
@@ -224,3 +226,72 @@ def decoded(raw: RawSample, params: SampleParams) -> torch.Tensor:
     if params.frames is None:
         return torch.from_numpy(decode_image(raw.media)[None].copy())
     return torch.from_numpy(decode_frames(raw.media, params.frames, int(raw.meta["frames"])).copy())
+
+
+def read_raw(catalog: Catalog, index: int) -> RawSample:
+    """All members of a sample; a JSON member that does not parse makes it corrupt."""
+    try:
+        return catalog.read(index)
+    except ValueError as err:
+        raise CorruptSample(f"unreadable metadata: {err}") from None
+
+
+@dataclass(frozen=True)
+class Window:
+    """The frames a frame-storage sample's window uses: each distinct frame's JPEG bytes once,
+    and for every frame of the window which of them it is."""
+
+    jpegs: list  # bytes, or uint8 arrays viewing a shard
+    order: np.ndarray  # (T,) int64 into jpegs
+
+
+def read_window(catalog: Catalog, index: int, frames: np.ndarray) -> Window:
+    """The window `frames` of a frame-storage sample, read frame by frame at the offsets of the
+    frame index; a frame whose bytes lost a JPEG marker since the build (a truncated or
+    overwritten copy) makes the sample corrupt."""
+    distinct, order = np.unique(frames, return_inverse=True)
+    if distinct[-1] >= catalog.members.table[index, 0]:
+        raise CorruptSample(f"truncated clip: {int(catalog.members.table[index, 0])} frames, frame "
+                            f"{int(distinct[-1])} wanted")
+    try:
+        jpegs = catalog.read_frames(index, distinct)
+    except OSError as err:
+        raise CorruptSample(f"unreadable frame: {err}") from None
+    for i, jpeg in zip(distinct.tolist(), jpegs):
+        if not jpeg.startswith(_SOI) or not jpeg.endswith(_EOI):
+            raise CorruptSample(f"truncated JPEG: frame {i} lost its start / end marker")
+    return Window(jpegs, order.reshape(-1))
+
+
+def read_windows(catalog: Catalog, samples: np.ndarray, frames: np.ndarray) -> list[Window | CorruptSample]:
+    """`read_window` for a batch at once: window `frames[i]` (non-decreasing, as every recipe
+    draws them) of sample `samples[i]`, the frames' bytes as views of the shards (see
+    Catalog.frame_bytes), the checks vectorised; a CorruptSample in place of a window that
+    cannot be read."""
+    count = catalog.members.table[samples, 0]
+    keep = np.ones(frames.shape, bool)
+    keep[:, 1:] = frames[:, 1:] != frames[:, :-1]
+    order = np.cumsum(keep, axis=1) - 1
+    beyond = frames[:, -1] >= count
+    wanted = keep & ~beyond[:, None]
+    row = np.broadcast_to(np.arange(len(samples))[:, None], frames.shape)[wanted]
+    views, ok = catalog.frame_bytes(samples[row], frames[wanted])
+    counts = np.where(beyond, 0, order[:, -1] + 1)
+    firsts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    whole = np.logical_and.reduceat(ok, np.minimum(firsts, max(len(ok) - 1, 0))) if len(ok) else ok
+    out: list[Window | CorruptSample] = []
+    for i, (first, n) in enumerate(zip(firsts.tolist(), counts.tolist())):
+        if beyond[i]:
+            out.append(CorruptSample(f"truncated clip: {int(count[i])} frames, frame {int(frames[i, -1])} wanted"))
+        elif n and not whole[i]:
+            frame = int(frames[i][keep[i]][int(np.argmin(ok[first:first + n]))])
+            out.append(CorruptSample(f"truncated JPEG: frame {frame} lost its start / end marker"))
+        else:
+            out.append(Window(views[first:first + n], order[i]))
+    return out
+
+
+def decode_window(window: Window) -> torch.Tensor:
+    """A window's frames decoded with Pillow → uint8 (T, H, W, 3)."""
+    frames = np.stack([decode_image(bytes(jpeg)) for jpeg in window.jpegs])
+    return torch.from_numpy(frames[window.order])

@@ -10,8 +10,8 @@
     test = eval_loader(cfg, "test", "video", rank, world_size)
     for batch in test.batches(): ...                     # rows: (index, view), valid
 
-Batches (the contract in docs/design.md), tensors on the CPU for the torch backend, on the GPU
-for DALI "mixed":
+Batches (the contract in docs/design.md), pixels on the loader's device (the trainer's), the
+other tensors on the CPU:
   pre-training  {"modality", "pixels" (B, 3, [T,] S, S) float, "mask" (B, N) bool, "index" (B,)}
                 (videos: B = video_batch_size clips = video_batch_size / video_repeats videos,
                 each video repeated with independent crops and masks, docs/method.md §1.6)
@@ -23,7 +23,6 @@ row, and rows with valid False (padding, corrupt samples) carry index −1 and m
 from __future__ import annotations
 
 import importlib.util
-import re
 import zlib
 from collections.abc import Iterator
 from dataclasses import replace
@@ -72,19 +71,25 @@ def pinned(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
-def make_runner(cfg: DictConfig, batches: Plan, backend: Literal["dali", "torch"], seed: int):
-    """The object that turns the plan's requests into pixel batches (`backend` as
+def default_device() -> torch.device:
+    """The current CUDA device where there is one, else the CPU (callers that train pass theirs)."""
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def make_runner(cfg: DictConfig, batches: Plan, backend: Literal["dali", "torch"], seed: int,
+                device: torch.device):
+    """The object that turns the plan's requests into pixel batches on `device` (`backend` as
     `choose_backend` resolves it; the config's type admits no other value)."""
     if backend == "dali":
         from .dali_backend import DaliRunner  # DALI is optional
-        return DaliRunner(batches, dali_decode_device(cfg), cfg.data.workers, cfg.data.prefetch, seed)
+        return DaliRunner(batches, dali_decode_device(cfg), cfg.data.workers, cfg.data.prefetch, seed, device)
     from .torch_backend import TorchRunner
-    return TorchRunner(batches, cfg.data.workers, cfg.data.prefetch)
+    return TorchRunner(batches, cfg.data.workers, cfg.data.prefetch, device)
 
 
 def clip_of(key: str) -> str:
     """The clip a sample key belongs to (chunks of one video share it: shards/samples.py)."""
-    return re.sub(r"__c\d{3}$", "", key)
+    return layout.clip_key(key)[0]
 
 
 def held_out(catalog: Catalog, fraction: float, seed: int) -> np.ndarray:
@@ -138,10 +143,23 @@ def eval_catalog(cfg: DictConfig, split: str, modality: str) -> Catalog:
     return open_catalog(shard_paths(location, split, fold), skip_truncated=cfg.data.skip_truncated)
 
 
+def stored_cut(recipe: Recipe, catalog: Catalog) -> Recipe:
+    """The recipe for clips stored already cut (`shards --video-crop`): the same cut as
+    data.video_source_crop is not cut again; another one is a config error naming both."""
+    if catalog.stored_crop is None or recipe.source_crop is None:
+        return recipe
+    if list(recipe.source_crop) != catalog.stored_crop:
+        raise ValueError(f"{catalog.tars[0]} ...: clips are stored cut to {catalog.stored_crop}, but "
+                         f"data.video_source_crop is {list(recipe.source_crop)}; set it to "
+                         f"{catalog.stored_crop} (or [] to use the stored frames as they are)")
+    return replace(recipe, source_crop=None, source_frame=None)
+
+
 class _Stream:
     """One modality's training batches: its plan, recipe and runner."""
 
-    def __init__(self, cfg: DictConfig, modality: str, rank: int, world: int, backend: str) -> None:
+    def __init__(self, cfg: DictConfig, modality: str, rank: int, world: int, backend: str,
+                 device: torch.device) -> None:
         self.modality = modality
         self.recipe: Recipe = recipe_from_config(cfg, cfg.task, modality)
         batch = cfg.data.image_batch_size if modality == "image" else cfg.data.video_batch_size
@@ -152,12 +170,13 @@ class _Stream:
             batch //= cfg.data.video_repeats
         balanced = cfg.task == "finetune" and modality == "image" and cfg.data.balance_images
         catalog = train_catalog(cfg, modality)
+        self.recipe = stored_cut(self.recipe, catalog)
         classes = cfg.model.num_image_classes if modality == "image" else cfg.model.num_video_classes
         if cfg.task == "finetune" and len(catalog.class_names) != classes:
             raise ValueError(f"{catalog.tars[0]} ...: {catalog.dataset} has {len(catalog.class_names)} classes "
                              f"{catalog.class_names}, model.num_{modality}_classes is {classes}")
         self.plan = TrainPlan(catalog, self.recipe, batch, cfg.seed, rank, world, balanced)
-        self.runner = make_runner(cfg, self.plan, backend, seeds.dali_seed(cfg.seed, rank))
+        self.runner = make_runner(cfg, self.plan, backend, seeds.dali_seed(cfg.seed, rank), device)
 
 
 class TrainLoader:
@@ -165,14 +184,16 @@ class TrainLoader:
 
     A modality whose shards are not configured is left out (single-modality runs)."""
 
-    def __init__(self, cfg: DictConfig, rank: int = 0, world_size: int = 1, backend: str | None = None) -> None:
+    def __init__(self, cfg: DictConfig, rank: int = 0, world_size: int = 1, backend: str | None = None,
+                 device: torch.device | None = None) -> None:
         self.cfg, self.rank, self.world = cfg, rank, world_size
+        device = device or default_device()
         self.backend = backend or choose_backend(cfg)
         self.corrupt = CorruptionLog()
         wanted = [m for m in MODALITIES[cfg.task] if (cfg.data.image_shards if m == "image" else cfg.data.video_shards)]
         if not wanted:
             raise ValueError("set data.image_shards and/or data.video_shards")
-        self.streams = [_Stream(cfg, m, rank, world_size, self.backend) for m in wanted]
+        self.streams = [_Stream(cfg, m, rank, world_size, self.backend, device) for m in wanted]
         rates = {"image": cfg.data.image_rate, "video": cfg.data.video_rate}
         self.counts = plan.step_counts([s.plan.batches_per_pass for s in self.streams],
                                          [rates[s.modality] for s in self.streams])
@@ -254,7 +275,7 @@ class EvalLoader:
 
     def __init__(self, cfg: DictConfig, catalog: Catalog, modality: str, rank: int = 0, world_size: int = 1,
                  backend: str | None = None, temporal_views: int | None = None,
-                 spatial_crops: int | None = None) -> None:
+                 spatial_crops: int | None = None, device: torch.device | None = None) -> None:
         recipe = recipe_from_config(cfg, "eval", modality)
         if temporal_views is not None or spatial_crops is not None:
             recipe = replace(recipe, temporal_views=temporal_views or recipe.temporal_views,
@@ -263,7 +284,8 @@ class EvalLoader:
         self.corrupt = CorruptionLog()
         self.plan = EvalPlan(catalog, recipe, cfg.data.eval_batch_size, rank, world_size,
                              cfg.data.eval_order)
-        self.runner = make_runner(cfg, self.plan, backend or choose_backend(cfg), seeds.dali_seed(cfg.seed, rank))
+        self.runner = make_runner(cfg, self.plan, backend or choose_backend(cfg), seeds.dali_seed(cfg.seed, rank),
+                                  device or default_device())
 
     @property
     def class_names(self) -> list[str]:
@@ -271,7 +293,8 @@ class EvalLoader:
 
     @property
     def num_samples(self) -> int:
-        return len(self.plan.catalog)
+        """What is scored: clips (a clip stored in chunks is one) or images."""
+        return self.plan.num_clips
 
     def __len__(self) -> int:
         return self.plan.num_batches
@@ -287,15 +310,16 @@ class EvalLoader:
         self.runner.close()
 
 
-def train_loader(cfg: DictConfig, rank: int = 0, world_size: int = 1, backend: str | None = None) -> TrainLoader:
-    """Training epochs for cfg.task."""
-    return TrainLoader(cfg, rank, world_size, backend)
+def train_loader(cfg: DictConfig, rank: int = 0, world_size: int = 1, backend: str | None = None,
+                 device: torch.device | None = None) -> TrainLoader:
+    """Training epochs for cfg.task, batches on `device` (default: `default_device()`)."""
+    return TrainLoader(cfg, rank, world_size, backend, device)
 
 
 def eval_loader(cfg: DictConfig, split: str, modality: str, rank: int = 0, world_size: int = 1,
                 backend: str | None = None, temporal_views: int | None = None,
-                spatial_crops: int | None = None) -> EvalLoader:
+                spatial_crops: int | None = None, device: torch.device | None = None) -> EvalLoader:
     """Evaluation of `split` ("val" | "test") of a modality; views default to
     data.test_temporal_views × data.test_spatial_crops (videos; images have one view)."""
     return EvalLoader(cfg, eval_catalog(cfg, split, modality), modality, rank, world_size, backend,
-                      temporal_views, spatial_crops)
+                      temporal_views, spatial_crops, device)

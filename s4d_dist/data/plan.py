@@ -14,17 +14,12 @@ backend, so that
   attempt) derived from the batch's position.
 
 A batch is named by a request tuple — training: (epoch, cycle, batch), where cycle counts passes
-over the data within an epoch (rate > 1); evaluation: (batch,). `TrainPlan.batch` /
-`EvalPlan.batch` turn it into the batch's slots, loading each sample with the backend's `load`
-(decode.py: the torch fallback decodes there, DALI only checks structure and keeps the bytes).
-A sample that fails to load is recorded as a CorruptEvent and its slot is filled
-deterministically:
-- training: by the next loadable sample of the same batch (cyclically), then of the rank's later
-  batches — the batch keeps its size, so every rank still steps in lockstep;
-- evaluation: by a copy of a loadable row, marked invalid like sampler padding, so it is dropped
-  from the metrics and the number dropped is known.
-A slot's parameters depend only on its position in its candidate list, so they are the same
-whether a corrupt neighbour was found now, in an earlier epoch or by another backend.
+over the data within an epoch (rate > 1); evaluation: (batch,). The plan says which samples
+may fill each slot (`TrainPlan.candidates`, `EvalPlan.rows`) and their parameters; it reads
+nothing but the catalog's index. Reading, decoding and substituting corrupt samples is the
+slot filler's (filler.py). A slot's parameters depend only on its position and its attempt
+(the position in its candidate list), so they are the same whether a corrupt neighbour was
+found now, in an earlier epoch or by another backend.
 
 Modality mixing (docs/method.md §1.6 pre-training, §2.7 fine-tuning): the official
 ConcatIterator "use_one" strategy (concat_dataset.py) — source i contributes int(L_i · rate_i)
@@ -34,9 +29,8 @@ steps, L_i being the batches its loader gives one rank in an epoch, in the order
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from itertools import chain
 from typing import Any
 
 import numpy as np
@@ -44,12 +38,11 @@ import torch
 
 from s4d_dist import seeds
 
-from .catalog import Catalog, RawSample
-from .decode import CorruptEvent, CorruptSample
+from .catalog import Catalog
+from .decode import CorruptEvent
 from .recipes import Recipe, SampleParams
 
 Request = tuple[int, ...]
-Load = Callable[[RawSample, SampleParams], Any]
 
 
 # ---- orders ------------------------------------------------------------------------------
@@ -138,8 +131,9 @@ def source_order(counts: Sequence[int], epoch: int) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class Slot:
-    """One row of a batch: which sample fills it, how to transform it, and its payload
-    (what the backend's `load` returned: encoded bytes for DALI, decoded frames for torch)."""
+    """One row of a batch: which sample fills it (`index`: in training the sample, in evaluation
+    the clip scored; `sample`: the stored sample read), how to transform it, and its payload
+    (what the runner's load returned: encoded bytes for DALI, decoded frames for torch)."""
 
     index: int
     key: str
@@ -148,6 +142,7 @@ class Slot:
     valid: bool
     params: SampleParams
     payload: Any
+    sample: int = -1
 
 
 @dataclass(frozen=True)
@@ -168,11 +163,46 @@ class BatchPlan:
         }
 
 
-def _read(catalog: Catalog, index: int) -> RawSample:
-    try:
-        return catalog.read(index)
-    except ValueError as err:  # the json member does not parse
-        raise CorruptSample(f"unreadable metadata: {err}") from None
+def meta_of(row: np.ndarray) -> dict[str, int]:
+    """What the recipes read of a sample's metadata, from its (frames, height, width) row."""
+    return {"frames": int(row[0]), "height": int(row[1]), "width": int(row[2])}
+
+
+# ---- clips: what the plans draw and score (issue: a clip is one clip, whatever its chunks) -----
+
+def unit_table(catalog: Catalog, clips: np.ndarray) -> np.ndarray:
+    """(frames, height, width) of clips: a chunked clip's frames are all its chunks'."""
+    c = catalog.clips
+    if not c.chunked:
+        return catalog.table(clips)
+    rows = catalog.table(c.members[c.first[clips]]).copy()
+    rows[:, 0] = c.frames[clips]
+    return rows
+
+
+def unit_labels(catalog: Catalog) -> np.ndarray:
+    """Each clip's label (its first chunk's)."""
+    c = catalog.clips
+    return catalog.labels if not c.chunked else catalog.labels[c.members[c.first[:-1]]]
+
+
+def locate(catalog: Catalog, clip: int, params: SampleParams) -> tuple[int, SampleParams]:
+    """The sample that holds a window of `clip`, and the parameters in that sample's frames. A
+    window that crosses a chunk boundary is moved into the chunk that holds its middle frame
+    (by less than a window; chunks are 64-128 frames by default, so few windows move; a window
+    longer than a chunk repeats the chunk's last frame); with no chunks, the clip is the sample."""
+    c = catalog.clips
+    if not c.chunked or params.frames is None:
+        return (int(c.members[c.first[clip]]) if c.chunked else clip), params
+    chunks = c.samples(clip)
+    starts = c.start[chunks]
+    which = int(np.searchsorted(starts, params.frames[len(params.frames) // 2], side="right")) - 1
+    sample = int(chunks[which])
+    length = int(catalog.table(np.array([sample]))[0, 0])
+    frames = params.frames - starts[which]
+    frames = frames - min(int(frames[0]), 0)
+    frames = np.clip(frames - max(int(frames[-1]) - (length - 1), 0), 0, length - 1)
+    return sample, replace(params, frames=frames)
 
 
 @dataclass
@@ -199,16 +229,17 @@ class TrainPlan:
 
     @property
     def batches_per_pass(self) -> int:
-        return train_batches_per_rank(len(self.catalog), self.world, self.batch_size)
+        return train_batches_per_rank(len(self.catalog.clips.keys), self.world, self.batch_size)
 
     def rows(self, epoch: int, cycle: int) -> np.ndarray:
-        """(batches, batch_size) sample indices of this rank's pass `cycle` of `epoch`."""
+        """(batches, batch_size) clip indices of this rank's pass `cycle` of `epoch` (the samples
+        themselves when no clip is stored in chunks): each clip drawn as often as any other."""
         key = (epoch, cycle)
         if key not in self._cache:
             if self.balanced:
-                order = balanced_order(self.catalog.labels, self.seed, epoch, cycle)
+                order = balanced_order(unit_labels(self.catalog), self.seed, epoch, cycle)
             else:
-                order = shuffled_order(len(self.catalog), self.seed, epoch, cycle)
+                order = shuffled_order(len(self.catalog.clips.keys), self.seed, epoch, cycle)
             self._cache = {key: train_batches(order, self.rank, self.world, self.batch_size)}
         return self._cache[key]
 
@@ -217,32 +248,44 @@ class TrainPlan:
         per_pass = self.batches_per_pass
         return [(epoch, k // per_pass, k % per_pass) for k in range(start, start + count)]
 
-    def batch(self, request: Request, load: Load, known_bad: set[int]) -> BatchPlan:
-        """The slots of batch `request`; the rank's later batches are the last resort when no
-        sample of this one loads."""
+    def candidates(self, request: Request) -> tuple[np.ndarray, np.ndarray]:
+        """The batch's clips and the rank's later ones. Slot j may be filled, in order, by
+        mine[j], the batch's next clips (cyclically), then the later ones — the last resort
+        when no clip of this batch loads; the position in that list is its attempt number."""
         epoch, cycle, position = request
         rows = self.rows(epoch, cycle)
-        catalog, mine, later = self.catalog, [int(i) for i in rows[position]], rows[position + 1:].ravel()
-        slot_seeds = seeds.slot_seeds((self.seed, epoch, cycle, self.rank, position), len(mine))
-        slots, events = [], []
-        for j, first in enumerate(mine):
-            for attempt, index in enumerate(chain([first], mine[j + 1:], mine[:j], map(int, later))):
-                if index in known_bad:
-                    continue
-                try:
-                    raw = _read(catalog, index)
-                    params = self.recipe.sample_params(raw.meta, seeds.sample_rng(slot_seeds[j], attempt))
-                    payload = load(raw, params)
-                except CorruptSample as err:
-                    known_bad.add(index)
-                    events.append(CorruptEvent(index, catalog.where(index), str(err)))
-                    continue
-                slots.append(Slot(index, raw.key, raw.label, 0, True, params, payload))
-                break
-            else:
-                raise RuntimeError(f"no loadable sample left for batch {list(request)}: every candidate of "
-                                   f"{catalog.where(first)} ... is corrupt (see the corruption log)")
-        return BatchPlan(slots, events)
+        return rows[position], rows[position + 1:].ravel()
+
+    def first_params(self, request: Request) -> tuple[np.ndarray, list[SampleParams]]:
+        """Every slot's sample and parameters for its first candidate clip (a window drawn over
+        the whole clip, then located in its chunk); pre-training draws them as arrays over the
+        batch (recipes.batch_params), fine-tuning one slot at a time."""
+        epoch, cycle, position = request
+        clips = self.rows(epoch, cycle)[position]
+        table = unit_table(self.catalog, clips)
+        if self.recipe.kind == "pretrain":
+            drawn = self.recipe.batch_params(table, seeds.batch_rng((self.seed, epoch, cycle, self.rank, position)))
+        else:
+            slot_seeds = self._slot_seeds(request)
+            drawn = [self.recipe.sample_params(meta_of(row), seeds.sample_rng(slot_seeds[j], 0))
+                     for j, row in enumerate(table)]
+        if not self.catalog.clips.chunked:
+            return clips, drawn
+        located = [locate(self.catalog, int(c), p) for c, p in zip(clips, drawn)]
+        return np.array([s for s, _ in located], np.int64), [p for _, p in located]
+
+    def params(self, request: Request, slot: int, attempt: int, clip: int) -> tuple[int, SampleParams]:
+        """The sample and parameters of `slot` for its `attempt`-th candidate `clip` (attempt ≥
+        1: a substitute for a corrupt clip draws from a stream of its own)."""
+        rng = seeds.sample_rng(self._slot_seeds(request)[slot], attempt)
+        table = unit_table(self.catalog, np.array([clip]))
+        if self.recipe.kind == "pretrain":
+            return locate(self.catalog, clip, self.recipe.batch_params(table, rng)[0])
+        return locate(self.catalog, clip, self.recipe.sample_params(meta_of(table[0]), rng))
+
+    def _slot_seeds(self, request: Request) -> np.ndarray:
+        epoch, cycle, position = request
+        return seeds.slot_seeds((self.seed, epoch, cycle, self.rank, position), self.batch_size)
 
 
 @dataclass
@@ -256,11 +299,15 @@ class EvalPlan:
     rank: int
     world: int
     order: str = "sample"
-    _filler: Slot | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
-        self.rows = eval_rows(len(self.catalog), self.recipe.views, self.rank, self.world, self.batch_size,
+        self.rows = eval_rows(self.num_clips, self.recipe.views, self.rank, self.world, self.batch_size,
                               self.order)
+
+    @property
+    def num_clips(self) -> int:
+        """What is scored: clips (a clip stored in chunks is one), one score each."""
+        return len(self.catalog.clips.keys)
 
     @property
     def num_batches(self) -> int:
@@ -269,47 +316,11 @@ class EvalPlan:
     def requests(self, start: int = 0) -> list[Request]:
         return [(b,) for b in range(start, self.num_batches)]
 
-    def batch(self, request: Request, load: Load, known_bad: set[int]) -> BatchPlan:
-        """The slots of batch `request`: (sample, view) rows, (-1, -1) for padding. Invalid
-        rows copy a valid row of the batch, or the catalog's first loadable sample when there
-        is none."""
-        catalog = self.catalog
-        slots: list[Slot | None] = []
-        events = []
-        loaded: dict[tuple, Any] = {}  # the spatial crops of a temporal view share its decoded frames
-        for index, view in self.rows[request[0]].tolist():
-            slot = None
-            if index >= 0 and index not in known_bad:
-                try:
-                    raw = _read(catalog, index)
-                    params = self.recipe.view_params(raw.meta, view)
-                    frames = None if params.frames is None else params.frames.tobytes()
-                    if (index, frames) not in loaded:
-                        loaded[index, frames] = load(raw, params)
-                    slot = Slot(index, raw.key, raw.label, view, True, params, loaded[index, frames])
-                except CorruptSample as err:
-                    known_bad.add(index)
-                    events.append(CorruptEvent(index, catalog.where(index), str(err)))
-            slots.append(slot)
-        valid = next((s for s in slots if s is not None), None) or self._first_loadable(load, known_bad)
-        invalid = replace(valid, index=-1, key="", label=-1, view=-1, valid=False)
-        return BatchPlan([s if s is not None else invalid for s in slots], events)
-
-    def _first_loadable(self, load: Load, known_bad: set[int]) -> Slot:
-        """The first loadable sample (view 0), to fill a batch that has no valid row at all."""
-        if self._filler is not None:
-            return self._filler
-        for index in range(len(self.catalog)):
-            if index in known_bad:
-                continue
-            try:
-                raw = _read(self.catalog, index)
-                params = self.recipe.view_params(raw.meta, 0)
-                self._filler = Slot(index, raw.key, raw.label, 0, False, params, load(raw, params))
-                return self._filler
-            except CorruptSample:
-                known_bad.add(index)
-        raise RuntimeError(f"no loadable sample in {self.catalog.tars[0]} ...")
+    def params(self, clip: int, view: int) -> tuple[int, SampleParams]:
+        """View `view` of `clip` — its temporal views spread over the whole clip, as the
+        official test — and the sample that holds it."""
+        drawn = self.recipe.view_params(meta_of(unit_table(self.catalog, np.array([clip]))[0]), view)
+        return locate(self.catalog, clip, drawn)
 
 
 Plan = TrainPlan | EvalPlan

@@ -2,10 +2,12 @@
 
 A recipe is the backend-neutral description of a transform chain; `sample_params` /
 `view_params` draw everything random about one sample (frames, boxes, flips, RandAugment ops,
-erasing) in numpy. The DALI graph (dali_backend.py) and the torch fallback (torch_backend.py)
-apply the same chain with those parameters, so for a given seed both backends crop, flip and
-augment the same samples the same way; they differ only in resampling arithmetic, the
-RandAugment pixel kernels and the erasing noise.
+erasing) in numpy, and `batch_params` draws the pre-training parameters of a whole batch as
+arrays (one generator, no per-sample Python). The DALI graph (dali_backend.py) and pixel_ops.py
+(frame storage on both backends, everything on the torch fallback) apply the same chain with
+those parameters, so for a given seed both backends crop, flip and augment the same samples the
+same way; the DALI graph differs only in resampling arithmetic, the RandAugment pixel kernels
+and the erasing noise.
 
 The chains (docs/method.md §1.8, §2.10, §2.11; "≡" marks where one resampling replaces two
 official steps, which is the same sampling grid without the intermediate rounding):
@@ -14,10 +16,11 @@ pretrain image   decode → RandomResizedCrop(S, scale .2–1, bicubic) + hflip 
                  → normalize
 pretrain video   decode frames (pretrain_indices) → [data.video_source_crop: the fixed crop the
                  official loader cuts from VoxCeleb2's 224² frames, rows 0:160 × cols 32:192]
-                 → for each of `repeats` copies:
-                 ShortSideScale(1.2·S) → RandomResizedCrop(S, scale .08–1, bilinear, one box for
-                 all frames) ≡ one ROI resize; no flip → normalize. Copies get independent
-                 boxes (and, from the loader, independent masks): repeated augmentation (§1.6)
+                 → ShortSideScale(1.2·S) (bilinear, no antialiasing, once per frame) → for each
+                 of `repeats` copies: RandomResizedCrop(S, scale .08–1, bilinear, one integer box
+                 for all frames); no flip → normalize — the official's two resamplings, so the
+                 copies share the first. Copies get independent boxes (and, from the loader,
+                 independent masks): repeated augmentation (§1.6)
 finetune image   decode → Resize(1.2·S) → RandomCrop(S) + hflip ≡ one ROI resize → RandAugment
                  (rand-m9-n2-mstd0.5-inc1) → RandomErasing(p .25, value 0, before normalize)
                  → normalize
@@ -60,7 +63,8 @@ class SampleParams:
 
     rois: np.ndarray                       # (copies, 4) float32
     frames: np.ndarray | None = None    # (T,) int64, videos
-    pre_size: np.ndarray | None = None  # (2,) int64 (h, w), fine-tuning videos
+    pre_size: np.ndarray | None = None  # (2,) int64 (h, w) the frame is resized to first, videos
+    region: np.ndarray | None = None    # (4,) float32 box of the decoded frame resized to pre_size (pre-training)
     ops: np.ndarray | None = None       # (n, 3) int32 RandAugment rows, fine-tuning
     erase: np.ndarray | None = None     # (4,) int64, fine-tuning
 
@@ -111,29 +115,11 @@ class Recipe:
         """The random draws of one training sample, from its stored height/width/frames."""
         height, width = int(meta["height"]), int(meta["width"])
         if self.kind == "pretrain":
-            return self._pretrain(height, width, meta, rng)
+            table = np.array([[int(meta.get("frames", 1)), height, width]])
+            return self.batch_params(table, rng)[0]
         if self.kind == "finetune":
             return self._finetune(height, width, meta, rng)
         raise ValueError(f"{self.kind} samples have views, not random parameters")
-
-    def _pretrain(self, height: int, width: int, meta: dict, rng: np.random.Generator) -> SampleParams:
-        if self.modality == "image":
-            roi = random_resized_crop(height, width, self.image_crop_scale, rng)
-            return SampleParams(np.array([mirrored(roi, rng.random() < 0.5)], np.float32))
-        index = pretrain_indices(int(meta["frames"]), self.num_frames, self.stride, rng)
-        top, left, bottom, right = self.source_crop or (0, 0, height, width)
-        if self.source_frame and (height, width) != self.source_frame:
-            raise ValueError(f"data.video_source_crop {list(self.source_crop)} is cut from {self.source_frame[0]}×"
-                             f"{self.source_frame[1]} frames, but clip {meta.get('clip', '?')} is {height}×{width}: "
-                             "set data.video_source_crop=[] for shards at another frame size")
-        if bottom > height or right > width:
-            raise ValueError(f"data.video_source_crop {list(self.source_crop)} exceeds a {height}×{width} clip "
-                             f"({meta.get('clip', '?')})")
-        region = (bottom - top, right - left)
-        resized = short_side_size(*region, round(self.resize_ratio * self.size))
-        rois = [shifted(scaled(random_resized_crop(*resized, self.video_crop_scale, rng), resized, region),
-                              top, left) for _ in range(self.repeats)]
-        return SampleParams(np.array(rois, np.float32), frames=index)
 
     def _erase(self, rng: np.random.Generator, scale: tuple[float, float]) -> np.ndarray:
         box = erase_box(self.size, self.size, rng, scale) if rng.random() < self.erase_prob else None
@@ -152,6 +138,49 @@ class Recipe:
         roi = mirrored(random_resized_crop(*pre, self.video_crop_scale, rng), rng.random() < 0.5)
         return SampleParams(np.array([roi], np.float32), frames=index, pre_size=np.array(pre, np.int64),
                             ops=ops, erase=self._erase(rng, VIDEO_ERASE_SCALE))
+
+    def batch_params(self, table: np.ndarray, rng: np.random.Generator) -> list[SampleParams]:
+        """Pre-training parameters of len(table) samples, row i from row i of `table` (frames,
+        height, width) and row i of every array drawn from `rng`: the draws have the same
+        shapes whatever the samples, so a row's parameters depend on its position alone. The
+        same rules as `sample_params` (torchvision's RandomResizedCrop tries, the official
+        window), each vectorised over the batch."""
+        if self.kind != "pretrain":
+            raise ValueError(f"{self.kind} samples draw one at a time (sample_params / view_params)")
+        count = len(table)
+        frames, height, width = (table[:, i].astype(np.int64) for i in range(3))
+        if self.modality == "image":
+            boxes = random_resized_crops(height[:, None], width[:, None], self.image_crop_scale, rng, 1)[:, 0]
+            flip = rng.random(count) < 0.5
+            boxes[flip] = boxes[flip][:, [0, 3, 2, 1]]
+            return [SampleParams(box[None]) for box in boxes.astype(np.float32)]
+        window = self.num_frames * self.stride
+        start = np.where(frames >= window, np.floor(rng.random(count) * (frames - window + 1)), 0).astype(np.int64)
+        reachable = start + (frames - 1 - start) // self.stride * self.stride
+        index = np.minimum(start[:, None] + self.stride * np.arange(self.num_frames), reachable[:, None])
+        if self.source_crop:
+            top, left, bottom, right = self.source_crop
+            wrong = (height != self.source_frame[0]) | (width != self.source_frame[1]) if self.source_frame else \
+                (bottom > height) | (right > width)
+            if wrong.any():
+                i = int(np.flatnonzero(wrong)[0])
+                what = (f"is cut from {self.source_frame[0]}×{self.source_frame[1]} frames" if self.source_frame
+                        else "exceeds them")
+                raise ValueError(f"data.video_source_crop {list(self.source_crop)} {what}, but a clip is "
+                                 f"{int(height[i])}×{int(width[i])}: set data.video_source_crop=[] for shards at "
+                                 "another frame size (or stored already cut)")
+            region = np.tile(np.array(self.source_crop, np.float64), (count, 1))
+        else:
+            region = np.stack([np.zeros(count), np.zeros(count), height, width], axis=1).astype(np.float64)
+        region_h, region_w = region[:, 2] - region[:, 0], region[:, 3] - region[:, 1]
+        short = round(self.resize_ratio * self.size)
+        wide = region_w >= region_h
+        resized_h = np.where(wide, short, np.floor(region_h / region_w * short)).astype(np.int64)
+        resized_w = np.where(wide, np.floor(region_w / region_h * short), short).astype(np.int64)
+        boxes = random_resized_crops(resized_h[:, None], resized_w[:, None], self.video_crop_scale, rng, self.repeats)
+        return [SampleParams(b.astype(np.float32), frames=i, pre_size=np.array([h, w], np.int64),
+                             region=r.astype(np.float32))
+                for b, i, h, w, r in zip(boxes, index, resized_h, resized_w, region)]
 
     def view_params(self, meta: dict, view: int) -> SampleParams:
         """Evaluation view `view` (temporal view · spatial_crops + crop) of one sample."""
@@ -267,7 +296,7 @@ def eval_view_indices(n_frames: int, num_frames: int, stride: int, views: int) -
 # Every crop / resize / flip of a recipe becomes one region of interest (ROI) of the decoded
 # frame that is resampled to the output size in a single step: `(y0, x0, y1, x1)` in source
 # pixel coordinates (edges, not centres), mirrored horizontally when x0 > x1 — the convention of
-# DALI's `fn.resize(roi_start, roi_end)`, which the torch fallback (torch_backend.resample) follows.
+# DALI's `fn.resize(roi_start, roi_end)`, which the torch fallback (pixel_ops.resample) follows.
 # Drawing the boxes here, not inside DALI, gives both backends the same random crops for the
 # same seed and makes them a pure function of (seed, epoch, rank, batch), so a resumed epoch
 # repeats them exactly.
@@ -320,6 +349,35 @@ def random_resized_crop(height: int, width: int, scale: tuple[float, float],
     return (float(top), float(left), float(top + h), float(left + w))
 
 
+def random_resized_crops(height: np.ndarray, width: np.ndarray, scale: tuple[float, float],
+                         rng: np.random.Generator, copies: int,
+                         ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> np.ndarray:
+    """`random_resized_crop` for (n, 1) frame sizes, `copies` boxes each: (n, copies, 4)
+    float64 boxes. All 10 tries are drawn for every box (fixed shapes), the first that fits is
+    kept, its position drawn uniformly; none fitting gives the central crop."""
+    count = len(height)
+    tries = rng.random((2, count, copies, 10))
+    position = rng.random((2, count, copies))
+    area = (height * width)[..., None] * (scale[0] + (scale[1] - scale[0]) * tries[0])
+    log_ratio = np.log(ratio)
+    aspect = np.exp(log_ratio[0] + (log_ratio[1] - log_ratio[0]) * tries[1])
+    w = np.rint(np.sqrt(area * aspect))
+    h = np.rint(np.sqrt(area / aspect))
+    fits = (w > 0) & (w <= width[..., None]) & (h > 0) & (h <= height[..., None])
+    pick = fits.argmax(-1)[..., None]
+    w, h, found = np.take_along_axis(w, pick, -1)[..., 0], np.take_along_axis(h, pick, -1)[..., 0], fits.any(-1)
+    top = np.floor(position[0] * (height - h + 1))
+    left = np.floor(position[1] * (width - w + 1))
+    in_ratio = width / height
+    fallback_w = np.where(in_ratio < min(ratio), width, np.where(in_ratio > max(ratio), np.rint(height * max(ratio)), width))
+    fallback_h = np.where(in_ratio < min(ratio), np.rint(width / min(ratio)), height)
+    fallback_w, fallback_h = np.broadcast_to(fallback_w, w.shape), np.broadcast_to(fallback_h, h.shape)
+    w, h = np.where(found, w, fallback_w), np.where(found, h, fallback_h)
+    top = np.where(found, top, (height - h) // 2)
+    left = np.where(found, left, (width - w) // 2)
+    return np.stack([top, left, top + h, left + w], axis=-1).astype(np.float64)
+
+
 def short_side_size(height: int, width: int, short: int) -> tuple[int, int]:
     """(h, w) after scaling the short side to `short` (pytorchvideo ShortSideScale: floor)."""
     if width < height:
@@ -332,12 +390,6 @@ def scaled(roi: Roi, from_hw: tuple[int, int], to_hw: tuple[int, int]) -> Roi:
     sy, sx = to_hw[0] / from_hw[0], to_hw[1] / from_hw[1]
     y0, x0, y1, x1 = roi
     return (y0 * sy, x0 * sx, y1 * sy, x1 * sx)
-
-
-def shifted(roi: Roi, top: float, left: float) -> Roi:
-    """A box within a sub-region, in the coordinates of the whole frame."""
-    y0, x0, y1, x1 = roi
-    return (y0 + top, x0 + left, y1 + top, x1 + left)
 
 
 def random_crop(height: int, width: int, size: int, rng: np.random.Generator) -> Roi:

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from s4d_dist.data.recipes import Recipe, recipe_from_config
-from s4d_dist.data.torch_backend import normalized, transform
+from s4d_dist.data.pixel_ops import normalized, transform
 from s4d_dist.shards.faces import Box, FaceDetector, centre_box, xyxy
 
 from .inputs import Decoded, Input, InputError, decode

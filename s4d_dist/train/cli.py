@@ -84,7 +84,7 @@ def exit_code(error: BaseException) -> int:
         return error.exit_code
     if isinstance(error, config.ConfigError):  # before the imports below: preflight is fast
         return EXIT_USAGE
-    from s4d_dist.data.catalog import TruncatedShardError  # a shard cut short while the run trains
+    from s4d_dist.data.catalog import ShardError  # a shard cut short or broken while the run trains
     from s4d_dist.models.official import CheckpointError  # an init_checkpoint that does not fit
     from s4d_dist.train.engine import NonFiniteLossError
 
@@ -92,7 +92,7 @@ def exit_code(error: BaseException) -> int:
         return EXIT_PEERS
     if isinstance(error, NonFiniteLossError):
         return EXIT_DIVERGED
-    if isinstance(error, TruncatedShardError):
+    if isinstance(error, ShardError):
         return EXIT_DATA
     return EXIT_USAGE if isinstance(error, CheckpointError) else EXIT_FAILED
 

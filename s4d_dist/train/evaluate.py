@@ -58,5 +58,7 @@ def evaluate(model: nn.Module, loader, num_classes: int, dtype: torch.dtype,
         raise RuntimeError(f"evaluation saw {len(ids)} samples, the split has "
                            f"{loader.num_samples} ({corrupt} corrupt)")
     metrics = classification_metrics(labels, mean_probs.argmax(1), num_classes)
-    metrics["samples"] = int(len(ids))
+    metrics["samples"] = int(len(ids))  # the denominators: clips (however stored) or images
+    if loader.modality == "video":
+        metrics["clips"] = int(len(ids))
     return metrics

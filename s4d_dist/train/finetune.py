@@ -166,7 +166,7 @@ class FinetuneTask:
 
     def _evaluate(self, run: Run, split: str, modality: str = "video") -> dict:
         loader = eval_loader(self.cfg, split, modality, distributed.rank(),
-                             distributed.world_size())
+                             distributed.world_size(), device=distributed.device())
         try:
             return evaluate(run.engine.module, loader, self.num_classes(modality), run.dtype)
         finally:

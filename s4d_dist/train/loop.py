@@ -164,7 +164,7 @@ def open_data(opener: Callable[[], T]) -> T:
 
 def open_train_data(cfg: DictConfig, rank: int, world: int) -> TrainLoader:
     """The training loader (open_data), saying which samples data.skip_truncated leaves out."""
-    loader = open_data(lambda: train_loader(cfg, rank, world))
+    loader = open_data(lambda: train_loader(cfg, rank, world, device=distributed.device()))
     _say_truncated("training", truncated_samples(loader))
     return loader
 
