@@ -2,9 +2,10 @@
 whether every byte of it is still what the build wrote.
 
 inspect: per split, samples and per-class counts (from the manifests), codec, frame counts and
-sizes (from the frame index, or the samples' metadata for format 1 folders), skipped inputs,
-and a preview grid PNG — a few samples per class, clips as frames across their length — to
-look at before training on it.
+sizes (from the frame index, or the samples' metadata for format 1 folders), the inputs
+skipped — by the reader (dataset.json) and at build time (each split's manifest) —, and a
+preview grid PNG — a row per class, named, of a few samples, clips as frames across their
+length — to look at before training on it.
 verify: every shard's size and sha256 against its manifest; every index against its tar
 (entries inside the file, sample counts as the manifest says) and every frame index against
 both (sample count, each sample's frames ending with its media member, the frame count its
@@ -106,7 +107,8 @@ def inspect_dataset(out: str | Path, meta_samples: int = 256) -> dict[str, Any]:
     out = Path(out)
     dataset = layout.read_dataset(out)
     report: dict[str, Any] = {"dataset": dataset.get("dataset"), "modality": dataset["modality"],
-                              "class_names": dataset["class_names"], "splits": {}}
+                              "class_names": dataset["class_names"], "splits": {},
+                              "reader_skipped": len(dataset.get("reader_skipped") or [])}
     for split in _splits(out):
         samples = _Split(out, split)
         manifest = samples.manifest
@@ -121,14 +123,16 @@ def inspect_dataset(out: str | Path, meta_samples: int = 256) -> dict[str, Any]:
             entry["frames"] = {"min": int(frames.min()), "median": float(np.median(frames)),
                                "max": int(frames.max()), "of_samples": len(metas)}
         report["splits"][split] = entry
+    report["skipped_inputs"] = report["reader_skipped"] + sum(
+        entry["skipped_inputs"] for entry in report["splits"].values())
     return report
 
 
 def preview(out: str | Path, path: str | Path, per_class: int = 2, frames: int = 4,
             tile: int = 96, split: str | None = None) -> Path:
-    """A grid PNG: a row per class, `per_class` samples each (clips: `frames` frames spread over
-    the clip, side by side), every tile `tile` pixels square."""
-    from PIL import Image
+    """A grid PNG: a row per class, its name on the left, `per_class` samples each (clips:
+    `frames` frames spread over the clip, side by side), every tile `tile` pixels square."""
+    from PIL import Image, ImageDraw, ImageFont
 
     out = Path(out)
     split = split or _splits(out)[0]
@@ -138,15 +142,21 @@ def preview(out: str | Path, path: str | Path, per_class: int = 2, frames: int =
     video = samples.manifest["modality"] == "video"
     columns = per_class * (frames if video else 1)
     classes = sorted(set(labels.tolist()))
-    grid = Image.new("RGB", (columns * tile, len(classes) * tile), "white")
+    names = layout.read_dataset(out)["class_names"] or []
+    names = [names[c] if c < len(names) else str(c) for c in classes]
+    font = ImageFont.load_default(size=14)
+    margin = 12 + max(int(font.getlength(name)) for name in names) if names else 0
+    grid = Image.new("RGB", (margin + columns * tile, len(classes) * tile), "white")
+    draw = ImageDraw.Draw(grid)
     for row, label in enumerate(classes):
+        draw.text((6, row * tile + tile // 2), names[row], fill="black", font=font, anchor="lm")
         for n, sample in enumerate(np.flatnonzero(labels == label)[:per_class]):
             pictures = samples.decode(int(sample))
             if video:
                 pictures = pictures[np.linspace(0, len(pictures) - 1, frames).round().astype(int)]
             for k, picture in enumerate(pictures):
                 image = Image.fromarray(picture).resize((tile, tile))
-                grid.paste(image, ((n * len(pictures) + k) * tile, row * tile))
+                grid.paste(image, (margin + (n * len(pictures) + k) * tile, row * tile))
     path = Path(path)
     grid.save(path)
     return path

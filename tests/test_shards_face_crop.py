@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw, ImageFont
 
-from s4d_dist.data.dataset_tools import inspect_dataset, preview
+from s4d_dist.shards.tools import inspect_dataset, preview
 from s4d_dist.data.decode import decode_image
 from s4d_dist.shards.__main__ import main
 from s4d_dist.shards.layout import read_dataset, read_manifest
