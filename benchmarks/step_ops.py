@@ -207,6 +207,8 @@ def moae_layer(preset: str, backend: str) -> dict:
     def loss() -> torch.Tensor:
         return layer(tokens).sum() + layer.aux_loss
     loss().backward()
+    layer.zero_grad(set_to_none=True)  # as the flat AdamW leaves them between steps
+    tokens.grad = None
     return forward_backward(loss)
 
 

@@ -180,10 +180,10 @@ def test_disk_full_during_a_save_keeps_the_previous_checkpoint(synthetic_shards,
 
 @pytest.fixture
 def small_disk(tmp_path):
-    """A 2.6 MB tmpfs (room for one tiny checkpoint of ~1.7 MB, not two), where mounting works."""
+    """A 2 MB tmpfs (room for one tiny checkpoint of ~1.3 MB, not two), where mounting works."""
     disk = tmp_path / "disk"
     disk.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2600k", "tmpfs", str(disk)],
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2000k", "tmpfs", str(disk)],
                       capture_output=True).returncode:
         pytest.skip("cannot mount a tmpfs here (needs root)")
     try:

@@ -62,8 +62,10 @@ def test_paper_preset_cuts_voxceleb2_frames_and_only_those():
     assert list(cfg.data.video_source_crop) == [0, 32, 160, 192]
     recipe = recipe_from_config(cfg, "pretrain", "video")
     rng = np.random.default_rng(0)
-    rois = recipe.sample_params({"height": 224, "width": 224, "frames": 80}, rng).rois
-    assert (rois[:, 1] >= 32).all() and (rois[:, 3] <= 192 + 1e-4).all()
+    params = recipe.sample_params({"height": 224, "width": 224, "frames": 80}, rng)
+    assert params.region.tolist() == [0, 32, 160, 192]  # the cut, resized to pre_size first
+    assert params.pre_size.tolist() == [192, 192]  # short side 1.2 · 160 (the official resize)
+    assert (params.rois >= 0).all() and (params.rois[:, 2:] <= 192 + 1e-4).all()
     with pytest.raises(ValueError, match=r"cut from 224×224 frames, but clip c7 is 256×256"):
         recipe.sample_params({"height": 256, "width": 256, "frames": 80, "clip": "c7"}, rng)
     with pytest.raises(config.ConfigError, match="needs data.video_source_frame"):

@@ -264,7 +264,8 @@ class TrainPlan:
         clips = self.rows(epoch, cycle)[position]
         table = unit_table(self.catalog, clips)
         if self.recipe.kind == "pretrain":
-            drawn = self.recipe.batch_params(table, seeds.batch_rng((self.seed, epoch, cycle, self.rank, position)))
+            drawn = self.recipe.batch_params(table, seeds.batch_rng((self.seed, epoch, cycle, self.rank, position)),
+                                             [self.catalog.clips.keys[int(c)] for c in clips])
         else:
             slot_seeds = self._slot_seeds(request)
             drawn = [self.recipe.sample_params(meta_of(row), seeds.sample_rng(slot_seeds[j], 0))
@@ -280,7 +281,8 @@ class TrainPlan:
         rng = seeds.sample_rng(self._slot_seeds(request)[slot], attempt)
         table = unit_table(self.catalog, np.array([clip]))
         if self.recipe.kind == "pretrain":
-            return locate(self.catalog, clip, self.recipe.batch_params(table, rng)[0])
+            return locate(self.catalog, clip,
+                          self.recipe.batch_params(table, rng, [self.catalog.clips.keys[clip]])[0])
         return locate(self.catalog, clip, self.recipe.sample_params(meta_of(table[0]), rng))
 
     def _slot_seeds(self, request: Request) -> np.ndarray:
