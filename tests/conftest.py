@@ -97,7 +97,8 @@ def ray_cluster_environment() -> Iterator[None]:
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: a multi-process Ray/DeepSpeed test (runs by default)")
+    config.addinivalue_line("markers", "slow: multi-process, end-to-end or learning runs of seconds to minutes "
+                                       "(run by default; `-m 'not slow'` is the quick loop)")
     config.addinivalue_line("markers", f"machine: changes the machine (apt-get, useradd, sshd on "
                                        f"port 22); runs only with {MACHINE_TESTS}=1 (.ci/run sets it)")
 

@@ -332,6 +332,7 @@ def _rank_process(launcher: subprocess.Popen, rank: int) -> psutil.Process:
     raise AssertionError(f"rank {rank} not found")
 
 
+@pytest.mark.slow
 def test_sigterm_checkpoints_exits_75_and_resumes_the_same_curve(synthetic_shards, tmp_path):
     """Two ranks under the deepspeed launcher; only rank 1 receives SIGTERM (twice): both agree,
     save at the next step, exit 75; the rerun resumes and logs the uninterrupted run's losses."""

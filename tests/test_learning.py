@@ -67,6 +67,7 @@ def hidden_patch_error(pred: torch.Tensor, images: torch.Tensor, hidden: torch.T
     return float(error[hidden].mean())
 
 
+@pytest.mark.slow
 def test_mae_fills_in_hidden_patches_of_unseen_faces(faces, tmp_path):
     # Measured over seeds 0-2: 0.978-0.980 after 6 epochs (untrained 1.14-1.15). With the loss
     # taken on the visible tokens instead of the hidden ones (an inverted mask) it ends at 1.13.
@@ -95,6 +96,7 @@ def test_mae_fills_in_hidden_patches_of_unseen_faces(faces, tmp_path):
     assert scores["trained"] < 0.99, scores
 
 
+@pytest.mark.slow
 def test_finetuning_from_scratch_recognises_unseen_faces(faces, tmp_path):
     # Measured over seeds 0-2: image test WAR 60-83 % (chance 14.3 %) in 14 epochs. The video
     # head, with 112 clips, is still near chance (19-21 %) at this size: the demo's own video

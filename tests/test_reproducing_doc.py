@@ -248,6 +248,7 @@ class Session:
         event_file_inspector.inspect(logdir=argv[1], event_file="", tag="")
 
 
+@pytest.mark.slow
 def test_every_documented_command_runs(finished_finetune_runs, tmp_path, monkeypatch):
     shutil.copytree(REPO / "launch", tmp_path / "launch")  # the scripts and cluster files named
     monkeypatch.chdir(tmp_path)

@@ -172,6 +172,7 @@ def one_torch_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.mark.slow
 def test_small_cnn_learns_the_expressions(faces, one_torch_thread):
     """The label is in the face, learnably: a four-layer CNN trained for six epochs on 2,100
     images gets far above chance (81-87% over three seeds when this was tuned)."""

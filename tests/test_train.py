@@ -261,6 +261,7 @@ def run_two_ranks(args: list[str], log_path: Path, tries: int = 3, expect_code: 
     assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_127.0.0.1_{port}_*"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stage", [1, 2])
 def test_two_ranks_under_the_deepspeed_launcher(synthetic_shards, tmp_path, stage):
     args = ["launch/finetune.py", "--config", "demo",
@@ -279,6 +280,7 @@ def _losses(run_dir):
     return [v for _, v in sorted(scalars(run_dir)["loss/video"] + scalars(run_dir)["loss/image"])]
 
 
+@pytest.mark.slow
 def test_kill_and_resume_reproduces_the_uninterrupted_run(synthetic_shards, tmp_path):
     common = [*tiny_overrides(synthetic_shards, tmp_path, "pretrain")[1:], "optim.epochs=3",
               "checkpoint.every_steps=2", "deepspeed.zero_stage=1"]
