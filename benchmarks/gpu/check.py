@@ -295,7 +295,7 @@ def sections() -> dict[str, tuple[str, Callable[[Context], dict]]]:
     return {"A": ("environment", environment), "B": ("triton_moae", triton_checks.run),
             "C": ("finetune_step", train_step), "D": ("moae_backends", moae_backends),
             "E": ("dali_mixed_vs_cpu", dali_checks.correctness),
-            "F": ("data_throughput", dali_checks.throughput), "G": ("end_to_end", end_to_end)}
+            "F": ("data_throughput", lambda ctx: dali_checks.throughput(ctx, target)), "G": ("end_to_end", end_to_end)}
 
 
 def device_tag(gpu: bool, smoke: bool) -> str:
