@@ -27,19 +27,10 @@ check (benchmarks/results/data_cpu.json: throughput, decoded/used frames, bytes 
 price is storage: JPEG frames take many times VP9's bytes (the same file states how many);
 build with ``--video-codec vp9`` where storage matters more than decoding.
 
-VP9 and MJPEG, measured against each other by benchmarks/codec.py, one run on this shared
-2-core CPU machine (benchmarks/results/codec_cpu.json; 4 synthetic face clips of 96 frames; a
-16-frame window at stride 4; CPU ms per clip, median of 9 interleaved rounds):
-
-    224×224         KB/clip  encode ms  PSNR dB*  DALI-CPU window ms  PyAV window ms
-    vp9 crf30 g16       40       111      41.4          17.3                19.7
-    mjpeg q95         1079        34      43.0          23.3                10.5
-    160×160: 26 vs 631 KB; encode 85 vs 35 ms; DALI window 15.6 vs 15.5; PyAV 15.2 vs 8.6
-    (* against the noise-free source)
-
-VP9's keyframe interval: in these clips 32 or 64 frames decoded no slower (within noise) and
-were 22-34% smaller than 16; 16 is kept because it bounds the frames decoded before a window's
-first frame (≤ 15), which matters for short windows (FERV39K reads 16 consecutive frames).
+VP9 against MJPEG (bytes, encode time, quality, window decode time) is measured by
+benchmarks/codec.py (results/codec_cpu.json). VP9's keyframe interval stays 16: longer
+intervals store smaller clips but raise the frames decoded before a window's first frame
+(≤ 15 at 16), which short windows feel most (FERV39K reads 16 consecutive frames).
 
 A long VP9 / MJPEG video is split into chunks (``chunk_bounds``; a sample is read whole, so a
 long video as one sample would cost memory and I/O for one window's frames). Frame storage

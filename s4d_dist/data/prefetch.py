@@ -1,11 +1,11 @@
 """Batches built ahead of their use on a background thread, in request order, a bounded number.
 
 Building a batch for DALI is Python work — each sample's bytes read and checked, its random
-parameters drawn (plan.py) — that used to run on the training thread inside `pipe.run()`,
-between two steps. On a thread of its own it overlaps the training step (which no longer waits
-for the GPU, engine.py) and DALI's decoding. One thread builds the requests strictly in order,
-so the batches, the samples substituted for corrupt ones and the resume position are the same
-whatever the timing; the queue bound keeps memory flat when the consumer is slower.
+parameters drawn (plan.py) — done here on a thread of its own, so that it overlaps the training
+step and DALI's decoding instead of running between two steps. One thread builds the requests
+strictly in order, so the batches, the samples substituted for corrupt ones and the resume
+position are the same whatever the timing; the queue bound keeps memory flat when the consumer
+is slower.
 """
 from __future__ import annotations
 
