@@ -265,7 +265,7 @@ class TrainPlan:
         table = unit_table(self.catalog, clips)
         if self.recipe.kind == "pretrain":
             drawn = self.recipe.batch_params(table, seeds.batch_rng((self.seed, epoch, cycle, self.rank, position)),
-                                             [self.catalog.clips.keys[int(c)] for c in clips])
+                                             lambda i: self.catalog.clips.keys[int(clips[i])])
         else:
             slot_seeds = self._slot_seeds(request)
             drawn = [self.recipe.sample_params(meta_of(row), seeds.sample_rng(slot_seeds[j], 0))
@@ -282,7 +282,7 @@ class TrainPlan:
         table = unit_table(self.catalog, np.array([clip]))
         if self.recipe.kind == "pretrain":
             return locate(self.catalog, clip,
-                          self.recipe.batch_params(table, rng, [self.catalog.clips.keys[clip]])[0])
+                          self.recipe.batch_params(table, rng, lambda _: self.catalog.clips.keys[clip])[0])
         return locate(self.catalog, clip, self.recipe.sample_params(meta_of(table[0]), rng))
 
     def _slot_seeds(self, request: Request) -> np.ndarray:

@@ -38,7 +38,7 @@ frames squashed to S×S instead of keeping their aspect ratio (`official.squash_
 """
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Literal
 
@@ -116,7 +116,7 @@ class Recipe:
         height, width = int(meta["height"]), int(meta["width"])
         if self.kind == "pretrain":
             table = np.array([[int(meta.get("frames", 1)), height, width]])
-            return self.batch_params(table, rng, [meta.get("clip", "?")])[0]
+            return self.batch_params(table, rng, lambda _: meta.get("clip", "?"))[0]
         if self.kind == "finetune":
             return self._finetune(height, width, meta, rng)
         raise ValueError(f"{self.kind} samples have views, not random parameters")
@@ -140,12 +140,12 @@ class Recipe:
                             ops=ops, erase=self._erase(rng, VIDEO_ERASE_SCALE))
 
     def batch_params(self, table: np.ndarray, rng: np.random.Generator,
-                     names: Sequence[str] | None = None) -> list[SampleParams]:
+                     name: Callable[[int], str] | None = None) -> list[SampleParams]:
         """Pre-training parameters of len(table) samples, row i from row i of `table` (frames,
         height, width) and row i of every array drawn from `rng`: the draws have the same
         shapes whatever the samples, so a row's parameters depend on its position alone. The
         same rules as `sample_params` (torchvision's RandomResizedCrop tries, the official
-        window), each vectorised over the batch. `names` (the clips' keys) name a clip that the
+        window), each vectorised over the batch. `name(i)` (row i's clip key, asked only on error) names a clip that the
         source crop does not fit."""
         if self.kind != "pretrain":
             raise ValueError(f"{self.kind} samples draw one at a time (sample_params / view_params)")
@@ -168,7 +168,7 @@ class Recipe:
                 i = int(np.flatnonzero(wrong)[0])
                 what = (f"is cut from {self.source_frame[0]}×{self.source_frame[1]} frames" if self.source_frame
                         else "exceeds them")
-                clip = f"clip {names[i]}" if names is not None else "a clip"
+                clip = f"clip {name(i)}" if name is not None else "a clip"
                 raise ValueError(f"data.video_source_crop {list(self.source_crop)} {what}, but {clip} is "
                                  f"{int(height[i])}×{int(width[i])}: set data.video_source_crop=[] for shards at "
                                  "another frame size (or stored already cut)")
