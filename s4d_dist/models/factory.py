@@ -25,13 +25,13 @@ def build_classifier(cfg: DictConfig) -> S4DClassifier:
                          num_video_classes=m.num_video_classes,
                          moae_layers=tuple(moae.layers) if moae.enabled else (),
                          num_experts=moae.num_experts, top_k=moae.top_k,
-                         hidden_ratio=moae.hidden_ratio, capacity_factor=moae.capacity_factor,
-                         moae_backend=moae.backend, capacity_group=moae.capacity_group,
-                         **moae_official(cfg))
+                         hidden_ratio=moae.hidden_ratio, **moae_options(cfg))
 
 
-def moae_official(cfg: DictConfig) -> dict[str, bool]:
-    """The MoAE's switches for official bugs (§3.2-3.4), from the config's `official` section."""
-    o = cfg.official
-    return dict(router_noise_at_eval=o.router_noise_at_eval,
+def moae_options(cfg: DictConfig) -> dict:
+    """How the MoAE layers route, whatever checkpoint the classifier is built for: capacity,
+    backend, capacity groups and the switches for official bugs (§3.2-3.4)."""
+    moae, o = cfg.model.moae, cfg.official
+    return dict(capacity_factor=moae.capacity_factor, moae_backend=moae.backend,
+                capacity_group=moae.capacity_group, router_noise_at_eval=o.router_noise_at_eval,
                 aux_loss_on_logits=o.aux_loss_on_logits, stale_aux_loss=o.stale_aux_loss)

@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from s4d_dist import config
 from s4d_dist.models import official
-from s4d_dist.models.factory import build_classifier, moae_official
+from s4d_dist.models.factory import build_classifier, moae_options
 from s4d_dist.models.classifier import S4DClassifier
 from s4d_dist.train.exports import MODEL_CARD, class_names
 
@@ -101,8 +101,7 @@ def load(source: str, classes: list[str] | None = None,
         try:
             network = official.load(path, img_size=m.img_size, num_frames=m.num_frames,
                                     num_heads=m.num_heads, top_k=m.moae.top_k,
-                                    capacity_factor=m.moae.capacity_factor,
-                                    moae_backend=m.moae.backend, **moae_official(cfg))
+                                    **moae_options(cfg))
         except official.CheckpointError as error:
             raise ModelError(str(error)) from None
         if not isinstance(network, S4DClassifier):
